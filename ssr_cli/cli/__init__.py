@@ -1,0 +1,90 @@
+"""The ``ssr`` command-line interface (Typer).
+
+Each command lives in its own module and is a thin wrapper over a plain typed
+function in ``ssr_cli.stages``. Heavy imports (torch, open_clip, timm) happen
+inside command bodies so ``ssr --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli import __version__
+from ssr_cli.console import set_quiet
+
+app = typer.Typer(
+    name="ssr",
+    help="Pixel-level pseudo-labels from image-level labels (SSR: CLIP CAMs, CMPA, SGC, CRF, "
+    "DeepLab). Stages talk through run folders, so they compose in shell pipelines.\n\n"
+    "Example: ssr eval runs/refine --data examples/voc --split train",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ssr-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
+) -> None:
+    """ssr: weakly supervised semantic segmentation pseudo-labels with SSR."""
+    set_quiet(quiet)
+
+
+# Command modules register themselves on ``app`` when imported.
+from ssr_cli.cli import commands  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the app, mapping user errors to one line and exit code 1.
+
+    ``SSR_DEBUG=1`` shows the traceback of any error.
+    """
+    import click
+
+    from ssr_cli.errors import SSRError
+
+    debug = os.environ.get("SSR_DEBUG", "") not in ("", "0")
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="ssr", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("ssr: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SSRError as exc:
+        if debug:
+            raise
+        print(f"ssr: error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("ssr: interrupted; finished items are kept, rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # a bug, or an environment problem we did not anticipate
+        if debug:
+            raise
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        print(f"ssr: internal error: {text} (set SSR_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,80 @@
+"""Shared option aliases and conventions for every stage command.
+
+Every stage command takes ``--device``, ``--workers``, ``--seed``,
+``--overwrite``, ``--shard`` and ``--quiet`` with the same meaning; the
+dataset commands take ``--data``, ``--layout``, ``--split``, ``--labels``,
+``--vocab``, ``--gt``. Parsing helpers here turn the raw values into typed ones
+without importing torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Device = Annotated[
+    str,
+    typer.Option("--device", help="auto | cpu | cuda | cuda:N. auto = the first GPU when there is one."),
+]
+Workers = Annotated[
+    int, typer.Option("--workers", "-j", min=0, help="Worker processes/threads for CPU-side work.")
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (results are reproducible per seed).")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing run in the output folder made with different settings. "
+        "Without it, a matching run is resumed and a different one is refused.",
+    ),
+]
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--shard",
+        metavar="i/n",
+        help="Process only shard i of n (0-based). Default: from torchrun's RANK/WORLD_SIZE, else all.",
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")]
+
+DataRoot = Annotated[
+    Path,
+    typer.Option("--data", "-d", help="Dataset root (VOC2012 folder, COCO-as-PNG folder, or a custom folder)."),
+]
+Layout = Annotated[
+    str, typer.Option("--layout", help="auto | voc | coco | custom (auto detects from the folder).")
+]
+Split = Annotated[
+    Optional[str],
+    typer.Option("--split", help="Split name, e.g. train, train_aug, val (VOC); train2014 (COCO)."),
+]
+LabelSource = Annotated[
+    str,
+    typer.Option(
+        "--labels",
+        help="Image-level labels from: auto | mask | xml | a label file PATH "
+        "(auto: the label file of a custom layout, else GT masks, else VOC XML).",
+    ),
+]
+Vocab = Annotated[
+    Optional[str],
+    typer.Option("--vocab", help="Class vocabulary: voc | coco | PATH to a vocabulary JSON file."),
+]
+GtDir = Annotated[
+    Optional[Path], typer.Option("--gt", help="Folder of ground-truth label PNGs (overrides the layout's).")
+]
+
+
+def check_device(device: str) -> str:
+    """Validate the --device text (no torch import). Returns it normalised."""
+    from ssr_cli.errors import ConfigError
+
+    text = device.strip().lower()
+    if text in ("auto", "cpu", "cuda") or (
+        text.startswith("cuda:") and text[5:].isdigit()
+    ):
+        return text
+    raise ConfigError(f"--device {device!r} is not understood", hint="use auto, cpu, cuda or cuda:N")

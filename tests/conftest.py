@@ -1,0 +1,27 @@
+"""Shared test setup: offline hub, paths to the real example data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hub look-ups fail at once instead of after ~45 s
+os.environ.setdefault("SSR_CACHE", str(Path(__file__).resolve().parent / ".cache-never-used"))
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES_VOC = REPO / "examples" / "voc"
+SHARED_MASKS = REPO.parent / "shared" / "data" / "voc2012_val_masks"
+
+
+@pytest.fixture
+def examples_voc() -> Path:
+    return EXAMPLES_VOC
+
+
+@pytest.fixture
+def shared_masks() -> Path:
+    if not SHARED_MASKS.is_dir():
+        pytest.fail(f"the real VOC masks are expected at {SHARED_MASKS} (shared/ beside the repo)")
+    return SHARED_MASKS

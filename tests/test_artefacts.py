@@ -1,0 +1,148 @@
+"""Run folders: atomic writes, manifest, fingerprint refusal, resume, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssr_cli.artefacts import RunFolder, Shard, atomic_write, fingerprint, parse_shard, read_manifest
+from ssr_cli.artefacts.atomic import remove_stale_temps, temp_path_for
+from ssr_cli.errors import ArtefactError, ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+
+IDS = [f"img{i:02d}" for i in range(7)]
+
+
+def _open(root: Path, **kw):
+    args = dict(
+        stage="toy",
+        item_dir="items",
+        item_suffix=".txt",
+        config={"alpha": 1, "workers": 2, "out": str(root)},
+        result_config={"alpha": 1},
+        ids=IDS,
+    )
+    args.update(kw)
+    return RunFolder.open(root, **args)
+
+
+def test_fingerprint_is_stable_and_order_free():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    final = tmp_path / "x.bin"
+
+    def boom(p: Path) -> None:
+        p.write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(final, boom)
+    assert not final.exists()
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(final, lambda p: p.write_bytes(b"whole"))
+    assert final.read_bytes() == b"whole"
+
+
+def test_stale_temp_of_dead_process_is_removed_live_one_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)
+    mine = temp_path_for(tmp_path / "a.npz")
+    stale = Path(str(mine).replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    stale.write_bytes(b"partial")
+    live_other = Path(str(mine).replace(f"-{os.getpid()}-", "-1-"))  # pid 1 is alive
+    live_other.write_bytes(b"in progress")
+    assert remove_stale_temps(tmp_path) == 1
+    assert not stale.exists() and live_other.exists()
+
+
+def test_manifest_resume_and_refusal(tmp_path):
+    root = tmp_path / "run"
+    run = _open(root)
+    assert run.pending(IDS) == IDS
+    for i in IDS[:3]:
+        run.write_item(i, lambda p, i=i: p.write_text(i))
+    man = run.finish(IDS)
+    assert man["items_done"] == 3 and man["completed"] is False
+    m = read_manifest(root)
+    assert m["stage"] == "toy" and m["schema_version"] == 1 and m["item_count"] == 7
+    assert m["config"]["workers"] == 2 and "workers" not in json.dumps(m["fingerprint_basis"])
+
+    # same result config, different workers/paths: resumes
+    run2 = _open(root, config={"alpha": 1, "workers": 8})
+    assert run2.pending(IDS) == IDS[3:]
+    for i in run2.pending(IDS):
+        run2.write_item(i, lambda p, i=i: p.write_text(i))
+    assert run2.finish(IDS)["completed"] is True
+
+    # different result config: refused, nothing touched
+    with pytest.raises(ArtefactError) as err:
+        _open(root, result_config={"alpha": 2})
+    assert "alpha" in str(err.value) and "--overwrite" in str(err.value)
+    assert len(list((root / "items").iterdir())) == 7
+
+    # different upstream: refused too
+    with pytest.raises(ArtefactError):
+        _open(root, upstream={"seeds": "abc"})
+
+    # overwrite: starts again
+    run3 = _open(root, result_config={"alpha": 2}, overwrite=True)
+    assert run3.pending(IDS) == IDS
+
+
+def test_refuses_foreign_folder_and_other_stage(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(ArtefactError, match="not an ssr run folder"):
+        _open(foreign)
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    _open(tmp_path / "r")
+    with pytest.raises(ArtefactError, match="'toy' run"):
+        _open(tmp_path / "r", stage="other")
+
+
+def test_corrupt_manifest_is_one_line_error(tmp_path):
+    root = tmp_path / "r"
+    _open(root)
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtefactError) as err:
+        _open(root)
+    assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_shards_cover_everything_once(tmp_path, monkeypatch):
+    root = tmp_path / "r"
+    seen = []
+    for k in range(3):
+        run = _open(root, shard=Shard(k, 3))
+        mine = run.pending(IDS)
+        seen += mine
+        for i in mine:
+            run.write_item(i, lambda p, i=i: p.write_text(i))
+        man = run.finish(IDS)
+    assert sorted(seen) == IDS
+    assert man["completed"] is True
+    assert [r["shard"] for r in read_manifest(root)["timing"]["runs"]] == ["0/3", "1/3", "2/3"]
+
+
+def test_parse_shard(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parse_shard(None) == Shard(0, 1)
+    assert parse_shard("1/4") == Shard(1, 4)
+    for bad in ("4/4", "x/2", "1", "-1/2"):
+        with pytest.raises(ConfigError):
+            parse_shard(bad)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse_shard(None) == Shard(1, 2)
+    assert parse_shard("0/3") == Shard(0, 3)  # the flag wins over the environment
