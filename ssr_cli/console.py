@@ -16,14 +16,16 @@ from rich.console import Console
 
 T = TypeVar("T")
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout_console = Console(highlight=False)
 _state = {"quiet": False}
 
 
-def set_quiet(quiet: bool) -> None:
-    if quiet:
-        _state["quiet"] = True
+def set_quiet(quiet: bool, *, reset: bool = False) -> None:
+    """``--quiet`` on the root sets it for the invocation (``reset=True``); a command's own
+    ``--quiet`` can only turn it on."""
+    if quiet or reset:
+        _state["quiet"] = quiet
 
 
 def is_quiet() -> bool:

@@ -86,6 +86,8 @@ def confusion_matrix(
         if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
             raise ValueError(f"{name} must hold integer class ids, not {arr.dtype}")
 
+    if gt.dtype == np.uint8 and pred.dtype == np.uint8 and k <= ignore_index <= 255:
+        return _confusion_uint8(gt, pred, k, ignore_index, pred_ignore)
     gt_flat = gt.ravel()
     pred_flat = pred.ravel()
     gt_ign = gt_flat == ignore_index
@@ -113,6 +115,32 @@ def confusion_matrix(
         p[pred_ign[keep]] = 0 if pred_ignore == "background" else k
     counts = np.bincount(g * cols + p, minlength=k * cols)
     return counts.reshape(k, cols).astype(np.int64, copy=False)
+
+
+def _confusion_uint8(
+    gt: np.ndarray, pred: np.ndarray, k: int, ignore_index: int, pred_ignore: str
+) -> np.ndarray:
+    """Fast path for uint8 masks: one bincount over (gt << 8 | pred), then checks on the 256x256 table."""
+    code = (gt.astype(np.uint16) << 8) | pred
+    table = np.bincount(code.ravel(), minlength=65536).reshape(256, 256)
+    ids = np.arange(256)
+    allowed = (ids < k) | (ids == ignore_index)
+    bad_gt = table.sum(axis=1).astype(bool) & ~allowed
+    if bad_gt.any():
+        raise ValueError(
+            f"ground truth has value {int(np.argmax(bad_gt))}, which is not a class id "
+            f"0..{k - 1} nor the ignore value {ignore_index}"
+        )
+    bad_pred = table.sum(axis=0).astype(bool) & ~allowed
+    if bad_pred.any():
+        raise ValueError(
+            f"prediction has value {int(np.argmax(bad_pred))}, which is not a class id "
+            f"0..{k - 1} nor the ignore value {ignore_index}"
+        )
+    conf = np.zeros((k, matrix_columns(k, pred_ignore)), dtype=np.int64)
+    conf[:, :k] = table[:k, :k]
+    conf[:, 0 if pred_ignore == "background" else k] += table[:k, ignore_index]
+    return conf
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -44,7 +44,7 @@ def _root(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
 ) -> None:
     """ssr: weakly supervised semantic segmentation pseudo-labels with SSR."""
-    set_quiet(quiet)
+    set_quiet(quiet, reset=True)
 
 
 # Command modules register themselves on ``app`` when imported.
@@ -54,24 +54,16 @@ from ssr_cli.cli import commands  # noqa: E402,F401
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, mapping user errors to one line and exit code 1.
 
-    ``SSR_DEBUG=1`` shows the traceback of any error.
+    Usage errors (bad flags) are click's: usage text and exit code 2. ``SSR_DEBUG=1``
+    shows the traceback of any error.
     """
-    import click
-
     from ssr_cli.errors import SSRError
 
     debug = os.environ.get("SSR_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="ssr", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("ssr: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except click.ClickException as exc:  # usage errors: exit 2
-        exc.show()
-        sys.exit(exc.exit_code)
+        # standalone mode: click handles --help, usage errors (exit 2) and Ctrl-C itself
+        command.main(args=argv, prog_name="ssr", standalone_mode=True)
     except SSRError as exc:
         if debug:
             raise

@@ -1,0 +1,5 @@
+"""CAMs: text embeddings of a vocabulary, GradCAM, CAM -> label maps.
+
+``labels`` is numpy-only; ``prompts`` and ``gradcam`` import torch, so import them
+lazily (inside command bodies).
+"""

@@ -1,0 +1,191 @@
+"""GradCAM of CLIP on the last block's ``ln_1`` output, as CLIP-ES computes it.
+
+CLIP-ES (``generate_cams_voc12.py`` with its vendored ``pytorch_grad_cam``), checked
+point by point:
+
+- logits = ``logit_scale.exp()`` (100 for OpenAI's weights) * cos(image, text),
+  over the image's present foreground classes and all background classes;
+  softmax; the target of class c is its softmax probability;
+- image embedding = mean of the patch tokens after ``ln_post``, then ``proj``;
+- the target layer is ``resblocks[-1].ln_1``; its CLS token is dropped
+  (``reshape_transform``) for both the activation and the gradient;
+- weight = spatial mean of the gradient per channel; CAM = ReLU(sum over
+  channels of weight * activation) (the ReLU comes after the sum);
+- normalisation ``scale_cam_image``: cam - min, divided by (max + 1e-7).
+
+``gradcam`` does all (image, class) pairs of a batch in ONE backward pass: the
+``ln_1`` output is replicated once per pair and each replica feeds only the last
+block of its own pair, so its gradient is exactly that pair's gradient.
+``gradcam_loop`` is the reference (one backward per class, like CLIP-ES).
+
+Imports torch: import lazily.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ssr_cli.models.clip import ClipModel, ImageTokens
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+EPS = 1e-7  # pytorch_grad_cam's scale_cam_image
+
+
+def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map of [..., h, w] to [0, 1]: (x - min) / (max(x - min) + 1e-7)."""
+    flat = cams.flatten(-2)
+    flat = flat - flat.min(dim=-1, keepdim=True).values
+    flat = flat / (flat.max(dim=-1, keepdim=True).values + EPS)
+    return flat.view_as(cams)
+
+
+def _texts(fg: torch.Tensor, bg: torch.Tensor, text_head: Head | None) -> torch.Tensor:
+    texts = torch.cat([fg, bg], dim=0)
+    if text_head is not None:
+        texts = text_head(texts)
+    return F.normalize(texts.float(), dim=-1)
+
+
+def _cam_from(activation: torch.Tensor, grad: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[P, 1+hw, D] activation and gradient -> [P, h, w] normalised CAMs (CLS dropped)."""
+    act, g = activation[:, 1:].float(), grad[:, 1:].float()
+    weights = g.mean(dim=1, keepdim=True)
+    cam = (act * weights).sum(dim=-1).clamp_min(0)
+    return normalize_cams(cam.view(-1, *grid))
+
+
+def _check(present: Sequence[Sequence[int]], n: int, k: int) -> None:
+    if len(present) != n:
+        raise ValueError(f"present lists {len(present)} images but the batch holds {n}")
+    for classes in present:
+        if any(not 0 <= c < k for c in classes) or len(set(classes)) != len(classes):
+            raise ValueError(f"present classes {list(classes)} must be distinct indices in 0..{k - 1}")
+
+
+def gradcam(
+    model: ClipModel,
+    x: torch.Tensor | ImageTokens,
+    present: Sequence[Sequence[int]],
+    fg: torch.Tensor,
+    bg: torch.Tensor,
+    image_head: Head | None = None,
+    text_head: Head | None = None,
+    precision: str = "fp32",
+    logit_scale: float | None = None,
+) -> list[torch.Tensor]:
+    """CAMs of every present class of every image, with one backward pass.
+
+    - ``x``: [N, 3, H, W] CLIP-normalised images of one size (H, W multiples of the
+      patch size), or the ``ImageTokens`` of such a batch (to share one forward
+      with the attention of ``model.image_tokens(..., attn_blocks=...)``).
+    - ``present``: per image, 0-based indices into ``fg`` of its classes.
+    - ``fg`` [K, E], ``bg`` [B, E]: text embeddings (``text_embeddings``).
+    - ``image_head`` / ``text_head``: applied to the image embedding [P, E] and
+      to the text embeddings [K+B, E] before L2 normalisation (None = identity).
+    - ``logit_scale``: None = the model's (``exp`` of the learned scale).
+
+    Returns, per image, a float32 tensor [C_i, h, w] (h = H/p, w = W/p), each map
+    min-max normalised; C_i = len(present[i]) in that order.
+    """
+    if isinstance(x, ImageTokens):
+        pre, ln1, grid = x.pre, x.ln1.detach(), x.grid
+    else:
+        pre, ln1, _ = model.trunk(x, precision=precision)
+        grid = (x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size)
+    n, k = pre.shape[0], fg.shape[0]
+    _check(present, n, k)
+    pairs = [(i, c) for i, classes in enumerate(present) for c in classes]
+    if not pairs:
+        return [torch.zeros(0, *grid) for _ in range(n)]
+    device = pre.device
+    img_idx = torch.tensor([i for i, _ in pairs], device=device)
+    cls_idx = torch.tensor([c for _, c in pairs], device=device)
+    allowed = torch.zeros(len(pairs), k + bg.shape[0], dtype=torch.bool, device=device)
+    allowed[:, k:] = True
+    for row, (i, _) in enumerate(pairs):
+        allowed[row, list(present[i])] = True
+    scale = model.logit_scale if logit_scale is None else float(logit_scale)
+
+    replica = ln1[img_idx].clone().requires_grad_(True)  # [P, 1+hw, D], one leaf per pair
+    with torch.enable_grad():
+        with model.autocast(precision):
+            _, emb = model.pool(model.last_block(pre[img_idx], replica))
+            if image_head is not None:
+                emb = image_head(emb)
+            texts = _texts(fg.to(device), bg.to(device), text_head)
+        logits = scale * F.normalize(emb.float(), dim=-1) @ texts.t()
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        target = probs[torch.arange(len(pairs), device=device), cls_idx].sum()
+        (grad,) = torch.autograd.grad(target, replica)
+    cams = _cam_from(replica.detach(), grad, grid)
+    counts = [len(classes) for classes in present]
+    return [c.cpu() for c in torch.split(cams, counts, dim=0)]
+
+
+def gradcam_loop(
+    model: ClipModel,
+    x: torch.Tensor,
+    present: Sequence[Sequence[int]],
+    fg: torch.Tensor,
+    bg: torch.Tensor,
+    image_head: Head | None = None,
+    text_head: Head | None = None,
+    precision: str = "fp32",
+    logit_scale: float | None = None,
+) -> list[torch.Tensor]:
+    """Reference for ``gradcam``: one image and one backward per class, CLIP-ES's order of texts
+    ([present fg..., bg...]). Same arguments and result (``x`` must be a tensor)."""
+    _check(present, x.shape[0], fg.shape[0])
+    scale = model.logit_scale if logit_scale is None else float(logit_scale)
+    results = []
+    for i, classes in enumerate(present):
+        tokens = model.image_tokens(x[i : i + 1], grad_last_block=True, precision=precision)
+        if not classes:
+            results.append(torch.zeros(0, *tokens.grid))
+            continue
+        with torch.enable_grad():
+            emb = tokens.embedding
+            with model.autocast(precision):
+                if image_head is not None:
+                    emb = image_head(emb)
+                texts = _texts(fg[list(classes)].to(emb.device), bg.to(emb.device), text_head)
+            probs = (scale * F.normalize(emb.float(), dim=-1) @ texts.t()).softmax(dim=-1)
+            maps = []
+            for j in range(len(classes)):
+                (grad,) = torch.autograd.grad(probs[0, j], tokens.ln1, retain_graph=True)
+                maps.append(_cam_from(tokens.ln1.detach(), grad, tokens.grid))
+        results.append(torch.cat(maps, dim=0).cpu())
+    return results
+
+
+def merge_scales(
+    cams_per_scale: Sequence[torch.Tensor],
+    out_hw: tuple[int, int],
+    flipped: Sequence[bool] | None = None,
+) -> torch.Tensor:
+    """Merge CAMs [C, h_s, w_s] of several scales/flips into [C, h, w] = ``out_hw``.
+
+    Each is un-flipped (horizontally) when ``flipped[i]``, resized bilinearly
+    (half-pixel centres) to ``out_hw``, then they are summed and each map is
+    min-max normalised. CLIP-ES itself uses scale 1.0 without flip (it builds the
+    flipped and multi-scale inputs but keeps only the first); this merge is our
+    choice, following the usual multi-scale CAM practice (sum, then normalise).
+    """
+    if not cams_per_scale:
+        raise ValueError("merge_scales needs at least one CAM stack")
+    flips = list(flipped) if flipped is not None else [False] * len(cams_per_scale)
+    if len(flips) != len(cams_per_scale):
+        raise ValueError("flipped must have one entry per CAM stack")
+    total = None
+    for cams, flip in zip(cams_per_scale, flips, strict=True):
+        cams = cams.float()
+        if flip:
+            cams = cams.flip(-1)
+        if tuple(cams.shape[-2:]) != tuple(out_hw):
+            cams = F.interpolate(cams[None], size=tuple(out_hw), mode="bilinear", align_corners=False)[0]
+        total = cams if total is None else total + cams
+    assert total is not None
+    return normalize_cams(total)

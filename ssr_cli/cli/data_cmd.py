@@ -1,0 +1,116 @@
+"""``ssr data``: inspect and validate datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ssr_cli.cli import app
+from ssr_cli.cli.options import DataRoot, GtDir, LabelSource, Layout, Split, Vocab, Workers
+
+data_app = typer.Typer(
+    name="data",
+    help="Inspect and validate datasets (VOC, COCO-as-PNG, or a custom folder with a label file).",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data_app, name="data")
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ssr_cli.console import console
+
+    overview = Table(title="ssr data check", title_justify="left", show_header=False)
+    overview.add_column("field")
+    overview.add_column("value")
+    gt = f"{summary['gt_count']} of {summary['count']}"
+    rows = [
+        ("layout", summary["layout"]),
+        ("root", summary["root"]),
+        ("split", summary["split"]),
+        ("images", str(summary["count"])),
+        ("labels from", summary["label_source"]),
+        ("ground truth", gt),
+        ("vocabulary", f"{summary['vocab']} ({summary['num_classes'] - 1} classes + background)"),
+        ("labels per image", f"{summary['labels_per_image']:.2f}"),
+        ("images without labels", str(summary["images_without_labels"])),
+        ("fingerprint", summary["fingerprint"]),
+    ]
+    for field, value in rows:
+        overview.add_row(field, value)
+    console.print(overview)
+    per_class = Table(title="images per class", title_justify="left")
+    per_class.add_column("id", justify="right")
+    per_class.add_column("class")
+    per_class.add_column("images", justify="right")
+    for row in summary["classes"]:
+        per_class.add_row(
+            str(row["id"]), row["name"], str(row["images"]), style=None if row["images"] else "dim"
+        )
+    console.print(per_class)
+
+
+@data_app.command("check")
+def check_command(
+    data: DataRoot,
+    layout: Layout = "auto",
+    split: Split = None,
+    labels: LabelSource = "auto",
+    vocab: Vocab = None,
+    gt: GtDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    write_labels: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--write-labels",
+            metavar="FILE",
+            help="Write the image-level labels as a label file (the custom layout's labels.txt format).",
+        ),
+    ] = None,
+    decode: Annotated[
+        bool,
+        typer.Option(
+            "--decode", help="Also decode every image and mask (finds truncated files, size mismatches)."
+        ),
+    ] = False,
+    workers: Workers = 0,
+) -> None:
+    """Validate a dataset and summarise it: layout, split, images, label source, ground truth,
+    images per class. Problems are reported as one line naming the file (and line).
+
+    Example: ssr data check --data VOCdevkit/VOC2012 --split train --labels xml --json
+    """
+    import json
+
+    from ssr_cli.console import info, is_quiet, warn
+    from ssr_cli.data.check import decode_all, summarize, write_label_file
+    from ssr_cli.data.datasets import open_dataset
+    from ssr_cli.errors import DataError
+
+    dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
+    if decode:
+        problems = decode_all(dataset, workers=workers)
+        for problem in problems[:20]:
+            warn(problem)
+        if problems:
+            raise DataError(
+                f"{len(problems)} of {len(dataset)} images or masks failed to decode; first: {problems[0]}",
+                hint="replace or remove the files named above",
+            )
+        info(f"decoded {len(dataset)} images and {dataset.gt_count} masks: all fine")
+    summary = summarize(dataset)
+    if summary["images_without_labels"] and dataset.label_source != "none":
+        warn(f"{summary['images_without_labels']} of {len(dataset)} images have no foreground class")
+    if not is_quiet():
+        _print_summary(summary)
+    if write_labels is not None:
+        written = write_label_file(dataset, write_labels)
+        info(f"wrote labels of {len(dataset)} images to {written}")
+    if json_out:
+        print(json.dumps(summary, indent=2))

@@ -1,0 +1,110 @@
+"""``ssr make-seeds``: CLIP GradCAM seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.cli import app
+from ssr_cli.cli.options import (
+    DataRoot,
+    Device,
+    GtDir,
+    LabelSource,
+    Layout,
+    Overwrite,
+    Quiet,
+    Seed,
+    ShardOpt,
+    Split,
+    Vocab,
+    Workers,
+    check_device,
+)
+from ssr_cli.console import set_quiet
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    from ssr_cli.errors import ConfigError
+
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--scales {text!r} is not a comma-separated list of numbers",
+                          hint="e.g. --scales 1.0 or --scales 0.75,1.0,1.25") from None
+    if not scales or any(s <= 0 or s > 4 for s in scales):
+        raise ConfigError(f"--scales {text!r}: each scale must be in (0, 4]")
+    return scales
+
+
+@app.command("make-seeds")
+def make_seeds(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (created; resumed if it exists).")],
+    data: DataRoot,
+    layout: Layout = "auto",
+    split: Split = None,
+    labels: LabelSource = "auto",
+    vocab: Vocab = None,
+    gt: GtDir = None,
+    clip_arch: Annotated[str, typer.Option("--clip-arch", help="open_clip architecture name.")] = "ViT-B-16",
+    clip_weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--clip-weights",
+            help="Weights file or folder (OpenAI ViT-B-16.pt, open_clip .pt/.bin, .safetensors); "
+            "'random' for an untrained smoke-test model. Default: $SSR_CLIP_WEIGHTS, the local "
+            "caches, then a download when online.",
+        ),
+    ] = None,
+    cmpa: Annotated[
+        Optional[Path], typer.Option("--cmpa", help="A train-cmpa run folder: CAMs in the projected space.")
+    ] = None,
+    scales: Annotated[str, typer.Option("--scales", help="Comma-separated input scales, merged.")] = "1.0",
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Also use the mirrored image.")] = False,
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
+    device: Device = "auto",
+    workers: Workers = 2,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    shard: ShardOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Compute CLIP GradCAM seeds (one cams/<id>.npz per image) for a dataset split.
+
+    Example:
+
+        ssr make-seeds --data VOC2012 --split train --out runs/seeds
+
+    Interrupted runs resume when rerun with the same command; `--shard i/n` or
+    torchrun split the images across processes.
+    """
+    set_quiet(quiet)
+    from ssr_cli.artefacts import parse_shard
+    from ssr_cli.console import info
+    from ssr_cli.data import open_dataset
+    from ssr_cli.stages import make_seeds as stage
+
+    cfg = stage.SeedsConfig(
+        arch=clip_arch,
+        weights=clip_weights,
+        scales=parse_scales(scales),
+        flip=flip,
+        precision=precision,
+        batch_size=batch_size,
+        device=check_device(device),
+        workers=workers,
+        seed=seed,
+        cmpa=None if cmpa is None else str(cmpa),
+    )
+    shard_ = parse_shard(shard)
+    dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
+    manifest = stage.run(dataset, out, cfg, shard=shard_, overwrite=overwrite)
+    state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
+    info(f"make-seeds: {out} ({state}, fingerprint {manifest['fingerprint']})")
+    for notice in manifest.get("notices", []):
+        info(f"[yellow]note:[/yellow] {notice}")

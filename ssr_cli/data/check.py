@@ -1,0 +1,66 @@
+"""Dataset summaries and the optional full decode check behind ``ssr data check``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ssr_cli.artefacts import atomic_write_text
+from ssr_cli.data.datasets import Dataset, Item, parallel_map
+from ssr_cli.data.images import read_image, read_mask
+from ssr_cli.data.labelfile import format_label_file
+from ssr_cli.errors import DataError
+
+__all__ = ["decode_all", "summarize", "write_label_file"]
+
+
+def summarize(dataset: Dataset) -> dict[str, Any]:
+    """``describe()`` plus per-class image counts and label statistics (JSON-able)."""
+    counts = dataset.class_counts()
+    summary = dataset.describe()
+    summary.update(
+        {
+            "has_gt": dataset.has_gt,
+            "images_without_labels": sum(not item.labels for item in dataset.items),
+            "labels_per_image": (
+                round(sum(len(item.labels) for item in dataset.items) / len(dataset), 3)
+                if len(dataset)
+                else 0.0
+            ),
+            "classes": [
+                {"id": index + 1, "name": name, "images": counts[index]}
+                for index, name in enumerate(dataset.vocab.classes)
+            ],
+        }
+    )
+    return summary
+
+
+def _decode_one(item: Item) -> str | None:
+    """Decode an item's image (and mask); the problem as one line, or None."""
+    try:
+        image = read_image(item.image)
+        if item.gt is not None:
+            mask = read_mask(item.gt)
+            if mask.shape != image.shape[:2]:
+                (mh, mw), (ih, iw) = mask.shape, image.shape[:2]
+                raise DataError(f"mask is {mw}x{mh} but its image is {iw}x{ih}", path=item.gt)
+    except DataError as exc:
+        return exc.one_line()
+    return None
+
+
+def decode_all(dataset: Dataset, workers: int = 0) -> list[str]:
+    """Decode every image and mask (thread pool); the problems found, one line each."""
+    problems = parallel_map(_decode_one, dataset.items, "decoding images", workers=workers)
+    return [p for p in problems if p is not None]
+
+
+def write_label_file(dataset: Dataset, path: str | Path) -> Path:
+    """Write the dataset's image-level labels as a label file (atomically)."""
+    header = (
+        f"image-level labels of {dataset.layout} split '{dataset.split}' ({len(dataset)} images), "
+        f"from {dataset.label_source}, vocabulary {dataset.vocab.name}"
+    )
+    text = format_label_file(((item.id, item.labels) for item in dataset.items), dataset.vocab, header)
+    return atomic_write_text(path, text)

@@ -1,0 +1,524 @@
+"""Frozen open_clip ViT for CAMs: weights loading, CLIP-ES preprocessing, tokens, attention.
+
+Layouts: images are NCHW float tensors (CLIP-normalised); token tensors are NLD
+(batch, 1 + h*w tokens with the CLS token first, width) whatever layout the
+installed open_clip runs its transformer in; grids are (h, w) = (H/p, W/p) for
+patch size p (16 for ViT-B/16).
+
+Weight formats (METHOD.md section 7): OpenAI's ``ViT-B-16.pt`` as a TorchScript
+archive (read with ``torch.jit.load`` on the CPU: TorchScript has no
+``weights_only`` mode) or as a plain state dict; open_clip checkpoints ``.pt``,
+``.pth``, ``.bin`` (optionally ``{"state_dict": ...}`` with ``module.`` prefixes);
+``.safetensors``. Everything except TorchScript is read with
+``torch.load(weights_only=True)`` or safetensors. The format is sniffed from the
+content, not the suffix.
+
+Imports torch and open_clip: import this module lazily (inside command bodies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssr_cli.errors import ConfigError, WeightsError
+from ssr_cli.models.weights import (
+    WeightsSource,
+    hf_hub_cached_files,
+    resolve_weights,
+    weights_cache_dir,
+)
+
+DEFAULT_ARCH = "ViT-B-16"
+ENV_VAR = "SSR_CLIP_WEIGHTS"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PRECISIONS = ("fp32", "bf16", "fp16")
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+@dataclass
+class ImageTokens:
+    """What one forward pass of the image tower leaves for GradCAM and the affinity.
+
+    - ``pre``: [N, 1+h*w, D] input of the last block (computed without grad).
+    - ``ln1``: [N, 1+h*w, D] output of the last block's ``ln_1`` (the GradCAM
+      target, CLS token first); a leaf that requires grad when asked for.
+    - ``post``: [N, 1+h*w, D] tokens after the last block and ``ln_post``.
+    - ``embedding``: [N, E] mean of the patch tokens of ``post`` (CLS excluded),
+      then ``proj``; not L2-normalised. A function of ``ln1``.
+    - ``grid``: (h, w).
+    - ``attn``: [N, h*w, h*w] head- and block-averaged patch attention, or None.
+    """
+
+    pre: torch.Tensor
+    ln1: torch.Tensor
+    post: torch.Tensor
+    embedding: torch.Tensor
+    grid: tuple[int, int]
+    attn: torch.Tensor | None = None
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for bf16/fp16 on ``device`` (a no-op for fp32)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _openai_cfg(arch: str) -> dict[str, Any]:
+    import open_clip
+
+    if "openai" in open_clip.list_pretrained_tags_by_model(arch):
+        return open_clip.get_pretrained_cfg(arch, "openai")
+    return {}
+
+
+def clip_cache_candidates(arch: str) -> list[Path]:
+    """Local files that may hold ``arch``'s default (OpenAI) weights, best first."""
+    cfg = _openai_cfg(arch)
+    url_name = Path(cfg["url"]).name if cfg.get("url") else f"{arch}.pt"
+    ours = weights_cache_dir("clip")
+    names = list(dict.fromkeys([url_name, f"{arch}.pt", f"{arch}.safetensors"]))
+    found = [ours / name for name in names]
+    found.append(Path("~/.cache/clip").expanduser() / url_name)  # OpenAI's clip package, open_clip URLs
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = hub.rstrip("/"), ""
+        if not hub.endswith("/"):
+            repo_id, filename = hub.rsplit("/", 1)
+        files = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        found.extend(hf_hub_cached_files(repo_id, files))
+    return found
+
+
+def clip_weights_source(arch: str, weights: str | None) -> WeightsSource:
+    """Resolve ``--clip-weights`` (None, a path, a folder or ``random``) for ``arch``."""
+    cfg = _openai_cfg(arch)
+    download = None
+    host = "huggingface.co"
+    if cfg:
+
+        def download() -> Path:
+            from open_clip.pretrained import download_pretrained
+
+            return Path(download_pretrained(cfg))
+
+        if not cfg.get("hf_hub") and cfg.get("url"):
+            from urllib.parse import urlparse
+
+            host = urlparse(cfg["url"]).hostname or host
+    return resolve_weights(
+        "clip",
+        arch,
+        weights,
+        env_var=ENV_VAR,
+        cache_candidates=clip_cache_candidates(arch),
+        download=download,
+        host=host,
+    )
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
+        return "safetensors"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") for name in archive.namelist()):
+                return "torchscript"
+    return "torch"
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a CLIP weights file into a flat state dict on the CPU; returns (state_dict, format).
+
+    ``format`` is ``torchscript``, ``torch`` or ``safetensors``. Raises
+    ``WeightsError`` naming the file when it cannot be read (truncated, corrupted).
+    """
+    path = Path(path)
+    try:
+        fmt = _sniff(path)
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsError(
+            f"cannot read CLIP weights ({first})",
+            path=path,
+            hint="the file is truncated, corrupted or not a weights file: download it again",
+        ) from exc
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
+    if not isinstance(raw, dict):
+        raise WeightsError(f"not a state dict (a {type(raw).__name__})", path=path)
+    state = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state, fmt
+
+
+def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    state = {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+    if hasattr(model, "text") and "positional_embedding" in state:
+        state = convert_to_custom_text_state_dict(state)  # OpenAI layout -> open_clip CustomTextCLIP
+    target = model.state_dict()
+    if "logit_scale" in state and state["logit_scale"].ndim != target["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(target["logit_scale"].shape)
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    wrong = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k} {tuple(state[k].shape)} vs {tuple(target[k].shape)})")
+        raise WeightsError(
+            f"the weights do not fit CLIP architecture {arch}: " + ", ".join(parts),
+            path=path,
+            hint="choose the architecture the file was trained with, or another file",
+        )
+    model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (OpenAI files are fp16)
+
+
+def _default_quick_gelu(arch: str) -> bool:
+    import open_clip
+
+    if arch.endswith("-quickgelu"):
+        return True
+    if _openai_cfg(arch):  # our default weights for OpenAI architecture names are OpenAI's (QuickGELU)
+        return True
+    return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+
+
+def _check_supported(model: torch.nn.Module, arch: str) -> None:
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    ok = isinstance(visual, VisionTransformer) and visual.attn_pool is None
+    ok = ok and all(
+        isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention)
+        for b in visual.transformer.resblocks
+    )
+    if not ok:
+        raise ConfigError(
+            f"CLIP architecture {arch} is not supported for CAMs",
+            hint="use an open_clip ViT with standard attention blocks, e.g. ViT-B-16 or ViT-L-14",
+        )
+
+
+def load_clip(
+    arch: str = DEFAULT_ARCH,
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    quick_gelu: bool | None = None,
+    seed: int = 0,
+) -> ClipModel:
+    """Build open_clip ``arch`` and load its weights; frozen, eval mode, on ``device``.
+
+    ``weights``: a file or folder, ``"random"`` (random init from ``seed``, for
+    smoke runs), or None (``$SSR_CLIP_WEIGHTS``, local caches, download when
+    online). ``quick_gelu`` None: True for OpenAI architecture names (ViT-B-16,
+    ...) and ``-quickgelu`` names, which is what OpenAI's weights need.
+    """
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown CLIP architecture {arch!r}", hint="use an open_clip model name such as ViT-B-16"
+        )
+    source = clip_weights_source(arch, weights)
+    use_quick_gelu = _default_quick_gelu(arch) if quick_gelu is None else quick_gelu
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip logs "initialized randomly" on the root logger
+        try:
+            model = open_clip.create_model(
+                arch,
+                pretrained=None,
+                load_weights=False,
+                pretrained_image=False,
+                pretrained_text=False,
+                device="cpu",
+                quick_gelu=use_quick_gelu,
+            )
+        finally:
+            logging.disable(previous)
+    _check_supported(model, arch)
+    if source.path is not None:
+        state, _fmt = read_state_dict(source.path)
+        _fit_state_dict(model, state, source.path, arch)
+        source = source.with_sha256()
+    model.eval().requires_grad_(False)
+    model.to(torch.device(device))
+    return ClipModel(model, arch=arch, source=source, quick_gelu=use_quick_gelu, seed=seed)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def block_attention(block: torch.nn.Module, ln1: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) of one block, recomputed from its ``ln_1`` output (in fp32).
+
+    ``ln1``: [N, L, D] (NLD). Returns [N, L, L] (head-averaged) or [N, H, L, L].
+    """
+    attn = block.attn
+    n, length, width = ln1.shape
+    heads = attn.num_heads
+    head_dim = width // heads
+    weight = attn.in_proj_weight.float()
+    bias = attn.in_proj_bias.float() if attn.in_proj_bias is not None else None
+    x = ln1.float()
+    q = F.linear(x, weight[:width], None if bias is None else bias[:width])
+    k = F.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
+    q = q.view(n, length, heads, head_dim).transpose(1, 2)
+    k = k.view(n, length, heads, head_dim).transpose(1, 2)
+    probs = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
+    return probs.mean(dim=1) if average_heads else probs
+
+
+class ClipModel:
+    """A frozen open_clip model with what CAMs need. ``model`` is the open_clip module."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, arch: str, source: WeightsSource, quick_gelu: bool, seed: int = 0
+    ) -> None:
+        import open_clip
+
+        self.model = model
+        self.arch = arch
+        self.weights_source = source
+        self.quick_gelu = quick_gelu
+        self.seed = seed  # what random weights were drawn from
+        visual = model.visual
+        self.patch_size = int(visual.patch_size[0])
+        self.native_grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
+        self.width = int(visual.conv1.out_channels)
+        self.embed_dim = int(visual.output_dim)
+        self.blocks = visual.transformer.resblocks
+        self._batch_first = bool(getattr(visual.transformer, "batch_first", False))
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.conv1.weight.device
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_source.is_random
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(learned logit scale): 100 for OpenAI's weights."""
+        return float(self.model.logit_scale.detach().float().exp().reshape(-1)[0])
+
+    def describe(self) -> dict[str, Any]:
+        """For manifests: architecture, QuickGELU, weights origin/path/sha256."""
+        info = {"arch": self.arch, "quick_gelu": self.quick_gelu, "weights": self.weights_source.describe()}
+        if self.is_random:
+            info["seed"] = self.seed
+        return info
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        return autocast_context(self.device, precision)
+
+    # -- preprocessing --------------------------------------------------------------
+
+    def resized_size(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
+        """CLIP-ES's network input size: ceil(scale * side / p) * p on each side."""
+        p = self.patch_size
+        return (
+            max(p, int(math.ceil(scale * int(height) / p) * p)),
+            max(p, int(math.ceil(scale * int(width) / p) * p)),
+        )
+
+    def preprocess(self, image: np.ndarray, scale: float = 1.0) -> torch.Tensor:
+        """HxWx3 uint8 RGB -> [3, H', W'] float32 (CPU), as CLIP-ES prepares it.
+
+        PIL bicubic resize to ``resized_size`` (H', W' multiples of the patch
+        size, rounded UP as CLIP-ES does), then /255 and CLIP mean/std.
+        """
+        from PIL import Image
+
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
+        out_h, out_w = self.resized_size(image.shape[0], image.shape[1], scale)
+        pil = Image.fromarray(image)
+        if (out_w, out_h) != pil.size:
+            pil = pil.resize((out_w, out_h), Image.BICUBIC)
+        tensor = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        return (tensor - mean) / std
+
+    # -- image tower ----------------------------------------------------------------
+
+    def pos_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """[1 + grid_h*grid_w, D]: the learned grid bilinearly resized, CLS position kept."""
+        if (grid_h, grid_w) == self.native_grid:
+            return self.model.visual.positional_embedding
+        key = (grid_h, grid_w)
+        if key not in self._pos_cache:
+            pos = self.model.visual.positional_embedding.detach().float()
+            gh, gw = self.native_grid
+            grid = pos[1:].reshape(gh, gw, -1).permute(2, 0, 1).unsqueeze(0)
+            grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+            grid = grid[0].permute(1, 2, 0).reshape(grid_h * grid_w, -1)
+            self._pos_cache[key] = torch.cat([pos[:1], grid], dim=0)
+        return self._pos_cache[key]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, 1+h*w, D] tokens entering the first block (after ``ln_pre``)."""
+        visual = self.model.visual
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of {self.patch_size}")
+        x = visual.conv1(x.to(self.device))
+        n, width, grid_h, grid_w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, width).expand(n, -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embedding(grid_h, grid_w).to(x.dtype)
+        return visual.ln_pre(visual.patch_dropout(x))
+
+    def run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """One whole block on NLD tokens (handles transformers that run LND)."""
+        block = self.blocks[index]
+        if self._batch_first:
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+
+    def last_block(self, pre: torch.Tensor, ln1: torch.Tensor) -> torch.Tensor:
+        """The last block written so that its ``ln_1`` output is an input: [N, L, D] -> [N, L, D]."""
+        block = self.blocks[-1]
+        q = ln1 if self._batch_first else ln1.transpose(0, 1)
+        out = block.attn(q, q, q, need_weights=False)[0]
+        if not self._batch_first:
+            out = out.transpose(0, 1)
+        x = pre + block.ls_1(out)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def pool(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-block output [N, L, D] -> (``ln_post`` tokens [N, L, D], embedding [N, E]).
+
+        The embedding is the mean of the patch tokens (CLS excluded) then ``proj``.
+        """
+        visual = self.model.visual
+        post = visual.ln_post(out)
+        pooled = post[:, 1:].mean(dim=1)
+        return post, (pooled @ visual.proj if visual.proj is not None else pooled)
+
+    def patch_embeddings(self, tokens: ImageTokens) -> torch.Tensor:
+        """[N, h*w, E]: every patch token of ``tokens.post`` through ``proj`` (row-major grid)."""
+        proj = self.model.visual.proj
+        patches = tokens.post[:, 1:]
+        return patches @ proj if proj is not None else patches
+
+    def _block_indices(self, blocks: Sequence[int]) -> list[int]:
+        count = len(self.blocks)
+        if any(not -count <= b < count for b in blocks):
+            raise ConfigError(f"attention blocks {list(blocks)} are outside the model's {count} blocks")
+        return sorted({b % count for b in blocks})
+
+    def trunk(
+        self, x: torch.Tensor, *, attn_blocks: Sequence[int] | None = None, precision: str = "fp32"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """All blocks but the last, without grad: [N, 3, H, W] -> (pre, ln1, attn).
+
+        ``pre`` [N, 1+h*w, D] enters the last block, ``ln1`` is its ``ln_1`` output;
+        ``attn`` [N, h*w, h*w] is the patch attention averaged over heads and
+        ``attn_blocks`` (None when not asked for).
+        """
+        wanted = self._block_indices(attn_blocks) if attn_blocks else []
+        attn_sum: torch.Tensor | None = None
+        with self.autocast(precision), torch.no_grad():
+            h = self.embed(x)
+            for i in range(len(self.blocks) - 1):
+                if i in wanted:
+                    a = block_attention(self.blocks[i], self.blocks[i].ln_1(h))
+                    attn_sum = a if attn_sum is None else attn_sum + a
+                h = self.run_block(i, h)
+            ln1 = self.blocks[-1].ln_1(h)
+            if len(self.blocks) - 1 in wanted:
+                a = block_attention(self.blocks[-1], ln1)
+                attn_sum = a if attn_sum is None else attn_sum + a
+        attn = None if attn_sum is None else (attn_sum / len(wanted))[:, 1:, 1:]
+        return h, ln1, attn
+
+    def image_tokens(
+        self,
+        x: torch.Tensor,
+        grad_last_block: bool = True,
+        *,
+        attn_blocks: Sequence[int] | None = None,
+        precision: str = "fp32",
+    ) -> ImageTokens:
+        """Run the image tower on [N, 3, H, W]; see ``ImageTokens`` for the outputs.
+
+        The first L-1 blocks run under ``torch.no_grad``. With ``grad_last_block``
+        the last block builds a graph from ``ln1`` (a leaf requiring grad) to
+        ``embedding``. ``attn_blocks`` (e.g. ``range(-8, 0)``) also returns their
+        head-averaged patch-to-patch attention, averaged over the blocks.
+        """
+        pre, ln1, attn = self.trunk(x, attn_blocks=attn_blocks, precision=precision)
+        ln1 = ln1.detach().requires_grad_(grad_last_block)
+        with self.autocast(precision), torch.set_grad_enabled(grad_last_block):
+            post, embedding = self.pool(self.last_block(pre, ln1))
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return ImageTokens(pre=pre, ln1=ln1, post=post, embedding=embedding, grid=grid, attn=attn)
+
+    def attention(
+        self, x: torch.Tensor, blocks: Sequence[int] = tuple(range(-8, 0)), precision: str = "fp32"
+    ) -> torch.Tensor:
+        """[N, 3, H, W] -> [N, h*w, h*w]: patch-to-patch attention (CLS dropped), averaged over
+        heads and ``blocks`` (CLIP-ES: the last 8). Rows are not re-normalised."""
+        tokens = self.image_tokens(x, grad_last_block=False, attn_blocks=blocks, precision=precision)
+        assert tokens.attn is not None
+        return tokens.attn.float()
+
+    # -- text tower -----------------------------------------------------------------
+
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """[len(texts), E] L2-normalised float32 text embeddings (batched, no grad, fp32)."""
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+                chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        if not chunks:
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        return torch.cat(chunks, dim=0)
+

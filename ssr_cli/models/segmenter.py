@@ -1,0 +1,231 @@
+"""DeepLab-style segmenter: an ASPP head (DeepLabV3) or ASPP + low-level decoder (DeepLabV3+)
+on any timm backbone created with ``features_only=True``.
+
+Tensors are NCHW throughout. ``Segmenter.forward`` takes a normalised image batch
+``(N, 3, H, W)`` float and returns logits ``(N, K, H, W)`` at the input size.
+
+The architecture is data: :class:`SegmenterConfig` holds everything needed to
+rebuild the model (it is stored in the safetensors metadata and the checkpoints),
+so ``build_segmenter(config)`` plus a state dict gives back the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from ssr_cli.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+HEADS = ("deeplabv3plus", "aspp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SegmenterConfig:
+    """Everything needed to rebuild a segmenter (no weights).
+
+    ``head``: ``deeplabv3plus`` (ASPP + decoder on the stride-4 features) or ``aspp``
+    (DeepLabV3: ASPP on the last features only). ``aspp_rates``: ``None`` picks
+    (6, 12, 18) at output stride 16 and (12, 24, 36) at 8. ``mean``/``std``: the
+    input normalisation of the backbone (RGB in 0..1).
+    """
+
+    num_classes: int
+    backbone: str = "resnet101"
+    output_stride: int = 16
+    head: str = "deeplabv3plus"
+    aspp_channels: int = 256
+    aspp_rates: tuple[int, ...] | None = None
+    low_level_channels: int = 48
+    dropout: float = 0.1
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ConfigError(f"a segmenter needs at least 2 classes, got {self.num_classes}")
+        if self.output_stride not in (8, 16, 32):
+            raise ConfigError(
+                f"--output-stride {self.output_stride} is not supported", hint="use 8, 16 or 32"
+            )
+        if self.head not in HEADS:
+            raise ConfigError(f"--head {self.head!r} is not known", hint=f"use one of {', '.join(HEADS)}")
+        if self.aspp_rates is None:
+            self.aspp_rates = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[self.output_stride]
+        self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        self.class_names = tuple(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+
+def _conv_bn_relu(nn: Any, cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    pad = 0 if kernel == 1 else dilation
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, low_idx: int, channels: list[int]) -> Any:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ASPP(nn.Module):
+        """Atrous spatial pyramid pooling: (N, Cin, h, w) -> (N, C, h, w).
+
+        Branches: 1x1 conv, one 3x3 conv per rate, image pooling. The pooling branch
+        has no BatchNorm, so batches of one image (per process) still train.
+        """
+
+        def __init__(self, cin: int, cout: int, rates: tuple[int, ...], dropout: float) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList([_conv_bn_relu(nn, cin, cout, 1)])
+            self.branches.extend(_conv_bn_relu(nn, cin, cout, 3, r) for r in rates)
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+            self.project = nn.Sequential(
+                _conv_bn_relu(nn, cout * (len(rates) + 2), cout, 1), nn.Dropout(dropout)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            outs = [branch(x) for branch in self.branches]
+            pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
+            return self.project(torch.cat([*outs, pooled], dim=1))
+
+    class Head(nn.Module):
+        """ASPP (+ DeepLabV3+ decoder): feature list -> logits at the feature resolution."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            c = cfg.aspp_channels
+            self.aspp = ASPP(channels[-1], c, cfg.aspp_rates or (), cfg.dropout)
+            self.use_decoder = cfg.head == "deeplabv3plus"
+            if self.use_decoder:
+                self.reduce = _conv_bn_relu(nn, channels[low_idx], cfg.low_level_channels, 1)
+                self.fuse = nn.Sequential(
+                    _conv_bn_relu(nn, c + cfg.low_level_channels, c, 3),
+                    _conv_bn_relu(nn, c, c, 3),
+                )
+            self.classifier = nn.Conv2d(c, cfg.num_classes, 1)
+
+        def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+            x = self.aspp(feats[-1])
+            if self.use_decoder:
+                low = self.reduce(feats[low_idx])
+                x = F.interpolate(x, size=low.shape[2:], mode="bilinear", align_corners=False)
+                x = self.fuse(torch.cat([x, low], dim=1))
+            return self.classifier(x)
+
+    class Segmenter(nn.Module):
+        """Backbone (timm, features_only) + head. forward: (N,3,H,W) -> logits (N,K,H,W)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = cfg
+            self.backbone = backbone
+            self.head = Head()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            feats = self.backbone(x)
+            logits = self.head(feats)
+            return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+        def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+            """(backbone parameters, head parameters): the head trains at 10x the learning rate."""
+            return list(self.backbone.parameters()), list(self.head.parameters())
+
+    return Segmenter()
+
+
+def create_backbone(
+    name: str, output_stride: int, pretrained_state: dict[str, Any] | None = None
+) -> tuple[nn.Module, int, list[int]]:
+    """A timm ``features_only`` backbone with its low-level (stride 4) and last feature maps.
+
+    ``pretrained_state``: a timm-format state dict of the full model (classifier keys
+    allowed) loaded before the features wrapper is built, or ``None`` for random
+    weights. Returns (module returning the NCHW maps [low, last] (just [last] when the
+    backbone has a single level), index of the low-level map (0), their channels).
+    """
+    import timm
+    import torch
+
+    base_kwargs: dict[str, Any] = {"features_only": True}
+    if output_stride != 32:
+        base_kwargs["output_stride"] = output_stride
+    try:
+        with torch.device("meta"):  # only the feature layout is needed here
+            probe = timm.create_model(name, pretrained=False, **base_kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ConfigError(
+                f"--backbone {name!r} is not a timm model",
+                hint="see timm.list_models(), e.g. resnet101, resnet50, convnext_tiny",
+            ) from None
+        raise
+    except (TypeError, AssertionError, ValueError) as exc:
+        raise ConfigError(
+            f"--backbone {name!r} cannot be built with output stride {output_stride} ({exc})",
+            hint="try --output-stride 32 or a ResNet/ConvNeXt backbone",
+        ) from None
+    reductions = probe.feature_info.reduction()
+    low = next((i for i, r in enumerate(reductions) if r >= 4), 0)
+    last = len(reductions) - 1
+    out_indices = (low, last) if low != last else (last,)
+    kwargs = dict(base_kwargs, out_indices=out_indices)
+    if pretrained_state is None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"state_dict": pretrained_state}, **kwargs
+        )
+    channels = list(model.feature_info.channels())  # one entry when low == last
+    return model, 0, channels
+
+
+def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean/std (RGB, 0..1) the backbone's default pretrained weights expect."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - unknown tags: fall back to ImageNet statistics
+        cfg = None
+    if cfg is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def build_segmenter(cfg: SegmenterConfig, pretrained_state: dict[str, Any] | None = None) -> nn.Module:
+    """Build the segmenter described by ``cfg``.
+
+    ``pretrained_state``: backbone weights (timm format, see ``backbone_weights.py``)
+    or ``None`` for random initialisation (also when a full trained state dict is
+    loaded afterwards).
+    """
+    backbone, low_idx, channels = create_backbone(cfg.backbone, cfg.output_stride, pretrained_state)
+    return _build_modules(cfg, backbone, low_idx, channels)

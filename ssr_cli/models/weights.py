@@ -1,0 +1,220 @@
+"""Where model weights come from: an explicit file, an env var, a local cache, or a download.
+
+Generic over the model kind (``clip`` now, ``dino`` and segmenter backbones later).
+Resolution order (METHOD.md section 7):
+
+1. the explicit value of the command's flag (``--clip-weights PATH``): a file, a
+   folder holding one of the expected files, or ``random`` (random init, for smoke runs);
+2. the environment variable (``SSR_CLIP_WEIGHTS``), with the same meaning;
+3. local cache files: ours (``$SSR_CACHE/weights/<kind>/`` or
+   ``~/.cache/ssr-cli/weights/<kind>/``) and the places other tools download to
+   (the Hugging Face hub cache, ``~/.cache/clip`` of OpenAI's ``clip`` package);
+4. a download, only when online. Offline detection is fast: ``HF_HUB_OFFLINE=1``
+   or a failed 2 s TCP connect to the hub host means offline, and a one-line
+   ``WeightsError`` says which file to put where.
+
+No torch import here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ssr_cli.errors import WeightsError
+
+ORIGINS = ("flag", "env", "cache", "download", "random")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+HUB_HOST = "huggingface.co"
+_ONLINE_TIMEOUT_S = 2.0
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Resolved weights: ``path`` is None only for ``origin == "random"``."""
+
+    kind: str
+    name: str
+    path: Path | None
+    origin: str
+    sha256: str | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.origin == "random"
+
+    def with_sha256(self) -> WeightsSource:
+        """A copy with the file's SHA-256 filled in (cached per path, size and mtime)."""
+        if self.path is None or self.sha256 is not None:
+            return self
+        return replace(self, sha256=file_sha256_cached(self.path))
+
+    def describe(self) -> dict[str, Any]:
+        """For manifests: kind, name, origin, path, sha256."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "origin": self.origin,
+            "path": None if self.path is None else str(self.path),
+            "sha256": self.sha256,
+        }
+
+
+def file_sha256_cached(path: str | Path) -> str:
+    """SHA-256 of a file, remembered in memory per (path, size, mtime)."""
+    from ssr_cli.artefacts.fingerprint import file_sha256
+
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = file_sha256(str(resolved))
+    return _HASH_CACHE[key]
+
+
+def ssr_cache_dir() -> Path:
+    """Root of this tool's cache: ``$SSR_CACHE``, else ``~/.cache/ssr-cli``."""
+    env = os.environ.get("SSR_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path("~/.cache/ssr-cli").expanduser()
+
+
+def weights_cache_dir(kind: str) -> Path:
+    """Our cache folder for one kind of weights: ``<ssr cache>/weights/<kind>/``."""
+    return ssr_cache_dir() / "weights" / kind
+
+
+def hf_hub_cache_dir() -> Path:
+    """The Hugging Face hub cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def hf_hub_cached_files(repo_id: str, filenames: Sequence[str]) -> list[Path]:
+    """Files of a hub repo already in the local hub cache (any snapshot), in ``filenames`` order."""
+    folder = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    if not folder.is_dir():
+        return []
+    found: list[Path] = []
+    for name in filenames:
+        found.extend(sorted(folder.glob(f"*/{name}")))
+    return found
+
+
+def is_offline(host: str = HUB_HOST, timeout: float = _ONLINE_TIMEOUT_S) -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set, or a TCP connect to ``host:443`` fails within ``timeout``.
+
+    The connect (including the DNS look-up, which has no timeout of its own) runs
+    in a daemon thread, so this returns within about ``timeout`` seconds.
+    """
+    for var in ("HF_HUB_OFFLINE", "SSR_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint and host == HUB_HOST:
+        host = urlparse(endpoint).hostname or host
+    result: list[bool] = []
+
+    def _probe() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=_probe, daemon=True, name="ssr-online-probe")
+    thread.start()
+    thread.join(timeout)
+    return not (result and result[0])
+
+
+def _flag_for(kind: str) -> str:
+    return f"--{kind}-weights"
+
+
+def _pick_in_folder(folder: Path, expected: Sequence[str]) -> Path | None:
+    for name in expected:
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    return files[0] if len(files) == 1 else None
+
+
+def _explicit(
+    kind: str, name: str, value: str, origin: str, expected: Sequence[str], given_by: str
+) -> WeightsSource:
+    if value.strip().lower() == "random":
+        return WeightsSource(kind=kind, name=name, path=None, origin="random")
+    path = Path(value).expanduser()
+    if path.is_dir():
+        picked = _pick_in_folder(path, expected)
+        if picked is None:
+            wanted = ", ".join(expected) if expected else "one weights file"
+            raise WeightsError(
+                f"no {kind} weights file found in this folder",
+                path=path,
+                hint=f"put {wanted} there, or pass the file itself",
+            )
+        path = picked
+    elif not path.is_file():
+        raise WeightsError(
+            f"{kind} weights file not found (given by {given_by})",
+            path=path,
+            hint=f"check the path, or use {_flag_for(kind)} random for a smoke run",
+        )
+    return WeightsSource(kind=kind, name=name, path=path, origin=origin)
+
+
+def resolve_weights(
+    kind: str,
+    name: str,
+    explicit: str | None,
+    *,
+    env_var: str,
+    cache_candidates: Sequence[Path],
+    download: Callable[[], Path] | None,
+    host: str = HUB_HOST,
+) -> WeightsSource:
+    """Find the weights file for model ``name`` of ``kind`` (see the module docstring for the order).
+
+    ``cache_candidates`` are full paths, best first; their file names are the
+    expected names named in error messages. ``download`` fetches the file and
+    returns its path (called only when online); None means no download exists.
+    Raises ``WeightsError`` with one line saying what to do.
+    """
+    expected = list(dict.fromkeys(p.name for p in cache_candidates))
+    if explicit is not None and explicit.strip():
+        return _explicit(kind, name, explicit.strip(), "flag", expected, _flag_for(kind))
+    env_value = os.environ.get(env_var, "").strip()
+    if env_value:
+        return _explicit(kind, name, env_value, "env", expected, f"${env_var}")
+    for candidate in cache_candidates:
+        if candidate.is_file():
+            return WeightsSource(kind=kind, name=name, path=candidate, origin="cache")
+    ours = weights_cache_dir(kind)
+    wanted = " or ".join(expected[:3]) if expected else f"the {name} weights file"
+    where = (
+        f"put {wanted} into {ours}/ or pass {_flag_for(kind)} PATH (or set {env_var}); "
+        f"{_flag_for(kind)} random runs with random weights for a smoke test"
+    )
+    if download is None:
+        raise WeightsError(f"no local {kind} weights for {name} and no known download", hint=where)
+    if is_offline(host):
+        raise WeightsError(f"no local {kind} weights for {name} and the hub cannot be reached (offline)", hint=where)
+    try:
+        path = Path(download())
+    except Exception as exc:  # network and hub errors of any library
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"downloading {kind} weights for {name} failed: {first}", hint=where) from exc
+    if not path.is_file():
+        raise WeightsError(f"the download of {kind} weights for {name} gave no file", path=path, hint=where)
+    return WeightsSource(kind=kind, name=name, path=path, origin="download")

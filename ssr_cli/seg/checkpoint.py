@@ -1,0 +1,141 @@
+"""Training checkpoints and final model files of the segmenter.
+
+- ``checkpoints/last.pt`` (and ``best.pt``): ``torch.save`` of a dict with the
+  iteration, model, optimizer, scheduler and AMP-scaler state dicts, the RNG
+  states (python, numpy, torch, CUDA), the model and training configs and the
+  run fingerprint. Only tensors and plain Python values, so they load with
+  ``torch.load(weights_only=True)``. Written atomically: a file that exists is whole.
+- ``model.safetensors``: the final weights; the metadata key ``ssr_segmenter_config``
+  holds the :class:`SegmenterConfig` JSON needed to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssr_cli.artefacts import atomic_write, read_manifest
+from ssr_cli.errors import WeightsError
+from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
+
+CONFIG_KEY = "ssr_segmenter_config"
+MODEL_FILE = "model.safetensors"
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG state as weights_only-loadable values."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()
+    version, internal, gauss = random.getstate()
+    states: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": np_state,
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` recorded."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(states["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np.asarray(np_state["state"]["key"], dtype=np.uint32))
+    np.random.set_state(np_state)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Atomically ``torch.save`` ``state`` to ``path``."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        text = " ".join(str(exc).split())[:200]
+        raise WeightsError(
+            f"cannot read checkpoint ({type(exc).__name__}: {text})",
+            path=path,
+            hint="pass a checkpoint written by ssr fit-seg, or start again with --overwrite",
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise WeightsError("not an ssr fit-seg checkpoint", path=path, hint="pass RUN/checkpoints/last.pt")
+    return state
+
+
+def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], cfg: SegmenterConfig) -> Path:
+    """Write the final weights as safetensors with the model config in the metadata."""
+    from safetensors.torch import save_file
+
+    from ssr_cli import __version__
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    metadata = {CONFIG_KEY: cfg.to_json(), "ssr_tool_version": __version__, "format": "pt"}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _resolve_model_path(path: Path) -> Path:
+    if not path.is_dir():
+        if not path.is_file():
+            raise WeightsError("model not found", path=path, hint="pass a fit-seg run folder or a model file")
+        return path
+    if (path / MODEL_FILE).is_file():
+        return path / MODEL_FILE
+    if (path / "manifest.json").is_file():
+        stage = read_manifest(path).get("stage")
+        if stage == "fit-seg":
+            raise WeightsError(
+                f"this fit-seg run has not finished: no {MODEL_FILE} yet",
+                path=path,
+                hint="resume it with --resume, or pass RUN/checkpoints/last.pt or best.pt",
+            )
+        raise WeightsError(f"this folder holds a '{stage}' run, not a fit-seg run", path=path)
+    raise WeightsError(f"no {MODEL_FILE} here", path=path, hint="pass a fit-seg run folder or a model file")
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], SegmenterConfig, Path]:
+    """(state dict, model config, file) of a fit-seg run folder, ``.safetensors`` or checkpoint ``.pt``."""
+    file = _resolve_model_path(Path(path))
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                meta = handle.metadata() or {}
+                state = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        except Exception as exc:  # noqa: BLE001
+            raise WeightsError(f"cannot read model file ({exc})", path=file) from None
+        if CONFIG_KEY not in meta:
+            raise WeightsError(
+                "this safetensors file has no ssr segmenter config in its metadata",
+                path=file,
+                hint="pass the model.safetensors written by ssr fit-seg",
+            )
+        cfg = SegmenterConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+        return state, cfg, file
+    ckpt = load_checkpoint(file)
+    return ckpt["model"], SegmenterConfig.from_dict(ckpt["model_config"]), file
+
+
+def load_segmenter(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, SegmenterConfig, Path]:
+    """Rebuild a trained segmenter (eval mode, on ``device``) from a run folder or model file."""
+    state, cfg, file = read_model_file(path)
+    model = build_segmenter(cfg)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise WeightsError(f"weights do not fit the recorded model config ({text})", path=file) from None
+    return model.to(device).eval(), cfg, file

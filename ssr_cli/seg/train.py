@@ -1,0 +1,343 @@
+"""The segmenter's training loop (single process or DistributedDataParallel under torchrun).
+
+Recipe defaults (METHOD.md section 5, CLIP-ES's DeepLab training): SGD, momentum
+0.9, weight decay 5e-4, learning rate 2.5e-4 with 10x on the head, poly decay
+with power 0.9, crop 321, batch 10, random scale 0.5-1.5 and flips, 255 ignored.
+
+Exact resume: the data stream is stateless (``data.py``), torch's global RNG is
+re-seeded from (seed, iteration, rank) at every step, and the checkpoint holds
+model, optimizer, scheduler, AMP scaler and RNG states; so a run resumed from
+``last.pt`` at iteration i computes the same steps as one never interrupted
+(bit-exact on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ssr_cli.console import ProgressBar, info, progress_enabled
+from ssr_cli.errors import ConfigError, SSRError
+from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
+from ssr_cli.runtime import autocast
+from ssr_cli.seg import distributed as D
+from ssr_cli.seg.checkpoint import MODEL_FILE, rng_states, save_checkpoint, save_model_file, set_rng_states
+from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error, worker_init
+from ssr_cli.seg.infer import evaluate
+from ssr_cli.seg.loss import segmentation_loss
+
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LR = {"sgd": 2.5e-4, "adamw": 6e-5}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.01}
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Training settings. ``batch_size`` is per process; the effective batch is
+    ``batch_size * accum * world``. Fields after ``seed`` do not change results."""
+
+    iters: int = 20000
+    batch_size: int = 10
+    crop_size: int = 321
+    accum: int = 1
+    optimizer: str = "sgd"
+    lr: float = DEFAULT_LR["sgd"]
+    momentum: float = 0.9
+    weight_decay: float = DEFAULT_WEIGHT_DECAY["sgd"]
+    poly_power: float = 0.9
+    head_lr_mult: float = 10.0
+    loss: str = "balanced"
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    flip: bool = True
+    precision: str = "fp32"
+    sync_bn: bool = False
+    seed: int = 0
+    workers: int = 2
+    save_every: int = 1000
+    val_every: int = 1000
+    log_every: int = 20
+    check_sync_every: int = 0
+
+    RESULT_FIELDS = (
+        "iters", "batch_size", "crop_size", "accum", "optimizer", "lr", "momentum", "weight_decay",
+        "poly_power", "head_lr_mult", "loss", "scale_range", "flip", "precision", "sync_bn", "seed",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.iters >= 1, "--iters must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.crop_size >= 16, "--crop-size must be at least 16"),
+            (self.accum >= 1, "--accum must be at least 1"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
+            (self.save_every >= 1, "--save-every must be at least 1"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scale_range"] = list(self.scale_range)
+        return data
+
+    def result_dict(self) -> dict[str, Any]:
+        data = self.to_dict()
+        return {k: data[k] for k in self.RESULT_FIELDS}
+
+
+def step_seed(seed: int, iteration: int, rank: int) -> int:
+    """The torch seed of one step: a pure function of (seed, iteration, rank)."""
+    import numpy as np
+
+    return int(np.random.default_rng([seed, 0x70C4, iteration, rank]).integers(0, 2**62))
+
+
+class _Batches:
+    """``batch_sampler`` for the DataLoader: this rank's position lists from ``start`` on."""
+
+    def __init__(self, layout: StreamLayout, start: int, stop: int, rank: int) -> None:
+        self.layout, self.start, self.stop, self.rank = layout, start, stop, rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.layout.batches(self.start, self.stop, self.rank)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.layout.accum
+
+
+def truncate_log(path: Path, last_iteration: int) -> None:
+    """Keep only the records of ``path`` up to ``last_iteration`` (the resumed checkpoint)."""
+    from ssr_cli.artefacts import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the crash
+            continue
+        if record.get("iter", 0) <= last_iteration:
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process (MiB) and, on a GPU, peak allocated GPU memory."""
+    out = {"max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+    if device.type == "cuda":
+        out["max_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    backbone, head = model.param_groups()
+    groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(
+    out: Path,
+    model_cfg: SegmenterConfig,
+    cfg: TrainConfig,
+    samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    env: D.DistEnv,
+    backbone_state: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
+    run_fingerprint: str = "",
+) -> dict[str, Any]:
+    """Train a segmenter into run folder ``out``; returns a summary for the manifest.
+
+    Writes (rank 0 only) ``checkpoints/last.pt`` every ``save_every`` iterations and at
+    the end, ``checkpoints/best.pt`` when validation mIoU improves, ``log.jsonl`` and
+    the final ``model.safetensors``. ``resume``: a loaded ``last.pt`` to continue from.
+    """
+    device = env.device
+    model = build_segmenter(model_cfg, backbone_state)
+    if cfg.sync_bn and env.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device).train()
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / cfg.iters) ** cfg.poly_power
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    start, best = 0, {"miou": None, "iteration": None}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        set_rng_states(resume["rng"])
+        start, best = int(resume["iteration"]), dict(resume.get("best") or best)
+    net: torch.nn.Module = model
+    if env.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    stream = TrainStream(
+        samples, model_cfg.num_classes, cfg.seed, cfg.crop_size, model_cfg.mean, model_cfg.std,
+        cfg.scale_range, cfg.flip,
+    )  # fmt: skip
+    layout = StreamLayout(cfg.batch_size, cfg.accum, env.world)
+    loader = DataLoader(
+        stream,
+        batch_sampler=_Batches(layout, start, cfg.iters, env.rank),
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if cfg.workers else None,
+        prefetch_factor=4 if cfg.workers else None,
+    )
+    batches = iter(loader)
+    log_path = out / LOG_FILE
+    ckpt_dir = out / "checkpoints"
+    if env.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(log_path, start)
+    images_per_step = cfg.batch_size * cfg.accum * env.world
+    class_names = model_cfg.class_names or tuple(str(i) for i in range(model_cfg.num_classes))
+
+    def write_log(record: dict[str, Any]) -> None:
+        if env.is_main:
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def checkpoint_state(iteration: int) -> dict[str, Any]:
+        return {
+            "iteration": iteration,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_states(),
+            "best": best,
+            "model_config": model_cfg.to_dict(),
+            "train_config": cfg.to_dict(),
+            "fingerprint": run_fingerprint,
+        }
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
+    started = time.perf_counter()
+    last_loss: float | None = None
+    with (
+        ProgressBar("fit-seg", total=cfg.iters, completed=start)
+        if env.is_main
+        else contextlib.nullcontext() as bar
+    ):
+        for it in range(start, cfg.iters):
+            torch.manual_seed(step_seed(cfg.seed, it, env.rank))
+            step_losses = []
+            for micro in range(cfg.accum):
+                t_data = time.perf_counter()
+                try:
+                    x, y = next(batches)
+                except SSRError as exc:
+                    raise clean_worker_error(exc) from None
+                window["data"] += time.perf_counter() - t_data
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = net.no_sync() if env.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast(device, cfg.precision):
+                        logits = net(x)
+                    loss = segmentation_loss(logits, y, cfg.loss)
+                    scaler.scale(loss / cfg.accum).backward()
+                step_losses.append(loss.detach())
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step_loss = torch.stack(step_losses).double().mean()
+            loss_sum += step_loss
+            window["steps"] += 1
+            done = it + 1
+
+            if done % cfg.log_every == 0 or done == cfg.iters:
+                reduced = D.all_reduce_sum(env, loss_sum.clone()) / env.world
+                seconds = time.perf_counter() - window["start"]
+                last_loss = float(reduced) / window["steps"]
+                speed = window["steps"] * images_per_step / max(seconds, 1e-9)
+                record = {
+                    "iter": done,
+                    "loss": last_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_s": round(speed, 3),
+                    "data_share": round(window["data"] / max(seconds, 1e-9), 4),
+                    **peak_memory_mb(device),
+                }
+                write_log(record)
+                status = f"loss {last_loss:.4f}  {speed:.2f} img/s"
+                if bar is not None:
+                    bar.update(advance=window["steps"], status=status)
+                if env.is_main and not progress_enabled():
+                    info(f"fit-seg: iteration {done}/{cfg.iters}  {status}")
+                loss_sum.zero_()
+                window.update(steps=0, data=0.0, start=time.perf_counter())
+
+            if cfg.check_sync_every and done % cfg.check_sync_every == 0:
+                gathered = D.all_gather_object(env, (D.parameter_digest(model), float(step_loss)))
+                write_log({"iter": done, "sync": {"weights": [g[0] for g in gathered],
+                                                  "rank_losses": [g[1] for g in gathered]}})  # fmt: skip
+                if len({g[0] for g in gathered}) != 1:
+                    raise RuntimeError(f"ranks disagree on the weights after iteration {done}")
+
+            if val_samples and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.iters):
+                D.broadcast_buffers(env, model)
+                result = evaluate(
+                    model, val_samples, model_cfg.num_classes, class_names, model_cfg.mean, model_cfg.std,
+                    env, cfg.precision,
+                )  # fmt: skip
+                miou = result["miou"]
+                improved = miou is not None and (best["miou"] is None or miou > best["miou"])
+                if improved:
+                    best = {"miou": miou, "iteration": done}
+                write_log({"iter": done, "val_miou": miou, "best_miou": best["miou"]})
+                if env.is_main:
+                    info(f"fit-seg: iteration {done}: validation mIoU {100 * (miou or 0):.2f}")
+                    if improved:
+                        state = {
+                            "iteration": done,
+                            "model": model.state_dict(),
+                            "miou": miou,
+                            "model_config": model_cfg.to_dict(),
+                            "fingerprint": run_fingerprint,
+                        }
+                        save_checkpoint(ckpt_dir / "best.pt", state)
+
+            if done % cfg.save_every == 0 or done == cfg.iters:
+                if env.is_main:
+                    save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(done))
+                D.barrier(env)
+
+    if env.is_main:
+        save_model_file(out / MODEL_FILE, model.state_dict(), model_cfg)
+    D.barrier(env)
+    seconds = time.perf_counter() - started
+    steps = cfg.iters - start
+    return {
+        "iterations": cfg.iters,
+        "resumed_from": start,
+        "final_loss": last_loss,
+        "best": best,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(steps * images_per_step / max(seconds, 1e-9), 3),
+        **peak_memory_mb(device),
+    }

@@ -1,0 +1,293 @@
+"""The ``eval`` stage: score label maps against ground truth with one confusion matrix.
+
+Predictions come from a run folder (``manifest.json`` + ``<item_dir>/<id>.png``,
+the output of ``refine`` or ``predict``) or from a plain folder of ``<id>.png``
+files (ids may contain ``/``). Ground truth comes from a dataset split
+(``Item.gt``) or from a folder of PNGs (every ``*.png`` under it is an id).
+
+Masks are read by a thread pool with a bounded number of images in flight; each
+image becomes a small [K, K] matrix that is summed as results come back, so
+memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ssr_cli import __version__
+from ssr_cli.artefacts import MANIFEST, read_manifest
+from ssr_cli.errors import ArtefactError, ConfigError, DataError
+from ssr_cli.metrics import PRED_IGNORE_MODES, confusion_matrix, empty_confusion, scores
+
+IGNORE_INDEX = 255
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@dataclass
+class PredSource:
+    """Where the predicted label map of each id lives and how to read it.
+
+    ``read(id)`` returns an HxW integer array of class ids (255 = uncertain).
+    The seeds hook replaces ``read`` with a CAM -> label conversion.
+    """
+
+    root: Path
+    item_root: Path
+    suffix: str
+    manifest: dict[str, Any] | None = None
+    read: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
+
+    def path(self, item_id: str) -> Path:
+        return self.item_root / f"{item_id}{self.suffix}"
+
+    def load(self, item_id: str) -> np.ndarray:
+        if self.read is not None:
+            return self.read(item_id)
+        from ssr_cli.data.images import read_mask
+
+        return read_mask(self.path(item_id))
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"path": str(self.root), "kind": "folder" if self.manifest is None else "run"}
+        if self.manifest is not None:
+            info.update(
+                stage=self.manifest.get("stage"),
+                fingerprint=self.manifest.get("fingerprint"),
+                item_dir=self.manifest.get("item_dir"),
+                completed=self.manifest.get("completed"),
+            )
+        return info
+
+
+def _seed_source(pred: Path, manifest: dict[str, Any]) -> PredSource:
+    """Hook for ``seeds`` runs (``cams/*.npz``): CAMs become labels via ``seeds_to_labels``.
+
+    Not wired yet: the make-seeds stage provides ``ssr_cli.cam.labels.seeds_to_labels``.
+    """
+    raise ConfigError(
+        "evaluating seed folders needs the make-seeds stage",
+        path=pred,
+        hint="evaluate the labels of a refine or predict run instead",
+    )
+
+
+def open_predictions(pred: str | Path) -> PredSource:
+    """Resolve ``pred`` (a run folder or a plain folder of PNGs) to a :class:`PredSource`."""
+    pred = Path(pred)
+    if not pred.is_dir():
+        what = "prediction folder does not exist" if not pred.exists() else "predictions must be a folder"
+        raise DataError(what, path=pred, hint="pass a run folder of refine/predict or a folder of <id>.png")
+    if not (pred / MANIFEST).is_file():
+        return PredSource(root=pred, item_root=pred, suffix=".png")
+    manifest = read_manifest(pred)
+    stage = manifest.get("stage")
+    if stage == "seeds":
+        return _seed_source(pred, manifest)
+    item_dir = manifest.get("item_dir")
+    if not isinstance(item_dir, str) or manifest.get("item_suffix") != ".png":
+        raise ArtefactError(
+            f"a '{stage}' run holds no label maps to evaluate",
+            path=pred / MANIFEST,
+            hint="evaluate the output folder of refine or predict, or a folder of <id>.png",
+        )
+    return PredSource(root=pred, item_root=pred / item_dir, suffix=".png", manifest=manifest)
+
+
+def _gt_ids(gt_dir: Path) -> list[str]:
+    if not gt_dir.is_dir():
+        raise DataError("ground-truth folder does not exist", path=gt_dir, hint="pass a folder of label PNGs")
+    ids = sorted(
+        p.relative_to(gt_dir).with_suffix("").as_posix()
+        for p in gt_dir.rglob("*.png")
+        if p.is_file() and not p.name.startswith(".")
+    )
+    if not ids:
+        raise DataError("no .png files in the ground-truth folder", path=gt_dir)
+    return ids
+
+
+def _bounded_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
+    """``fn`` over ``items`` on ``workers`` threads, at most 2*workers in flight, results unordered.
+
+    The first exception is raised as soon as its result comes back; queued work is cancelled.
+    """
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    limit = 2 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ssr-eval") as pool:
+        inflight: set[Future[_R]] = set()
+        try:
+            for item in items:
+                inflight.add(pool.submit(fn, item))
+                if len(inflight) >= limit:
+                    done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        yield fut.result()
+            while inflight:
+                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        except BaseException:
+            for fut in inflight:
+                fut.cancel()
+            raise
+
+
+def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> list[str]:
+    if class_names is None:
+        if num_classes is None:
+            raise ConfigError("the number of classes is unknown", hint="pass --num-classes or --vocab")
+        return ["background"] + [f"class {i}" for i in range(1, num_classes)]
+    names = [str(n) for n in class_names]
+    if num_classes is not None and num_classes != len(names):
+        raise ConfigError(
+            f"{num_classes} classes asked for but the vocabulary has {len(names)} (with background)",
+            hint="drop --num-classes or pass the matching --vocab",
+        )
+    return names
+
+
+def evaluate(
+    pred: str | Path,
+    *,
+    dataset: Any = None,
+    gt_dir: str | Path | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    workers: int = 2,
+    pred_ignore: str = "background",
+    allow_missing: bool = False,
+) -> dict[str, Any]:
+    """Score the label maps in ``pred`` against ground truth; returns a JSON-able report.
+
+    ``dataset`` (an ``ssr_cli.data.Dataset``) gives the ids, GT paths and class
+    names (background + vocabulary); ``gt_dir`` alone gives every PNG under it
+    as an id (and overrides the dataset's GT folder when both are given).
+    Labels are HxW class ids; GT 255 is ignored; prediction 255 is handled per
+    ``pred_ignore`` (see ``ssr_cli.metrics``). A missing prediction is a
+    DataError unless ``allow_missing`` (then it is skipped and counted).
+
+    The report holds ``summary`` (miou, mprecision, mrecall, pixel_accuracy,
+    images, missing, ...), ``classes`` (per-class rows), ``confusion_matrix``
+    (rows GT, columns prediction), and the ``pred``/``gt`` sources.
+    """
+    if pred_ignore not in PRED_IGNORE_MODES:
+        raise ConfigError(f"--pred-ignore {pred_ignore!r} is not understood", hint="use background or wrong")
+    source = open_predictions(pred)
+    gt_root = Path(gt_dir) if gt_dir is not None else None
+
+    if dataset is not None:
+        ids = list(dataset.ids)
+        if class_names is None:
+            class_names = ["background", *dataset.vocab.classes]
+        if gt_root is None:
+            no_gt = [item.id for item in dataset.items if item.gt is None]
+            if no_gt:
+                raise DataError(
+                    f"{len(no_gt)} of {len(ids)} images of split '{dataset.split}' have no ground-truth "
+                    f"mask (e.g. {no_gt[0]})",
+                    path=dataset.root,
+                    hint="pass --gt DIR with the label PNGs",
+                )
+            gt_paths = {item.id: Path(item.gt) for item in dataset.items}
+        else:
+            gt_paths = {i: gt_root / f"{i}.png" for i in ids}
+        gt_info: dict[str, Any] = {"source": "dataset", "dataset": dataset.describe()}
+        if gt_root is not None:
+            gt_info["path"] = str(gt_root)
+    elif gt_root is not None:
+        ids = _gt_ids(gt_root)
+        gt_paths = {i: gt_root / f"{i}.png" for i in ids}
+        gt_info = {"source": "folder", "path": str(gt_root)}
+    else:
+        raise ConfigError("no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR")
+    names = _class_names(num_classes, class_names)
+    k = len(names)
+    if not ids:
+        raise DataError("the split has no images to evaluate", path=gt_info.get("path", str(pred)))
+
+    missing = [i for i in ids if not source.path(i).is_file()]
+    if missing and not allow_missing:
+        hint = "pass --allow-missing to score only the predictions that exist"
+        if source.manifest is not None and not source.manifest.get("completed", True):
+            hint = "the run is not complete: rerun its stage to finish it, or pass --allow-missing"
+        raise DataError(
+            f"prediction not found ({len(missing)} of {len(ids)} predictions are missing)",
+            path=source.path(missing[0]),
+            hint=hint,
+        )
+    skip = set(missing)
+    todo = [i for i in ids if i not in skip]
+    if not todo:
+        raise DataError(f"all {len(ids)} predictions are missing", path=source.item_root)
+
+    def one(item_id: str) -> np.ndarray:
+        from ssr_cli.data.images import read_mask
+
+        gt = read_mask(gt_paths[item_id])
+        label = source.load(item_id)
+        if label.shape != gt.shape:
+            raise DataError(
+                f"prediction is {label.shape[1]}x{label.shape[0]} but its ground truth "
+                f"{gt_paths[item_id]} is {gt.shape[1]}x{gt.shape[0]}",
+                path=source.path(item_id),
+                hint="predictions must have the size of the original image",
+            )
+        try:
+            return confusion_matrix(gt, label, k, IGNORE_INDEX, pred_ignore)
+        except ValueError as exc:
+            bad = gt_paths[item_id] if str(exc).startswith("ground truth") else source.path(item_id)
+            raise DataError(
+                str(exc), path=bad, hint=f"labels must be class ids 0..{k - 1} ({k} classes) or 255"
+            ) from None
+
+    from ssr_cli.console import ProgressBar
+
+    conf = empty_confusion(k, pred_ignore)
+    started = time.perf_counter()
+    with ProgressBar("eval", total=len(todo)) as bar:
+        for done, matrix in enumerate(_bounded_map(one, todo, workers), start=1):
+            conf += matrix
+            status = None
+            if done % 25 == 0 or done == len(todo):
+                miou = scores(conf, names)["miou"]
+                status = "" if miou is None else f"mIoU {100 * miou:.2f}"
+            bar.update(1, status)
+    seconds = time.perf_counter() - started
+
+    result = scores(conf, names)
+    summary = {
+        "miou": result["miou"],
+        "mprecision": result["mprecision"],
+        "mrecall": result["mrecall"],
+        "pixel_accuracy": result["pixel_accuracy"],
+        "images": len(todo),
+        "missing": len(missing),
+        "pixels": result["pixels"],
+        "classes_present": result["classes_present"],
+        "pred_ignored_pixels": result["pred_ignored_pixels"],
+    }
+    return {
+        "tool": "ssr-cli",
+        "tool_version": __version__,
+        "num_classes": k,
+        "ignore_index": IGNORE_INDEX,
+        "pred_ignore": pred_ignore,
+        "pred": source.describe(),
+        "gt": gt_info,
+        "summary": summary,
+        "classes": result["classes"],
+        "confusion_matrix": conf.tolist(),
+        "missing_ids": missing[:20],
+        "seconds": round(seconds, 3),
+    }

@@ -1,0 +1,311 @@
+"""Stage ``fit-seg``: train the DeepLab-style segmenter on pseudo-labels.
+
+Run folder::
+
+    RUN/
+      manifest.json          stage "fit-seg", config, fingerprint, completion, summary
+      checkpoints/last.pt    full training state, every --save-every iterations (atomic)
+      checkpoints/best.pt    best validation mIoU (with --val-split)
+      log.jsonl              one JSON record per log step / validation / sync check
+      model.safetensors      final weights + the model config in the metadata
+
+``--resume`` is crash recovery: it continues an interrupted run with the same
+settings from ``last.pt``, exactly as if it had not stopped. It does not train
+longer: a different ``--iters`` is refused.
+
+Imports torch: only import inside command bodies.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ssr_cli import __version__
+from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_manifest
+from ssr_cli.artefacts.atomic import remove_stale_temps
+from ssr_cli.artefacts.fingerprint import file_sha256
+from ssr_cli.artefacts.run import SCHEMA_VERSION
+from ssr_cli.console import info, warn
+from ssr_cli.errors import ArtefactError, ConfigError, DataError, SSRError
+
+STAGE = "fit-seg"
+
+
+@dataclass
+class FitSegOptions:
+    """Everything ``ssr fit-seg`` takes (plain values, no torch)."""
+
+    data: Path
+    pseudo: Path
+    out: Path
+    layout: str = "auto"
+    split: str | None = None
+    vocab: str | None = None
+    gt: Path | None = None
+    val_split: str | None = None
+    backbone: str = "resnet101"
+    output_stride: int = 16
+    head: str = "deeplabv3plus"
+    aspp_channels: int = 256
+    backbone_weights: str | None = None
+    pretrained: bool = True
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_pseudo(path: Path) -> tuple[Path, dict[str, Any]]:
+    """(folder of <id>.png, description) of ``--pseudo``: a run folder or a plain folder of PNGs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(
+            "pseudo-label folder not found", path=path, hint="pass a refine run folder or PNG folder"
+        )
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        if manifest.get("item_suffix") != ".png":
+            raise ArtefactError(
+                f"this '{manifest.get('stage')}' run holds no label PNGs",
+                path=path,
+                hint="pass the output folder of ssr refine (or ssr predict)",
+            )
+        if not manifest.get("completed"):
+            warn(f"pseudo-label run {path} is not complete ({manifest.get('items_done')}/"
+                 f"{manifest.get('item_count')} items); training on the finished ones")  # fmt: skip
+        desc = {"kind": "run", "stage": manifest.get("stage"), "fingerprint": manifest.get("fingerprint")}
+        dataset = (manifest.get("inputs") or {}).get("dataset") or {}
+        desc["split"] = dataset.get("split") or (manifest.get("config") or {}).get("split")
+        return path / manifest.get("item_dir", "labels"), desc
+    return path, {"kind": "folder", "fingerprint": None, "split": None}
+
+
+def _folder_fingerprint(files: list[Path]) -> str:
+    return fingerprint([[f.name, file_sha256(str(f))] for f in files])
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            k
+            for key in sorted(set(old) | set(new))
+            for k in _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [] if old == new else [prefix.rstrip(".") or "(value)"]
+
+
+def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
+    """Check ``out`` against the new run; returns "fresh", "resume" or "done". May clear the folder.
+
+    Refuses (ArtefactError/ConfigError) a different run without --overwrite, an
+    interrupted run without --resume, and --resume with a different --iters.
+    """
+    fp = fingerprint(basis)
+    old = None
+    if (out / MANIFEST).is_file():
+        old = read_manifest(out)
+        if old.get("stage") != STAGE:
+            raise ArtefactError(f"this folder holds a '{old.get('stage')}' run, not '{STAGE}'", path=out,
+                                hint="choose another output folder")  # fmt: skip
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ArtefactError("output folder is not empty and is not an ssr run folder", path=out,
+                            hint="choose a new or empty folder; nothing in it was touched")  # fmt: skip
+    if old is not None and not overwrite and old.get("fingerprint") != fp:
+        old_iters = old.get("fingerprint_basis", {}).get("config", {}).get("train", {}).get("iters")
+        new_iters = basis["config"]["train"]["iters"]
+        if resume and old_iters is not None and old_iters != new_iters:
+            raise ConfigError(
+                f"--resume continues an interrupted run exactly: --iters {new_iters} differs from "
+                f"the run's {old_iters}",
+                hint=f"resume with --iters {old_iters}; to train longer, start a new run in another folder",
+            )
+        changed = _diff(old.get("fingerprint_basis", {}), basis)
+        what = "--resume needs the same settings as the interrupted run" if resume else "holds a fit-seg run"
+        raise ArtefactError(
+            f"{what} made with different settings or inputs (changed: {', '.join(changed[:6]) or 'unknown'})",
+            path=out / MANIFEST,
+            hint="pass --overwrite to replace it, or choose a new output folder",
+        )
+    if old is not None and overwrite:
+        for name in ("checkpoints", "log.jsonl", "model.safetensors", MANIFEST):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        old = None
+    if old is None:
+        return "fresh"
+    if old.get("completed") and (out / "model.safetensors").is_file():
+        return "done"
+    if (out / "checkpoints" / "last.pt").is_file():
+        if not resume:
+            raise ArtefactError(
+                "holds an interrupted fit-seg run with the same settings",
+                path=out,
+                hint="pass --resume to continue it from checkpoints/last.pt, or --overwrite to start again",
+            )
+        return "resume"
+    return "fresh"  # stopped before the first checkpoint: nothing to keep
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    manifest["updated"] = _now()
+    atomic_write_json(out / MANIFEST, manifest)
+
+
+def run(opts: FitSegOptions) -> dict[str, Any]:
+    """Train the segmenter as ``opts`` says; returns the final manifest (on every rank)."""
+    import torch
+
+    from ssr_cli.data import open_dataset
+    from ssr_cli.models.backbone_weights import resolve_backbone_state
+    from ssr_cli.models.segmenter import SegmenterConfig, backbone_normalisation
+    from ssr_cli.runtime import resolve_device, resolve_precision
+    from ssr_cli.seg import distributed as D
+    from ssr_cli.seg.checkpoint import MODEL_FILE, load_checkpoint
+    from ssr_cli.seg.data import Sample
+    from ssr_cli.seg.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, train
+
+    out = Path(opts.out)
+    label_dir, pseudo = resolve_pseudo(opts.pseudo)
+    split = opts.split or pseudo.get("split")
+    dataset = open_dataset(opts.data, layout=opts.layout, split=split, labels="none", vocab=opts.vocab)
+    candidates = [Sample(i.id, i.image, label_dir / f"{i.id}.png") for i in dataset.items]
+    samples = [s for s in candidates if s.label.is_file()]
+    if not samples:
+        raise DataError(
+            f"none of the {len(dataset)} images of split {dataset.split!r} has a pseudo-label <id>.png here",
+            path=label_dir,
+            hint="pass the --split the pseudo-labels were made for",
+        )
+    if len(samples) < len(dataset):
+        warn(
+            f"{len(dataset) - len(samples)} of {len(dataset)} images have no pseudo-label; "
+            "training without them"
+        )
+    if pseudo["fingerprint"] is None:
+        pseudo["fingerprint"] = _folder_fingerprint([s.label for s in samples])
+    val_samples: list[Sample] = []
+    val_desc = None
+    if opts.val_split:
+        val = open_dataset(opts.data, layout=opts.layout, split=opts.val_split, labels="none",
+                           vocab=opts.vocab, gt=opts.gt, require_gt=True)  # fmt: skip
+        val_samples = [Sample(i.id, i.image, i.gt) for i in val.items if i.gt is not None]
+        val_desc = val.describe()
+
+    device = resolve_device(opts.device)
+    tdict = dict(opts.train)
+    optimizer = tdict.get("optimizer", "sgd")
+    if tdict.get("lr") is None:
+        tdict["lr"] = DEFAULT_LR.get(optimizer, DEFAULT_LR["sgd"])
+    if tdict.get("weight_decay") is None:
+        tdict["weight_decay"] = DEFAULT_WEIGHT_DECAY.get(optimizer, DEFAULT_WEIGHT_DECAY["sgd"])
+    tdict["precision"] = resolve_precision(tdict.get("precision", "auto"), device)
+    tcfg = TrainConfig(**tdict)
+    mean, std = backbone_normalisation(opts.backbone)
+    model_cfg = SegmenterConfig(
+        num_classes=dataset.vocab.num_classes,
+        backbone=opts.backbone,
+        output_stride=opts.output_stride,
+        head=opts.head,
+        aspp_channels=opts.aspp_channels,
+        mean=mean,
+        std=std,
+        class_names=("background", *dataset.vocab.classes),
+    )
+    backbone_state, weights_src = resolve_backbone_state(
+        opts.backbone, opts.backbone_weights, opts.pretrained
+    )
+    weights_desc = weights_src.describe()
+    env = D.init_distributed(device)
+    try:
+        if tcfg.sync_bn and env.enabled and device.type == "cpu":
+            warn("--sync-bn on the CPU (gloo) is slow; it is meant for GPUs")
+        basis = {
+            "stage": STAGE,
+            "config": {
+                "model": model_cfg.to_dict(),
+                "train": tcfg.result_dict(),
+                "world_size": env.world,
+                "backbone_weights": {
+                    "origin_random": weights_src.is_random,
+                    "sha256": weights_desc["sha256"],
+                },
+            },
+            "upstream": {"pseudo": pseudo["fingerprint"]},
+            "inputs": {
+                "dataset": dataset.fingerprint(),
+                "val": None if val_desc is None else val_desc["fingerprint"],
+            },
+        }
+        fp = fingerprint(basis)
+        decision: Any = None
+        if env.is_main:
+            try:
+                decision = prepare_run(out, basis, opts.resume, opts.overwrite)
+            except SSRError as exc:
+                decision = exc
+        decision = D.broadcast_object(env, decision)
+        if isinstance(decision, SSRError):
+            raise decision
+        if decision == "done":
+            info(f"fit-seg: {out} already holds this trained model; nothing to do (--overwrite trains again)")
+            return read_manifest(out)
+        resume_state = None
+        if decision == "resume":
+            resume_state = load_checkpoint(out / "checkpoints" / "last.pt")
+            if resume_state.get("fingerprint") != fp:
+                raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
+                                    hint="start again with --overwrite")  # fmt: skip
+            info(f"fit-seg: resuming {out} at iteration {resume_state['iteration']} of {tcfg.iters}")
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "tool": "ssr-cli", "tool_version": __version__,
+            "stage": STAGE, "created": _now(), "updated": _now(), "host": socket.gethostname(),
+            "config": {
+                "data": str(opts.data), "layout": dataset.layout, "split": dataset.split,
+                "pseudo": str(opts.pseudo), "val_split": opts.val_split, "device": str(device),
+                "world_size": env.world, "model": model_cfg.to_dict(), "train": tcfg.to_dict(),
+                "backbone_weights": weights_desc,
+            },
+            "fingerprint_basis": basis, "fingerprint": fp,
+            "upstream": {"pseudo": pseudo["fingerprint"]},
+            "inputs": {"dataset": dataset.describe(), "val": val_desc,
+                       "pseudo": {**pseudo, "dir": str(label_dir)}},
+            "item_dir": "checkpoints", "item_suffix": ".pt", "item_count": tcfg.iters, "items_done": 0,
+            "completed": False, "notices": [], "timing": {},
+            "samples": len(samples), "model_file": MODEL_FILE,
+        }  # fmt: skip
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if resume_state is not None:
+                old = read_manifest(out)
+                manifest["created"] = old.get("created", manifest["created"])
+                manifest["timing"] = old.get("timing", {})
+            remove_stale_temps(out)
+            _write_manifest(out, manifest)
+        D.barrier(env)
+        info(f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
+             f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}")  # fmt: skip
+        summary = train(out, model_cfg, tcfg, samples, val_samples, env, backbone_state, resume_state, fp)
+        manifest["items_done"] = tcfg.iters
+        manifest["completed"] = True
+        manifest["summary"] = summary
+        manifest["timing"].setdefault("runs", []).append(
+            {"from_iteration": summary["resumed_from"], "seconds": summary["seconds"], "finished": _now()}
+        )
+        if env.is_main:
+            _write_manifest(out, manifest)
+        return manifest
+    finally:
+        if torch.distributed.is_available():
+            D.shutdown(env)

@@ -1,0 +1,209 @@
+"""Stage ``make-seeds``: CLIP GradCAM seeds, one ``cams/<id>.npz`` per image.
+
+Each item file holds (numpy ``.npz``):
+
+- ``cams``      float16 [C, h, w]: min-max normalised CAMs of the C present classes at
+                patch resolution of the scale-1.0 input (h = H'/16, w = W'/16)
+- ``class_ids`` int16 [C]: foreground class ids (1..K) in the order of ``cams``
+- ``image_hw``  int32 [2]: original image height, width
+- ``scales``    float32 [S]; ``flip`` bool
+
+Imports torch: only import inside command bodies.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssr_cli.artefacts import RunFolder, Shard
+from ssr_cli.console import ProgressBar, info, warn
+from ssr_cli.data import Dataset, read_image
+from ssr_cli.errors import ArtefactError, DataError
+
+STAGE = "seeds"
+ITEM_DIR = "cams"
+ITEM_SUFFIX = ".npz"
+CAM_VERSION = "gradcam-clip-es-1"  # bump when the CAM computation changes results
+
+
+@dataclass
+class SeedsConfig:
+    arch: str = "ViT-B-16"
+    weights: str | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    precision: str = "auto"
+    batch_size: int = 1
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    cmpa: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_seed(path: Path, cams: np.ndarray, class_ids: Sequence[int], image_hw: tuple[int, int],
+              scales: Sequence[float], flip: bool) -> None:
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        cams=cams.astype(np.float16),
+        class_ids=np.asarray(class_ids, dtype=np.int16),
+        image_hw=np.asarray(image_hw, dtype=np.int32),
+        scales=np.asarray(scales, dtype=np.float32),
+        flip=np.asarray(flip),
+    )
+    path.write_bytes(buf.getvalue())
+
+
+def load_seed(path: str | Path) -> dict[str, np.ndarray]:
+    """Read one seeds item; a damaged file is a one-line error naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in ("cams", "class_ids", "image_hw", "scales", "flip")}
+    except FileNotFoundError:
+        raise ArtefactError("seed file is missing", path=path, hint="rerun make-seeds into that folder") from None
+    except Exception as exc:  # zipfile/BadZip/ValueError/KeyError
+        raise ArtefactError(
+            f"unreadable seed file ({type(exc).__name__})", path=path,
+            hint="delete it and rerun make-seeds into the same folder to recompute it",
+        ) from None
+    return out
+
+
+def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: int) -> list[list[str]]:
+    """Consecutive ids with the same network input size, at most ``batch_size`` each.
+
+    Depends only on the (fixed) id order, so a resumed run forms the same batches
+    and so computes bit-identical CAMs.
+    """
+    batches: list[list[str]] = []
+    for item_id in ids:
+        if batches and len(batches[-1]) < batch_size and sizes[batches[-1][0]] == sizes[item_id]:
+            batches[-1].append(item_id)
+        else:
+            batches.append([item_id])
+    return batches
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception as exc:
+        raise DataError(f"unreadable image ({type(exc).__name__})", path=path,
+                        hint="replace the file or remove its id from the split") from None
+
+
+def _prefetch(dataset: Dataset, batches: list[list[str]], workers: int) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """Decode the images of upcoming batches in a thread pool (bounded look-ahead)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures: list = []
+        ahead = max(2, workers * 2)
+        it = iter(batches)
+
+        def submit() -> None:
+            batch = next(it, None)
+            if batch is not None:
+                futures.append((batch, [pool.submit(read_image, dataset.get(i).image) for i in batch]))
+
+        for _ in range(ahead):
+            submit()
+        while futures:
+            batch, fs = futures.pop(0)
+            submit()
+            yield batch, [f.result() for f in fs]
+
+
+def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, overwrite: bool) -> dict[str, Any]:
+    """Compute CAM seeds for ``dataset`` into the run folder ``out``; returns the manifest."""
+    from ssr_cli.cam.gradcam import cams_for_batch
+    from ssr_cli.cam.prompts import cached_text_embeddings
+    from ssr_cli.models.clip import load_clip
+    from ssr_cli.runtime import resolve_device, resolve_precision
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.batch_size < 1:
+        raise DataError("--batch-size must be at least 1")
+    model = load_clip(cfg.arch, cfg.weights, device, seed=cfg.seed)
+    heads, cmpa_fp = None, None
+    if cfg.cmpa:
+        from ssr_cli.models.cmpa import load_heads  # written with the CMPA stage
+
+        heads, cmpa_fp = load_heads(cfg.cmpa, device)
+    clip_desc = model.describe()
+    weights_id = f"random:seed={cfg.seed}" if model.is_random else clip_desc.get("sha256")
+    result_config = {
+        "cam": CAM_VERSION,
+        "arch": cfg.arch,
+        "quick_gelu": clip_desc.get("quick_gelu"),
+        "weights": weights_id,
+        "scales": list(cfg.scales),
+        "flip": cfg.flip,
+        "precision": precision,
+    }
+    notices = []
+    if model.is_random:
+        notices.append(
+            "CLIP weights are RANDOM (untrained, --clip-weights random): these CAMs are meaningless; "
+            "use them only to smoke-test the pipeline"
+        )
+    config = {**asdict(cfg), "precision_resolved": precision, "device_resolved": str(device)}
+    ids = dataset.ids
+    run_folder = RunFolder.open(
+        out,
+        stage=STAGE,
+        item_dir=ITEM_DIR,
+        item_suffix=ITEM_SUFFIX,
+        config=config,
+        result_config=result_config,
+        upstream={"cmpa": cmpa_fp} if cmpa_fp else {},
+        inputs={"dataset": dataset.describe(), "clip": clip_desc},
+        ids=ids,
+        shard=shard,
+        overwrite=overwrite,
+        notices=notices,
+    )
+    for notice in notices:
+        warn(notice)
+    fg, bg = cached_text_embeddings(model, dataset.vocab, run_folder.extra_path("text_embeddings.safetensors"))
+    if heads is not None:
+        fg, bg = heads.project_text(fg), heads.project_text(bg)
+
+    mine = shard.select(ids)
+    pending = set(run_folder.pending(ids))
+    info(f"make-seeds: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done, "
+         f"precision {precision} on {device}")
+    sizes = {i: model.resized_size(*_image_size(dataset.get(i).image)) for i in mine}
+    batches = [b for b in _batches(mine, sizes, cfg.batch_size) if any(i in pending for i in b)]
+    with ProgressBar("make-seeds", total=len(pending)) as bar:
+        for batch, images in _prefetch(dataset, batches, cfg.workers):
+            present = [[c - 1 for c in dataset.get(i).labels] for i in batch]
+            cams = cams_for_batch(
+                model, images, present, fg, bg, scales=cfg.scales, flip=cfg.flip, precision=precision,
+                image_head=None if heads is None else heads.project_image,
+                text_head=None,
+            )
+            for item_id, image, cam in zip(batch, images, cams, strict=True):
+                if item_id not in pending:
+                    continue
+                labels = dataset.get(item_id).labels
+                run_folder.write_item(
+                    item_id,
+                    lambda p, cam=cam, labels=labels, image=image: save_seed(
+                        p, cam.float().cpu().numpy(), labels, image.shape[:2], cfg.scales, cfg.flip
+                    ),
+                )
+                bar.update(1)
+    manifest = run_folder.finish(ids)
+    return manifest
