@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from skimage import data as skdata
+from tinymodels import CLIP_FORMATS, TINY_CLIP, make_tiny_clip, register_tiny_clip, tiny_clip_files
 
 from ssr_cli.errors import ConfigError, WeightsError
 from ssr_cli.models.weights import resolve_weights, weights_cache_dir
-from tinymodels import CLIP_FORMATS, TINY_CLIP, make_tiny_clip, register_tiny_clip, tiny_clip_files
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,7 +34,8 @@ def clip(files):
 
 
 def test_every_format_loads_the_same_weights(files) -> None:
-    from ssr_cli.models.clip import load_clip, read_state_dict
+    from ssr_cli.models.clip import load_clip
+    from ssr_cli.models.weights import read_state_dict
 
     reference = make_tiny_clip().state_dict()
     assert read_state_dict(files["openai-torchscript"])[1] == "torchscript"
@@ -75,6 +76,21 @@ def test_random_weights_are_marked_and_seeded() -> None:
     assert a.describe()["seed"] == 3
     pa, pb, pc = (m.model.visual.proj for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_openai_architectures_get_quick_gelu() -> None:
+    from open_clip.transformer import QuickGELU
+
+    from ssr_cli.models.clip import _default_quick_gelu, load_clip
+
+    assert _default_quick_gelu("ViT-B-16") and _default_quick_gelu("ViT-L-14")  # OpenAI weights need it
+    assert _default_quick_gelu("ViT-B-16-quickgelu")
+    assert not _default_quick_gelu("ViT-B-16-plus-240")  # no OpenAI weights: the config's GELU
+    register_tiny_clip()
+    gelu = load_clip(TINY_CLIP, "random").model.visual.transformer.resblocks[0].mlp.gelu
+    assert isinstance(gelu, QuickGELU)
+    plain = load_clip(TINY_CLIP, "random", quick_gelu=False).model.visual.transformer.resblocks[0].mlp.gelu
+    assert not isinstance(plain, QuickGELU)
 
 
 @pytest.mark.parametrize("fmt", ["openai-torchscript", "openclip-pt", "safetensors"])
@@ -174,7 +190,11 @@ def test_preprocess_is_clip_es_resize_and_normalise(clip) -> None:
     assert clip.resized_size(375, 500, 0.5) == (192, 256) and clip.resized_size(224, 224) == (224, 224)
     # CLIP-ES's own pipeline (generate_cams_voc12.py: _transform_resize)
     reference = Compose(
-        [Resize((384, 512), interpolation=InterpolationMode.BICUBIC), ToTensor(), Normalize(CLIP_MEAN, CLIP_STD)]
+        [
+            Resize((384, 512), interpolation=InterpolationMode.BICUBIC),
+            ToTensor(),
+            Normalize(CLIP_MEAN, CLIP_STD),
+        ]
     )(Image.fromarray(image))
     assert torch.allclose(out, reference, atol=1e-6, rtol=0)
 
@@ -224,7 +244,9 @@ def test_recomputed_attention_reproduces_the_block(clip) -> None:
     block = clip.blocks[-1]
     probs = block_attention(block, ln1, average_heads=False)  # [1, H, L, L]
     heads, width = block.attn.num_heads, ln1.shape[-1]
-    v = torch.nn.functional.linear(ln1, block.attn.in_proj_weight[2 * width :], block.attn.in_proj_bias[2 * width :])
+    v = torch.nn.functional.linear(
+        ln1, block.attn.in_proj_weight[2 * width :], block.attn.in_proj_bias[2 * width :]
+    )
     v = v.view(1, -1, heads, width // heads).transpose(1, 2)
     mixed = (probs @ v).transpose(1, 2).reshape(1, -1, width)
     recomputed = block.attn.out_proj(mixed)
@@ -256,7 +278,10 @@ def test_text_embeddings_follow_clip_es(clip) -> None:
     )
     fg, bg = text_embeddings(clip, vocab)
     assert fg.shape == (2, clip.embed_dim) and bg.shape == (3, clip.embed_dim)
-    for word, row in [("dog puppy", fg[1]), ("wall", bg[2])]:  # CLIP-ES's zeroshot_classifier, one word at a time
+    for word, row in [
+        ("dog puppy", fg[1]),
+        ("wall", bg[2]),
+    ]:  # CLIP-ES's zeroshot_classifier, one word at a time
         with torch.no_grad():
             e = clip.model.encode_text(clip.tokenizer([t.format(word) for t in vocab.templates]))
         e = e / e.norm(dim=-1, keepdim=True)

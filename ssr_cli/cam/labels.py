@@ -44,7 +44,9 @@ def upsample_cams(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return rows[:, :, x0] * (1 - fx)[None, None, :] + rows[:, :, x1] * fx[None, None, :]
 
 
-def background_score(cams: np.ndarray, alpha: float | None = 1.0, bg_threshold: float | None = None) -> np.ndarray:
+def background_score(
+    cams: np.ndarray, alpha: float | None = 1.0, bg_threshold: float | None = None
+) -> np.ndarray:
     """[H, W] background score: ``bg_threshold`` everywhere when given, else (1 - max_c CAM_c) ** alpha."""
     cams = np.asarray(cams, dtype=np.float32)
     if bg_threshold is not None:

@@ -63,6 +63,24 @@ def _print_table(report: dict[str, Any]) -> None:
     if summary["pred_ignored_pixels"]:
         extra += f", {summary['pred_ignored_pixels']:,} pixels predicted 255 counted as misses"
     stdout_console.print(extra + f"; scores in %, prediction 255 = {report['pred_ignore']}")
+    if "bg_search" in report:
+        _print_bg_search(report)
+
+
+def _print_bg_search(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from ssr_cli.console import stdout_console
+
+    table = Table(title="background rule (seeds: CAM -> label)", title_justify="left")
+    for col in ("rule", "mIoU", "mP", "mR"):
+        table.add_column(col, justify="right" if col != "rule" else "left")
+    for row in report["bg_search"]:
+        rule = f"alpha {row['alpha']:g}" if "alpha" in row else f"threshold {row['bg_threshold']:.2f}"
+        best = {k: v for k, v in row.items() if k in ("alpha", "bg_threshold")} == report["bg_rule"]
+        table.add_row(rule, _pct(row["miou"]), _pct(row["mprecision"]), _pct(row["mrecall"]),
+                      style="bold" if best else None)
+    stdout_console.print(table)
 
 
 @app.command("eval")
@@ -70,7 +88,7 @@ def eval_command(
     pred: Annotated[
         Path,
         typer.Argument(
-            metavar="PRED", help="Labels to score: a refine/predict run folder, or a folder of <id>.png."
+            metavar="PRED", help="Labels to score: a seeds/refine/predict run folder, or a folder of <id>.png."
         ),
     ],
     data: DataRoot = None,  # type: ignore[assignment]
@@ -112,6 +130,22 @@ def eval_command(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the report as one JSON document on stdout, no table.")
     ] = False,
+    bg_alpha: Annotated[
+        float,
+        typer.Option("--bg-alpha", min=0.0, help="Seeds: background score (1 - max CAM) ** alpha."),
+    ] = 1.0,
+    bg_threshold: Annotated[
+        Optional[float],
+        typer.Option("--bg-threshold", min=0.0, max=1.0, help="Seeds: a constant background score instead."),
+    ] = None,
+    search_bg: Annotated[
+        bool,
+        typer.Option(
+            "--search-bg",
+            help="Seeds: try alpha in {1, 2} and thresholds 0.05..0.60 against the ground truth; "
+            "report the best and the table of all.",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Score label maps against ground truth: per-class IoU, precision, recall, and mIoU.
@@ -133,7 +167,7 @@ def eval_command(
     from ssr_cli.artefacts import atomic_write_json
     from ssr_cli.console import info, set_quiet
     from ssr_cli.errors import ConfigError, DataError
-    from ssr_cli.stages.evaluate import evaluate
+    from ssr_cli.stages.evaluate import bg_candidates, evaluate
 
     set_quiet(quiet)
     dataset = None
@@ -176,6 +210,7 @@ def eval_command(
         workers=workers,
         pred_ignore=pred_ignore.value,
         allow_missing=allow_missing,
+        bg_rules=bg_candidates(search_bg, bg_alpha, bg_threshold),
     )
     target = out if out is not None else pred / "metrics.json"
     try:

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import math
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from ssr_cli.errors import ConfigError, WeightsError
 from ssr_cli.models.weights import (
     WeightsSource,
     hf_hub_cached_files,
+    read_state_dict,
     resolve_weights,
     weights_cache_dir,
 )
@@ -136,54 +136,6 @@ def clip_weights_source(arch: str, weights: str | None) -> WeightsSource:
     )
 
 
-def _sniff(path: Path) -> str:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
-        return "safetensors"
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if any(name.endswith("constants.pkl") for name in archive.namelist()):
-                return "torchscript"
-    return "torch"
-
-
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Read a CLIP weights file into a flat state dict on the CPU; returns (state_dict, format).
-
-    ``format`` is ``torchscript``, ``torch`` or ``safetensors``. Raises
-    ``WeightsError`` naming the file when it cannot be read (truncated, corrupted).
-    """
-    path = Path(path)
-    try:
-        fmt = _sniff(path)
-        if fmt == "safetensors":
-            from safetensors.torch import load_file
-
-            raw: Any = load_file(str(path), device="cpu")
-        elif fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise WeightsError(
-            f"cannot read CLIP weights ({first})",
-            path=path,
-            hint="the file is truncated, corrupted or not a weights file: download it again",
-        ) from exc
-    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
-        raw = raw["state_dict"]
-    if not isinstance(raw, dict):
-        raise WeightsError(f"not a state dict (a {type(raw).__name__})", path=path)
-    state = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state, fmt
-
-
 def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     from open_clip.model import convert_to_custom_text_state_dict
 
@@ -204,7 +156,8 @@ def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k} {tuple(state[k].shape)} vs {tuple(target[k].shape)})")
+            shapes = f"{tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+            parts.append(f"{len(wrong)} of another shape (e.g. {k} {shapes})")
         raise WeightsError(
             f"the weights do not fit CLIP architecture {arch}: " + ", ".join(parts),
             path=path,
@@ -226,7 +179,7 @@ def _default_quick_gelu(arch: str) -> bool:
 def _check_supported(model: torch.nn.Module, arch: str) -> None:
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-    visual = getattr(model, "visual", None)
+    visual: Any = getattr(model, "visual", None)
     ok = isinstance(visual, VisionTransformer) and visual.attn_pool is None
     ok = ok and all(
         isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention)
@@ -280,7 +233,7 @@ def load_clip(
             logging.disable(previous)
     _check_supported(model, arch)
     if source.path is not None:
-        state, _fmt = read_state_dict(source.path)
+        state, _fmt = read_state_dict(source.path, kind="CLIP")
         _fit_state_dict(model, state, source.path, arch)
         source = source.with_sha256()
     model.eval().requires_grad_(False)
@@ -291,7 +244,7 @@ def load_clip(
 # ----------------------------------------------------------------------------- model
 
 
-def block_attention(block: torch.nn.Module, ln1: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
+def block_attention(block: Any, ln1: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) of one block, recomputed from its ``ln_1`` output (in fp32).
 
     ``ln1``: [N, L, D] (NLD). Returns [N, L, L] (head-averaged) or [N, H, L, L].
@@ -319,17 +272,17 @@ class ClipModel:
     ) -> None:
         import open_clip
 
-        self.model = model
+        self.model: Any = model  # open_clip CLIP (typed Any: its submodules are dynamic for mypy)
         self.arch = arch
         self.weights_source = source
         self.quick_gelu = quick_gelu
         self.seed = seed  # what random weights were drawn from
-        visual = model.visual
+        visual: Any = self.model.visual
         self.patch_size = int(visual.patch_size[0])
         self.native_grid = (int(visual.grid_size[0]), int(visual.grid_size[1]))
         self.width = int(visual.conv1.out_channels)
         self.embed_dim = int(visual.output_dim)
-        self.blocks = visual.transformer.resblocks
+        self.blocks: Any = visual.transformer.resblocks
         self._batch_first = bool(getattr(visual.transformer, "batch_first", False))
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -380,7 +333,7 @@ class ClipModel:
         out_h, out_w = self.resized_size(image.shape[0], image.shape[1], scale)
         pil = Image.fromarray(image)
         if (out_w, out_h) != pil.size:
-            pil = pil.resize((out_w, out_h), Image.BICUBIC)
+            pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC)
         tensor = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
         mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
@@ -521,4 +474,3 @@ class ClipModel:
         if not chunks:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat(chunks, dim=0)
-

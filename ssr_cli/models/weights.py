@@ -13,7 +13,7 @@ Resolution order (METHOD.md section 7):
    or a failed 2 s TCP connect to the hub host means offline, and a one-line
    ``WeightsError`` says which file to put where.
 
-No torch import here.
+torch is imported only inside ``read_state_dict``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -209,7 +211,9 @@ def resolve_weights(
     if download is None:
         raise WeightsError(f"no local {kind} weights for {name} and no known download", hint=where)
     if is_offline(host):
-        raise WeightsError(f"no local {kind} weights for {name} and the hub cannot be reached (offline)", hint=where)
+        raise WeightsError(
+            f"no local {kind} weights for {name} and the hub cannot be reached (offline)", hint=where
+        )
     try:
         path = Path(download())
     except Exception as exc:  # network and hub errors of any library
@@ -218,3 +222,62 @@ def resolve_weights(
     if not path.is_file():
         raise WeightsError(f"the download of {kind} weights for {name} gave no file", path=path, hint=where)
     return WeightsSource(kind=kind, name=name, path=path, origin="download")
+
+
+def sniff_format(path: str | Path) -> str:
+    """``safetensors``, ``torchscript`` (a TorchScript zip archive) or ``torch`` (anything else),
+    from the file's content, not its suffix."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 28):
+        return "safetensors"  # 8-byte little-endian header length, then the JSON header
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") for name in archive.namelist()):
+                return "torchscript"
+    return "torch"
+
+
+def read_state_dict(path: str | Path, kind: str = "model") -> tuple[dict[str, Any], str]:
+    """Read a weights file into a flat CPU state dict; returns (state_dict, format).
+
+    Formats (``sniff_format``): safetensors; a TorchScript archive such as OpenAI's
+    ``ViT-B-16.pt``, read with ``torch.jit.load`` (TorchScript has no
+    ``weights_only`` mode); anything else with ``torch.load(weights_only=True)``.
+    ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and DistributedDataParallel's
+    ``module.`` prefixes are removed; non-tensor entries are dropped. Raises
+    ``WeightsError`` naming the file when it cannot be read (truncated, corrupted).
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        fmt = sniff_format(path)
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit deprecation notices
+                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the user's to replace
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsError(
+            f"cannot read {kind} weights ({first})",
+            path=path,
+            hint="the file is truncated, corrupted or not a weights file: download it again",
+        ) from exc
+    for wrapper in ("state_dict", "model"):
+        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
+            raw = raw[wrapper]
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{kind} weights: not a state dict (a {type(raw).__name__})", path=path)
+    state = {str(k): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    if not state:
+        raise WeightsError(f"{kind} weights: the file holds no tensors", path=path)
+    return state, fmt

@@ -44,6 +44,8 @@ class PredSource:
     suffix: str
     manifest: dict[str, Any] | None = None
     read: Callable[[str], np.ndarray] | None = field(default=None, repr=False)
+    read_many: Callable[[str], list[np.ndarray]] | None = field(default=None, repr=False)
+    candidates: list[dict[str, float]] | None = None
 
     def path(self, item_id: str) -> Path:
         return self.item_root / f"{item_id}{self.suffix}"
@@ -67,19 +69,42 @@ class PredSource:
         return info
 
 
-def _seed_source(pred: Path, manifest: dict[str, Any]) -> PredSource:
-    """Hook for ``seeds`` runs (``cams/*.npz``): CAMs become labels via ``seeds_to_labels``.
+BG_ALPHAS = (1.0, 2.0)  # CLIP-ES's search over the background exponent
+BG_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 13))  # 0.05 .. 0.60
 
-    Not wired yet: the make-seeds stage provides ``ssr_cli.cam.labels.seeds_to_labels``.
-    """
-    raise ConfigError(
-        "evaluating seed folders needs the make-seeds stage",
-        path=pred,
-        hint="evaluate the labels of a refine or predict run instead",
+
+def bg_candidates(search: bool, alpha: float | None, threshold: float | None) -> list[dict[str, float]]:
+    """The background rules to score for seeds: one (the given one) or the whole search grid."""
+    if search:
+        return [{"alpha": a} for a in BG_ALPHAS] + [{"bg_threshold": t} for t in BG_THRESHOLDS]
+    if threshold is not None:
+        return [{"bg_threshold": float(threshold)}]
+    return [{"alpha": 1.0 if alpha is None else float(alpha)}]
+
+
+def _seed_source(pred: Path, manifest: dict[str, Any], candidates: list[dict[str, float]]) -> PredSource:
+    """A ``seeds`` run (``cams/*.npz``): CAMs are upsampled to the image size (bilinear) and
+    turned into labels by each background rule in ``candidates`` (METHOD.md section 4)."""
+    from ssr_cli.cam.labels import cams_to_labels, upsample_cams
+    from ssr_cli.stages.make_seeds import load_seed
+
+    item_root = pred / manifest.get("item_dir", "cams")
+    suffix = manifest.get("item_suffix", ".npz")
+
+    def read_many(item_id: str) -> list[np.ndarray]:
+        seed = load_seed(item_root / f"{item_id}{suffix}")
+        h, w = (int(v) for v in seed["image_hw"])
+        cams = upsample_cams(seed["cams"].astype(np.float32), (h, w))
+        ids = [int(c) for c in seed["class_ids"]]
+        return [cams_to_labels(cams, ids, **rule) for rule in candidates]
+
+    return PredSource(
+        root=pred, item_root=item_root, suffix=suffix, manifest=manifest,
+        read=lambda item_id: read_many(item_id)[0], read_many=read_many, candidates=candidates,
     )
 
 
-def open_predictions(pred: str | Path) -> PredSource:
+def open_predictions(pred: str | Path, candidates: list[dict[str, float]] | None = None) -> PredSource:
     """Resolve ``pred`` (a run folder or a plain folder of PNGs) to a :class:`PredSource`."""
     pred = Path(pred)
     if not pred.is_dir():
@@ -90,7 +115,7 @@ def open_predictions(pred: str | Path) -> PredSource:
     manifest = read_manifest(pred)
     stage = manifest.get("stage")
     if stage == "seeds":
-        return _seed_source(pred, manifest)
+        return _seed_source(pred, manifest, candidates or bg_candidates(False, None, None))
     item_dir = manifest.get("item_dir")
     if not isinstance(item_dir, str) or manifest.get("item_suffix") != ".png":
         raise ArtefactError(
@@ -167,6 +192,7 @@ def evaluate(
     workers: int = 2,
     pred_ignore: str = "background",
     allow_missing: bool = False,
+    bg_rules: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Score the label maps in ``pred`` against ground truth; returns a JSON-able report.
 
@@ -180,10 +206,14 @@ def evaluate(
     The report holds ``summary`` (miou, mprecision, mrecall, pixel_accuracy,
     images, missing, ...), ``classes`` (per-class rows), ``confusion_matrix``
     (rows GT, columns prediction), and the ``pred``/``gt`` sources.
+
+    For a ``seeds`` run, ``bg_rules`` are the background rules to try (see
+    ``bg_candidates``); each is scored with its own matrix over the whole split,
+    the report is that of the best mIoU, and ``bg_search`` lists them all.
     """
     if pred_ignore not in PRED_IGNORE_MODES:
         raise ConfigError(f"--pred-ignore {pred_ignore!r} is not understood", hint="use background or wrong")
-    source = open_predictions(pred)
+    source = open_predictions(pred, bg_rules)
     gt_root = Path(gt_dir) if gt_dir is not None else None
 
     if dataset is not None:
@@ -235,7 +265,10 @@ def evaluate(
         from ssr_cli.data.images import read_mask
 
         gt = read_mask(gt_paths[item_id])
-        label = source.load(item_id)
+        labels = source.read_many(item_id) if source.read_many is not None else [source.load(item_id)]
+        return np.stack([_matrix(item_id, gt, label) for label in labels])
+
+    def _matrix(item_id: str, gt: np.ndarray, label: np.ndarray) -> np.ndarray:
         if label.shape != gt.shape:
             raise DataError(
                 f"prediction is {label.shape[1]}x{label.shape[0]} but its ground truth "
@@ -253,19 +286,22 @@ def evaluate(
 
     from ssr_cli.console import ProgressBar
 
-    conf = empty_confusion(k, pred_ignore)
+    rules = source.candidates or [{}]
+    confs = np.stack([empty_confusion(k, pred_ignore) for _ in rules])
     started = time.perf_counter()
     with ProgressBar("eval", total=len(todo)) as bar:
-        for done, matrix in enumerate(_bounded_map(one, todo, workers), start=1):
-            conf += matrix
+        for done, matrices in enumerate(_bounded_map(one, todo, workers), start=1):
+            confs += matrices
             status = None
             if done % 25 == 0 or done == len(todo):
-                miou = scores(conf, names)["miou"]
-                status = "" if miou is None else f"mIoU {100 * miou:.2f}"
+                miou = max((scores(c, names)["miou"] or 0.0) for c in confs)
+                status = f"mIoU {100 * miou:.2f}"
             bar.update(1, status)
     seconds = time.perf_counter() - started
 
-    result = scores(conf, names)
+    per_rule = [scores(c, names) for c in confs]
+    best = max(range(len(rules)), key=lambda r: per_rule[r]["miou"] or 0.0)
+    conf, result = confs[best], per_rule[best]
     summary = {
         "miou": result["miou"],
         "mprecision": result["mprecision"],
@@ -289,5 +325,16 @@ def evaluate(
         "classes": result["classes"],
         "confusion_matrix": conf.tolist(),
         "missing_ids": missing[:20],
+        **(
+            {
+                "bg_rule": rules[best],
+                "bg_search": [
+                    {**rule, "miou": r["miou"], "mprecision": r["mprecision"], "mrecall": r["mrecall"]}
+                    for rule, r in zip(rules, per_rule, strict=True)
+                ],
+            }
+            if source.candidates
+            else {}
+        ),
         "seconds": round(seconds, 3),
     }

