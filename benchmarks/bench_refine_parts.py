@@ -62,7 +62,10 @@ def timings(repeats: int, threads: int | None) -> None:
     x = dino.preprocess(image)[None]
     rows.append(("DINO ViT-B/16 forward + attention, fp32", _timed(lambda: dino.attention(x), repeats)))
     rows.append(
-        ("DINO ViT-B/16 forward + attention, bf16", _timed(lambda: dino.attention(x, precision="bf16"), repeats))
+        (
+            "DINO ViT-B/16 forward + attention, bf16",
+            _timed(lambda: dino.attention(x, precision="bf16"), repeats),
+        )
     )
     lab = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)
 
@@ -81,7 +84,9 @@ def timings(repeats: int, threads: int | None) -> None:
     def fuse_refine() -> None:
         refine_cams(fuse_affinity({"clip": attn, "dino": attn}), cams_grid, masks)
 
-    rows.append((f"affinity fusion (2 sources, {grid[0]}x{grid[1]}) + refine 3 classes", _timed(fuse_refine, repeats)))
+    rows.append(
+        (f"affinity fusion (2 sources, {grid[0]}x{grid[1]}) + refine 3 classes", _timed(fuse_refine, repeats))
+    )
     probs = cams_to_probs(cams_img)
     rows.append(("dense CRF (4 labels, 10 iterations)", _timed(lambda: dense_crf(image, probs), repeats)))
 
@@ -183,15 +188,17 @@ def sgc_sweep(n_scenes: int) -> None:
         cam_img = cv2.resize(cam_t[0].numpy(), (width, height), interpolation=cv2.INTER_LINEAR)
 
         def score(refined: torch.Tensor, obj=obj, width=width, height=height) -> float:
-            return iou(cv2.resize(refined[0].numpy(), (width, height), interpolation=cv2.INTER_LINEAR) > 0.5, obj)
+            return iou(
+                cv2.resize(refined[0].numpy(), (width, height), interpolation=cv2.INTER_LINEAR) > 0.5, obj
+            )
 
         sps = {k: superpixel_clusters(image, n_clusters=k) for k in ks}
         pixel = {}
         for m, k, hc, rt in itertools.product(modes, ks, hcs, rts):
             reg, n_reg = sps[k].regions(m)
-            pixel[(m, k, hc, rt)] = target_regions(reg, n_reg, cam_img[None], high_conf=hc, region_thresh=rt)[1][0][
-                reg
-            ]
+            pixel[(m, k, hc, rt)] = target_regions(reg, n_reg, cam_img[None], high_conf=hc, region_thresh=rt)[
+                1
+            ][0][reg]
         for regime, (s_lab, s_pos) in regimes.items():
             aff = fuse_affinity({"clip": colour_position_affinity(image, grid, s_lab, s_pos)})
             syn.setdefault((regime, "raw CAM"), []).append(iou(cam_img > 0.5, obj))
@@ -208,12 +215,16 @@ def sgc_sweep(n_scenes: int) -> None:
     voc: dict[str, tuple[float, float, float]] = {}
 
     def quality(masks: list[np.ndarray]) -> tuple[float, float, float]:
-        p = [(m & o).sum() / max(m.sum(), 1) for m, o in zip(masks, objects)]
-        r = [(m & o).sum() / o.sum() for m, o in zip(masks, objects)]
-        return float(np.mean(p)), float(np.mean(r)), float(np.mean([iou(m, o) for m, o in zip(masks, objects)]))
+        p = [(m & o).sum() / max(m.sum(), 1) for m, o in zip(masks, objects, strict=True)]
+        r = [(m & o).sum() / o.sum() for m, o in zip(masks, objects, strict=True)]
+        return (
+            float(np.mean(p)),
+            float(np.mean(r)),
+            float(np.mean([iou(m, o) for m, o in zip(masks, objects, strict=True)])),
+        )
 
     voc["raw CAM"] = quality([c > 0.5 for c in cams])
-    voc["box mask"] = quality([box_mask(c) > 0 for c in cams])
+    voc["box mask"] = quality([np.asarray(box_mask(c)) > 0 for c in cams])
     voc["no mask"] = quality([np.ones_like(o) for o in objects])
     for m, k in itertools.product(modes, ks):
         reg, n_reg = superpixel_clusters(image, n_clusters=k).regions(m)
@@ -233,7 +244,11 @@ def sgc_sweep(n_scenes: int) -> None:
 
     def show(row: tuple, label: str | None = None) -> None:
         name, vals, mean, (p, r, i) = row
-        print(f"{label or name:<40}" + "".join(f"{v:8.3f}" for v in vals) + f"{mean:8.3f} | {p:6.2f}{r:6.2f}{i:6.2f}")
+        print(
+            f"{label or name:<40}"
+            + "".join(f"{v:8.3f}" for v in vals)
+            + f"{mean:8.3f} | {p:6.2f}{r:6.2f}{i:6.2f}"
+        )
 
     for row in rows[:3]:
         show(row)

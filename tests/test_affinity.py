@@ -111,7 +111,9 @@ def test_caa_matches_a_direct_reference():
     h, w = 6, 7
     attn = random_attention(h * w, seed=2)
     yy, xx = np.mgrid[0:h, 0:w]
-    cam_a = np.exp(-((yy - 1.0) ** 2 + (xx - 1.5) ** 2) / 2.0) + 0.8 * np.exp(-((yy - 4.5) ** 2 + (xx - 5.5) ** 2))
+    cam_a = np.exp(-((yy - 1.0) ** 2 + (xx - 1.5) ** 2) / 2.0) + 0.8 * np.exp(
+        -((yy - 4.5) ** 2 + (xx - 5.5) ** 2)
+    )
     cam_b = np.exp(-((yy - 3.0) ** 2 + (xx - 3.0) ** 2) / 4.0)
     cams = np.stack([cam_a, cam_b])
     cams = (cams - cams.min(axis=(1, 2), keepdims=True)) / np.ptp(cams, axis=(1, 2), keepdims=True)

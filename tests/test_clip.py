@@ -260,6 +260,10 @@ def test_recomputed_attention_reproduces_the_block(clip) -> None:
     assert attn is not None and attn.shape == (1, 19 * 29, 19 * 29)
     assert torch.allclose(attn, expected[:, 1:, 1:], atol=1e-6)
     assert torch.allclose(clip.attention(x, blocks=[-2, -1]), attn, atol=1e-6)
+    assert torch.allclose(clip.attention(x, blocks=2), attn, atol=1e-6)  # an int: the last n blocks
+    assert torch.allclose(clip.attention(x), clip.attention(x, blocks=[0, 1, 2]))  # last 8 of 3 = all
+    with pytest.raises(ConfigError):
+        clip.attention(x, blocks=[3])
 
 
 # ----------------------------------------------------------------------------- text

@@ -87,8 +87,12 @@ def gradcam(
       to the text embeddings [K+B, E] before L2 normalisation (None = identity).
     - ``logit_scale``: None = the model's (``exp`` of the learned scale).
 
-    Returns, per image, a float32 tensor [C_i, h, w] (h = H/p, w = W/p), each map
-    min-max normalised; C_i = len(present[i]) in that order.
+    Returns, per image, a float32 CPU tensor [C_i, h, w] (h = H/p, w = W/p), each
+    map min-max normalised; C_i = len(present[i]) in that order.
+
+    Memory: the last block runs once per (image, class) pair, so its activations
+    grow with the number of pairs P (P x (1+h*w) x D, plus attention); the first
+    L-1 blocks run once per image without a graph. Split very large batches.
     """
     if isinstance(x, ImageTokens):
         pre, ln1, grid = x.pre, x.ln1.detach(), x.grid

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +108,7 @@ def clip_cache_candidates(arch: str) -> list[Path]:
     return found
 
 
-def clip_weights_source(arch: str, weights: str | None) -> WeightsSource:
+def clip_weights_source(arch: str, weights: str | Path | None) -> WeightsSource:
     """Resolve ``--clip-weights`` (None, a path, a folder or ``random``) for ``arch``."""
     cfg = _openai_cfg(arch)
     download = None
@@ -194,7 +193,7 @@ def _check_supported(model: torch.nn.Module, arch: str) -> None:
 
 def load_clip(
     arch: str = DEFAULT_ARCH,
-    weights: str | None = None,
+    weights: str | Path | None = None,
     device: str | torch.device = "cpu",
     *,
     quick_gelu: bool | None = None,
@@ -284,7 +283,7 @@ class ClipModel:
         self.embed_dim = int(visual.output_dim)
         self.blocks: Any = visual.transformer.resblocks
         self._batch_first = bool(getattr(visual.transformer, "batch_first", False))
-        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[int, int, str], torch.Tensor] = {}
         self.tokenizer = open_clip.get_tokenizer(arch)
 
     @property
@@ -345,7 +344,7 @@ class ClipModel:
         """[1 + grid_h*grid_w, D]: the learned grid bilinearly resized, CLS position kept."""
         if (grid_h, grid_w) == self.native_grid:
             return self.model.visual.positional_embedding
-        key = (grid_h, grid_w)
+        key = (grid_h, grid_w, str(self.device))
         if key not in self._pos_cache:
             pos = self.model.visual.positional_embedding.detach().float()
             gh, gw = self.native_grid
@@ -400,22 +399,27 @@ class ClipModel:
         patches = tokens.post[:, 1:]
         return patches @ proj if proj is not None else patches
 
-    def _block_indices(self, blocks: Sequence[int]) -> list[int]:
+    def _block_indices(self, blocks: int | Sequence[int]) -> list[int]:
+        """An int n = the last min(n, L) blocks (CLIP-ES's ``[-8:]``); a sequence = those indices."""
         count = len(self.blocks)
+        if isinstance(blocks, int):
+            if blocks < 1:
+                raise ConfigError(f"the number of attention blocks must be at least 1, not {blocks}")
+            return list(range(max(0, count - blocks), count))
         if any(not -count <= b < count for b in blocks):
             raise ConfigError(f"attention blocks {list(blocks)} are outside the model's {count} blocks")
         return sorted({b % count for b in blocks})
 
     def trunk(
-        self, x: torch.Tensor, *, attn_blocks: Sequence[int] | None = None, precision: str = "fp32"
+        self, x: torch.Tensor, *, attn_blocks: int | Sequence[int] | None = None, precision: str = "fp32"
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """All blocks but the last, without grad: [N, 3, H, W] -> (pre, ln1, attn).
 
         ``pre`` [N, 1+h*w, D] enters the last block, ``ln1`` is its ``ln_1`` output;
         ``attn`` [N, h*w, h*w] is the patch attention averaged over heads and
-        ``attn_blocks`` (None when not asked for).
+        ``attn_blocks`` (an int n: the last n blocks; or block indices; None: not computed).
         """
-        wanted = self._block_indices(attn_blocks) if attn_blocks else []
+        wanted = self._block_indices(attn_blocks) if attn_blocks is not None else []
         attn_sum: torch.Tensor | None = None
         with self.autocast(precision), torch.no_grad():
             h = self.embed(x)
@@ -436,14 +440,14 @@ class ClipModel:
         x: torch.Tensor,
         grad_last_block: bool = True,
         *,
-        attn_blocks: Sequence[int] | None = None,
+        attn_blocks: int | Sequence[int] | None = None,
         precision: str = "fp32",
     ) -> ImageTokens:
         """Run the image tower on [N, 3, H, W]; see ``ImageTokens`` for the outputs.
 
         The first L-1 blocks run under ``torch.no_grad``. With ``grad_last_block``
         the last block builds a graph from ``ln1`` (a leaf requiring grad) to
-        ``embedding``. ``attn_blocks`` (e.g. ``range(-8, 0)``) also returns their
+        ``embedding``. ``attn_blocks`` (8 = the last 8, or indices) also returns their
         head-averaged patch-to-patch attention, averaged over the blocks.
         """
         pre, ln1, attn = self.trunk(x, attn_blocks=attn_blocks, precision=precision)
@@ -454,13 +458,13 @@ class ClipModel:
         return ImageTokens(pre=pre, ln1=ln1, post=post, embedding=embedding, grid=grid, attn=attn)
 
     def attention(
-        self, x: torch.Tensor, blocks: Sequence[int] = tuple(range(-8, 0)), precision: str = "fp32"
+        self, x: torch.Tensor, blocks: int | Sequence[int] = 8, precision: str = "fp32"
     ) -> torch.Tensor:
         """[N, 3, H, W] -> [N, h*w, h*w]: patch-to-patch attention (CLS dropped), averaged over
         heads and ``blocks`` (CLIP-ES: the last 8). Rows are not re-normalised."""
-        tokens = self.image_tokens(x, grad_last_block=False, attn_blocks=blocks, precision=precision)
-        assert tokens.attn is not None
-        return tokens.attn.float()
+        _, _, attn = self.trunk(x, attn_blocks=blocks, precision=precision)
+        assert attn is not None
+        return attn.float()
 
     # -- text tower -----------------------------------------------------------------
 

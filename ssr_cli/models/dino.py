@@ -136,7 +136,7 @@ def read_dino_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
-def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, short: str) -> None:
+def _fit(model: Any, state: dict[str, torch.Tensor], path: Path, short: str) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:
@@ -156,7 +156,8 @@ def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, sho
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k} {tuple(state[k].shape)} vs {tuple(target[k].shape)})")
+            shapes = f"{tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+            parts.append(f"{len(wrong)} of another shape (e.g. {k} {shapes})")
         raise WeightsError(
             f"these weights do not fit DINO model {short}: " + ", ".join(parts),
             path=path,
@@ -165,7 +166,7 @@ def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, sho
     model.load_state_dict(state, strict=True)
 
 
-def block_attention(attn: torch.nn.Module, tokens: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
+def block_attention(attn: Any, tokens: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale) of a timm ``Attention`` module, recomputed in fp32.
 
     ``tokens``: ``[N, L, D]`` (NLD), the input of ``attn`` (the block's ``norm1``
@@ -183,18 +184,20 @@ def block_attention(attn: torch.nn.Module, tokens: torch.Tensor, average_heads: 
     return probs.mean(dim=1) if average_heads else probs
 
 
-def _check_supported(model: torch.nn.Module, short: str) -> None:
+def _check_supported(model: Any, short: str) -> None:
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
     ok = isinstance(model, VisionTransformer) and all(
         isinstance(b, Block) and isinstance(b.attn, Attention) for b in model.blocks
     )
     if not ok:
-        raise ConfigError(f"DINO model {short} has no standard ViT attention blocks", hint="use a listed model")
+        raise ConfigError(
+            f"DINO model {short} has no standard ViT attention blocks", hint="use a listed model"
+        )
 
 
 def dino_attention(
-    model: torch.nn.Module, x: torch.Tensor, blocks: Sequence[int] = (-1,), precision: str = "fp32"
+    model: Any, x: torch.Tensor, blocks: Sequence[int] = (-1,), precision: str = "fp32"
 ) -> torch.Tensor:
     """``[N, 3, H, W]`` (ImageNet-normalised, H and W multiples of the patch size) ->
     ``[N, h*w, h*w]``: patch-to-patch attention, averaged over heads and ``blocks``.
@@ -265,7 +268,7 @@ def preprocess(image: np.ndarray, patch_size: int, grid_hw: tuple[int, int] | No
         out_h, out_w = dino_resized_size(image.shape[0], image.shape[1], patch_size)
     pil = Image.fromarray(image)
     if (out_w, out_h) != pil.size:
-        pil = pil.resize((out_w, out_h), Image.BICUBIC)
+        pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC)
     tensor = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -276,7 +279,7 @@ def preprocess(image: np.ndarray, patch_size: int, grid_hw: tuple[int, int] | No
 class DinoModel:
     """A frozen timm DINO ViT and where its weights came from."""
 
-    model: torch.nn.Module
+    model: Any  # a timm VisionTransformer
     name: str
     timm_name: str
     source: WeightsSource
@@ -299,14 +302,40 @@ class DinoModel:
         """See :func:`preprocess`."""
         return preprocess(image, self.patch_size, grid_hw)
 
-    def attention(self, x: torch.Tensor, blocks: Sequence[int] = (-1,), precision: str = "fp32") -> torch.Tensor:
+    def attention(
+        self, x: torch.Tensor, blocks: Sequence[int] = (-1,), precision: str = "fp32"
+    ) -> torch.Tensor:
         """See :func:`dino_attention`; returns ``[N, h*w, h*w]`` float32."""
         return dino_attention(self.model, x, blocks, precision)
 
+    def grid_attention(
+        self,
+        image: np.ndarray,
+        grid_hw: tuple[int, int],
+        blocks: Sequence[int] = (-1,),
+        precision: str = "fp32",
+        resample: bool = True,
+    ) -> torch.Tensor:
+        """One image's attention on another model's patch grid (CLIP's): ``[gh*gw, gh*gw]``.
 
-def build_dino(
-    name: str = DEFAULT_MODEL, seed: int = 0, arch_overrides: dict[str, Any] | None = None
-) -> torch.nn.Module:
+        With the same patch size (DINO ViT-B/16 and CLIP ViT-B/16), or ``resample=False``,
+        the image is resized to ``grid_hw * patch_size`` so the grids coincide. Otherwise
+        (DINOv2, patch 14) it runs at its own grid (sides rounded up to 14) and the
+        attention is resampled to ``grid_hw``
+        (:func:`ssr_cli.refine.affinity.resample_attention`, rows sum to 1).
+        """
+        from ssr_cli.refine.affinity import resample_attention
+
+        device = next(self.model.parameters()).device
+        if self.patch_size == 16 or not resample:
+            x = self.preprocess(image, grid_hw)[None].to(device)
+            return self.attention(x, blocks, precision)[0]
+        x = self.preprocess(image)[None].to(device)
+        own = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return resample_attention(self.attention(x, blocks, precision)[0], own, grid_hw)
+
+
+def build_dino(name: str = DEFAULT_MODEL, seed: int = 0, arch_overrides: dict[str, Any] | None = None) -> Any:
     """The timm architecture of ``name`` with random weights (seeded), no classifier, dynamic size.
 
     ``arch_overrides``: extra ``timm.create_model`` arguments (e.g. ``embed_dim``,

@@ -179,7 +179,7 @@ def _explicit(
 def resolve_weights(
     kind: str,
     name: str,
-    explicit: str | None,
+    explicit: str | Path | None,
     *,
     env_var: str,
     cache_candidates: Sequence[Path],
@@ -194,8 +194,8 @@ def resolve_weights(
     Raises ``WeightsError`` with one line saying what to do.
     """
     expected = list(dict.fromkeys(p.name for p in cache_candidates))
-    if explicit is not None and explicit.strip():
-        return _explicit(kind, name, explicit.strip(), "flag", expected, _flag_for(kind))
+    if explicit is not None and str(explicit).strip():
+        return _explicit(kind, name, str(explicit).strip(), "flag", expected, _flag_for(kind))
     env_value = os.environ.get(env_var, "").strip()
     if env_value:
         return _explicit(kind, name, env_value, "env", expected, f"${env_var}")

@@ -124,8 +124,12 @@ def box_mask(
     """
     import cv2
 
-    as_tensor = isinstance(cam, torch.Tensor)
-    arr = cam.detach().float().cpu().numpy() if as_tensor else np.asarray(cam, dtype=np.float32)
+    if isinstance(cam, torch.Tensor):
+        arr_mask = np.asarray(
+            box_mask(cam.detach().float().cpu().numpy(), threshold, clip_es_edges=clip_es_edges)
+        )
+        return torch.from_numpy(arr_mask).to(cam.device)
+    arr = np.asarray(cam, dtype=np.float32)
     if arr.ndim != 2:
         raise ValueError(f"box_mask takes one [h, w] CAM, got shape {arr.shape}")
     height, width = arr.shape
@@ -141,14 +145,16 @@ def box_mask(
             if clip_es_edges:
                 x1, y1 = min(x1, width - 1), min(y1, height - 1)
             mask[y:y1, x:x1] = 1.0
-    return torch.from_numpy(mask).to(cam.device) if as_tensor else mask
+    return mask
 
 
 def box_masks(
     cams: torch.Tensor, threshold: float = BOX_THRESHOLD, *, clip_es_edges: bool = False
 ) -> torch.Tensor:
     """:func:`box_mask` for each class of ``cams`` ``[C, h, w]`` -> ``[C, h, w]`` float32 {0, 1}."""
-    return torch.stack([box_mask(c, threshold, clip_es_edges=clip_es_edges) for c in cams])
+    arr = cams.detach().float().cpu().numpy()
+    masks = [np.asarray(box_mask(c, threshold, clip_es_edges=clip_es_edges)) for c in arr]
+    return torch.from_numpy(np.stack(masks)).to(cams.device)
 
 
 def refine_cams(
@@ -179,9 +185,7 @@ def refine_cams(
     return refined.reshape(n_cls, h, w).float()
 
 
-def resample_attention(
-    attn: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]
-) -> torch.Tensor:
+def resample_attention(attn: torch.Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> torch.Tensor:
     """Resample a patch-to-patch attention from one grid to another (e.g. DINOv2's 14-pixel grid).
 
     ``attn``: ``[h1*w1, h1*w1]`` (rows queries, columns keys, row-major grids);

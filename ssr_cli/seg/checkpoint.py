@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,12 @@ def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], cfg: Segmen
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     metadata = {CONFIG_KEY: cfg.to_json(), "ssr_tool_version": __version__, "format": "pt"}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors creates files readable by the owner only
+
+    return atomic_write(path, write)
 
 
 def _resolve_model_path(path: Path) -> Path:

@@ -3,7 +3,7 @@
 ``make_shapes_dataset(root, ...)`` writes a custom-layout dataset (see
 ``ssr_cli.data.layouts``)::
 
-    root/images/<id>.png     RGB, textured grey background with 1-3 shapes
+    root/images/<id>.png     RGB, textured grey background with 1-2 shapes
     root/masks/<id>.png      palette PNG: 0 background, 1 red, 2 green, 3 blue shapes
     root/vocab.json          {"name": "shapes", "classes": ["red", "green", "blue"]}
     root/splits/<split>.txt  ids per split
@@ -32,13 +32,13 @@ def shapes_image(rng: np.random.Generator, height: int, width: int) -> tuple[np.
     base = rng.integers(90, 170)
     image = np.clip(base + rng.normal(0, 18, (height, width, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)
     mask = np.zeros((height, width), np.uint8)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 3))):
         cls = int(rng.integers(1, 4))
         colour = tuple(int(np.clip(c + rng.integers(-25, 26), 0, 255)) for c in _COLOURS[cls])
         shape = np.zeros((height, width), np.uint8)
         cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-        ry = int(rng.integers(max(3, height // 10), max(4, height // 3)))
-        rx = int(rng.integers(max(3, width // 10), max(4, width // 3)))
+        ry = int(rng.integers(max(3, height // 6), max(4, height * 2 // 5)))
+        rx = int(rng.integers(max(3, width // 6), max(4, width * 2 // 5)))
         kind = int(rng.integers(0, 3))
         if kind == 0:
             cv2.rectangle(shape, (cx - rx, cy - ry), (cx + rx, cy + ry), 1, thickness=-1)

@@ -299,7 +299,7 @@ def train(
                 if len({g[0] for g in gathered}) != 1:
                     raise RuntimeError(f"ranks disagree on the weights after iteration {done}")
 
-            if val_samples and cfg.val_every and (done % cfg.val_every == 0 or done == cfg.iters):
+            if val_samples and (done == cfg.iters or (cfg.val_every and done % cfg.val_every == 0)):
                 D.broadcast_buffers(env, model)
                 result = evaluate(
                     model, val_samples, model_cfg.num_classes, class_names, model_cfg.mean, model_cfg.std,

@@ -1,0 +1,177 @@
+"""``ssr fit-seg``: train the DeepLab-style segmenter on pseudo-labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.cli import app
+from ssr_cli.cli.options import DataRoot, Device, GtDir, Layout, Overwrite, Quiet, Seed, Split, Vocab, Workers
+from ssr_cli.console import set_quiet
+
+
+def parse_range(text: str, name: str) -> tuple[float, float]:
+    """``"0.5,1.5"`` -> (0.5, 1.5)."""
+    from ssr_cli.errors import ConfigError
+
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} {text!r} is not MIN,MAX", hint=f"e.g. {name} 0.5,1.5") from None
+    return low, high
+
+
+@app.command("fit-seg")
+def fit_seg(
+    pseudo: Annotated[
+        Path,
+        typer.Option(
+            "--pseudo",
+            help="Pseudo-labels: a refine run folder, or a folder of <id>.png palette PNGs "
+            "(0 background, 1..K classes, 255 ignored).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
+    data: DataRoot,
+    layout: Layout = "auto",
+    split: Split = None,
+    vocab: Vocab = None,
+    gt: GtDir = None,
+    val_split: Annotated[
+        Optional[str],
+        typer.Option("--val-split", help="Split with ground truth for periodic validation mIoU (best.pt)."),
+    ] = None,
+    backbone: Annotated[
+        str,
+        typer.Option("--backbone", help="timm backbone, e.g. resnet101, resnet50."),
+    ] = "resnet101",
+    backbone_weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--backbone-weights",
+            help="Backbone weights file (timm state dict .pth/.bin or .safetensors). Default: "
+            "$SSR_BACKBONE_WEIGHTS, the local caches, then a download when online.",
+        ),
+    ] = None,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights.")] = False,
+    head: Annotated[str, typer.Option("--head", help="deeplabv3plus | aspp (DeepLabV3).")] = "deeplabv3plus",
+    output_stride: Annotated[int, typer.Option("--output-stride", help="8, 16 or 32.")] = 16,
+    aspp_channels: Annotated[
+        int, typer.Option("--aspp-channels", min=8, help="Width of the ASPP head.")
+    ] = 256,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Optimizer steps.")] = 20000,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", min=1, help="Images per step per process."),
+    ] = 10,
+    crop_size: Annotated[
+        int, typer.Option("--crop-size", min=16, help="Training crop side in pixels.")
+    ] = 321,
+    accum: Annotated[int, typer.Option("--accum", min=1, help="Gradient accumulation steps.")] = 1,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | adamw.")] = "sgd",
+    lr: Annotated[
+        Optional[float],
+        typer.Option(
+            "--lr",
+            help="Backbone learning rate (head: x10). Default: sgd 2.5e-4, adamw 6e-5.",
+        ),
+    ] = None,
+    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[
+        Optional[float],
+        typer.Option("--weight-decay", help="Default: sgd 5e-4, adamw 0.01."),
+    ] = None,
+    poly_power: Annotated[float, typer.Option("--poly-power", help="Poly learning-rate decay power.")] = 0.9,
+    head_lr_mult: Annotated[
+        float, typer.Option("--head-lr-mult", help="Head learning rate multiplier.")
+    ] = 10.0,
+    loss: Annotated[
+        str,
+        typer.Option("--loss", help="balanced (background/foreground halves) | ce."),
+    ] = "balanced",
+    scale_range: Annotated[str, typer.Option("--scale-range", help="Random scale MIN,MAX.")] = "0.5,1.5",
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).",
+        ),
+    ] = "auto",
+    sync_bn: Annotated[
+        bool,
+        typer.Option("--sync-bn", help="SyncBatchNorm across torchrun processes."),
+    ] = False,
+    save_every: Annotated[
+        int,
+        typer.Option("--save-every", min=1, help="Write checkpoints/last.pt every N steps."),
+    ] = 1000,
+    val_every: Annotated[
+        int,
+        typer.Option("--val-every", min=0, help="Validate every N steps (0: only at the end)."),
+    ] = 1000,
+    log_every: Annotated[
+        int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")
+    ] = 20,
+    check_sync_every: Annotated[
+        int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
+    ] = 0,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Crash recovery: continue an interrupted run from checkpoints/last.pt with the SAME "
+            "settings, exactly as if it had not stopped. Not for training longer (a changed --iters "
+            "is refused).",
+        ),
+    ] = False,
+    device: Device = "auto",
+    workers: Workers = 2,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train a DeepLab-style segmenter (ASPP head on a timm backbone) on pseudo-labels.
+
+    Example:
+
+        ssr fit-seg --data VOC2012 --split train_aug --pseudo runs/refine --val-split val --out runs/seg
+
+    Several processes: torchrun --nproc-per-node 4 -m ssr_cli fit-seg ... (DistributedDataParallel;
+    --batch-size is per process). Writes checkpoints/last.pt, best.pt (with --val-split), log.jsonl and
+    model.safetensors; `ssr predict --model RUN` uses the last.
+    """
+    set_quiet(quiet)
+    from ssr_cli.cli.options import check_device
+    from ssr_cli.stages import fit_seg as stage
+
+    train = {
+        "iters": iters, "batch_size": batch_size, "crop_size": crop_size, "accum": accum,
+        "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+        "poly_power": poly_power, "head_lr_mult": head_lr_mult, "loss": loss,
+        "scale_range": parse_range(scale_range, "--scale-range"), "flip": flip, "precision": precision,
+        "sync_bn": sync_bn, "seed": seed, "workers": workers, "save_every": save_every,
+        "val_every": val_every, "log_every": log_every, "check_sync_every": check_sync_every,
+    }  # fmt: skip
+    if loss not in ("balanced", "ce"):
+        from ssr_cli.errors import ConfigError
+
+        raise ConfigError(f"--loss {loss!r} is not known", hint="use balanced or ce")
+    opts = stage.FitSegOptions(
+        data=data, pseudo=pseudo, out=out, layout=layout, split=split, vocab=vocab, gt=gt,
+        val_split=val_split, backbone=backbone, output_stride=output_stride, head=head,
+        aspp_channels=aspp_channels, backbone_weights=backbone_weights, pretrained=not no_pretrained,
+        device=check_device(device), resume=resume, overwrite=overwrite, train=train,
+    )  # fmt: skip
+    manifest = stage.run(opts)
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        best = (manifest.get("summary") or {}).get("best") or {}
+        text = f"{out / 'model.safetensors'}"
+        if best.get("miou") is not None:
+            text += f"  best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}"
+            text += " (checkpoints/best.pt)"
+        print(text)

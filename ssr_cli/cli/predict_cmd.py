@@ -1,0 +1,95 @@
+"""``ssr predict``: label maps from a trained segmenter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.cli import app
+from ssr_cli.cli.options import Device, Layout, Overwrite, Quiet, ShardOpt, Split, Vocab, Workers
+from ssr_cli.console import set_quiet
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    from ssr_cli.errors import ConfigError
+
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--scales {text!r} is not a comma-separated list of numbers", hint="e.g. --scales 0.75,1.0,1.25"
+        ) from None
+    if not scales or any(s <= 0 or s > 4 for s in scales):
+        raise ConfigError(f"--scales {text!r}: each scale must be in (0, 4]")
+    return scales
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="A fit-seg run folder (its model.safetensors) or a model/checkpoint file."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (labels/<id>.png).")],
+    data: Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset root (with --split).")] = None,
+    images: Annotated[
+        Optional[Path], typer.Option("--images", help="A plain folder of images instead of --data.")
+    ] = None,
+    layout: Layout = "auto",
+    split: Split = None,
+    vocab: Vocab = None,
+    scales: Annotated[
+        str, typer.Option("--scales", help="Comma-separated test scales, probabilities averaged.")
+    ] = "1.0",
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Also average the mirrored image.")] = False,
+    crf: Annotated[
+        bool, typer.Option("--crf", help="Refine with a dense CRF (METHOD.md parameters).")
+    ] = False,
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
+    ] = "auto",
+    device: Device = "auto",
+    workers: Workers = 2,
+    overwrite: Overwrite = False,
+    shard: ShardOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Predict label maps (palette PNGs) for a dataset split or a folder of images.
+
+    Example:
+
+        ssr predict --model runs/seg --data VOC2012 --split val --scales 0.75,1.0,1.25 --flip --out runs/pred
+
+    Then score them with `ssr eval runs/pred --data VOC2012 --split val`. Rerunning the same command
+    resumes; `--shard i/n` or torchrun split the images across processes.
+    """
+    set_quiet(quiet)
+    from ssr_cli.cli.options import check_device
+    from ssr_cli.console import info
+    from ssr_cli.stages import predict as stage
+
+    opts = stage.PredictOptions(
+        model=model,
+        out=out,
+        data=data,
+        layout=layout,
+        split=split,
+        vocab=vocab,
+        images=images,
+        scales=_parse_scales(scales),
+        flip=flip,
+        crf=crf,
+        precision=precision,
+        device=check_device(device),
+        workers=workers,
+        shard=shard,
+        overwrite=overwrite,
+    )
+    manifest = stage.run(opts)
+    state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
+    speed = (manifest.get("summary") or {}).get("images_per_s")
+    info(f"predict: {out} ({state}, {speed} img/s, fingerprint {manifest['fingerprint']})")

@@ -1,0 +1,189 @@
+"""Stage ``predict``: label maps from a trained segmenter, one ``labels/<id>.png`` per image.
+
+Images come from a dataset split (``--data``/``--split``) or a plain folder
+(``--images DIR``, ids = paths relative to it without the extension). Each
+prediction averages the class probabilities over ``--scales`` (and mirrored
+images with ``--flip``), optionally refines them with a dense CRF (``--crf``),
+and writes the argmax as a palette PNG (0 background, 1..K classes). Sharded
+(``--shard i/n`` or torchrun) and resumable like every stage: rerunning the same
+command skips finished images.
+
+Imports torch: only import inside command bodies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssr_cli.artefacts import RunFolder, fingerprint, parse_shard, read_manifest
+from ssr_cli.console import ProgressBar, info
+from ssr_cli.errors import ConfigError, DataError
+
+STAGE = "predict"
+
+
+@dataclass
+class PredictOptions:
+    """Everything ``ssr predict`` takes (plain values, no torch)."""
+
+    model: Path
+    out: Path
+    data: Path | None = None
+    layout: str = "auto"
+    split: str | None = None
+    vocab: str | None = None
+    images: Path | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crf: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    workers: int = 2
+    shard: str | None = None
+    overwrite: bool = False
+
+
+def list_images(folder: Path) -> list[tuple[str, Path]]:
+    """(id, path) of every image under ``folder`` (any depth), sorted by id."""
+    from ssr_cli.data.images import IMAGE_EXTENSIONS
+
+    if not folder.is_dir():
+        raise DataError("image folder not found", path=folder, hint="pass a folder of images to --images")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            image_id = path.relative_to(folder).with_suffix("").as_posix()
+            if image_id in found:
+                raise DataError(f"two images share the id {image_id!r}", path=path,
+                                hint=f"rename one of {found[image_id].name} and {path.name}")  # fmt: skip
+            found[image_id] = path
+    if not found:
+        raise DataError(
+            "no images in this folder", path=folder, hint="extensions: " + ", ".join(IMAGE_EXTENSIONS)
+        )
+    return sorted(found.items())
+
+
+def _inputs(opts: PredictOptions) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    if (opts.images is None) == (opts.data is None):
+        raise ConfigError("pass either --data (with --split) or --images DIR", hint="one source of images")
+    if opts.images is not None:
+        from ssr_cli.data.datasets import parallel_map
+
+        pairs = list_images(Path(opts.images))
+        sizes = parallel_map(lambda p: p.stat().st_size, [p for _, p in pairs])
+        fp = fingerprint({"ids": [i for i, _ in pairs], "sizes": sizes})
+        return pairs, {"kind": "folder", "root": str(opts.images), "count": len(pairs), "fingerprint": fp}
+    from ssr_cli.data import open_dataset
+
+    dataset = open_dataset(opts.data, layout=opts.layout, split=opts.split, labels="none", vocab=opts.vocab)
+    return [(item.id, item.image) for item in dataset.items], dataset.describe()
+
+
+class _Images:
+    """Map-style dataset: index -> (id, HxWx3 uint8 image) for a DataLoader (decoding in workers)."""
+
+    def __init__(self, pairs: list[tuple[str, Path]]) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[str, Any]:
+        from ssr_cli.data import read_image
+
+        image_id, path = self.pairs[index]
+        return image_id, read_image(path)
+
+
+def run(opts: PredictOptions) -> dict[str, Any]:
+    """Predict label maps as ``opts`` says; returns the run's manifest."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from ssr_cli.data import write_label_png
+    from ssr_cli.models.weights import file_sha256_cached
+    from ssr_cli.runtime import resolve_device, resolve_precision
+    from ssr_cli.seg.checkpoint import load_segmenter
+    from ssr_cli.seg.crf import CRFParams, dense_crf
+    from ssr_cli.seg.data import clean_worker_error, worker_init
+    from ssr_cli.seg.infer import predict_probs
+
+    if not opts.scales or any(s <= 0 for s in opts.scales):
+        raise ConfigError(f"--scales {opts.scales} must be positive numbers")
+    shard = parse_shard(opts.shard)
+    pairs, inputs = _inputs(opts)
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    model, model_cfg, model_file = load_segmenter(opts.model, device)
+    if model_cfg.num_classes > 255:
+        raise ConfigError(f"{model_cfg.num_classes} classes do not fit a palette PNG (at most 255)")
+    model_sha = file_sha256_cached(model_file)
+    upstream = {"model": model_sha[:16]}
+    model_dir = Path(opts.model)
+    if model_dir.is_dir():
+        upstream["fit-seg"] = str(read_manifest(model_dir).get("fingerprint"))
+    crf = CRFParams() if opts.crf else None
+    result_config = {
+        "scales": list(opts.scales),
+        "flip": opts.flip,
+        "crf": None if crf is None else crf.to_dict(),
+        "precision": precision,
+    }
+    config = {
+        **result_config,
+        "model": str(opts.model),
+        "model_file": str(model_file),
+        "model_sha256": model_sha,
+        "model_config": model_cfg.to_dict(),
+        "device": str(device),
+        "workers": opts.workers,
+        "shard": str(shard),
+    }
+    ids = [image_id for image_id, _ in pairs]
+    run_folder = RunFolder.open(
+        opts.out, stage=STAGE, item_dir="labels", item_suffix=".png", config=config,
+        result_config=result_config, upstream=upstream, inputs={"images": inputs}, ids=ids,
+        shard=shard, overwrite=opts.overwrite,
+    )  # fmt: skip
+    pending = set(run_folder.pending(ids))
+    todo = [pair for pair in pairs if pair[0] in pending]
+    info(f"predict: {len(todo)} of {len(shard.select(ids))} images to do (shard {shard}) on {device}")
+    loader = DataLoader(
+        _Images(todo), batch_size=None, num_workers=opts.workers,
+        worker_init_fn=worker_init if opts.workers else None,
+    )  # fmt: skip
+    started = time.perf_counter()
+    done = 0
+    with ProgressBar("predict", total=len(todo)) as bar:
+        batches = iter(loader)
+        while True:
+            try:
+                image_id, image = next(batches)
+            except StopIteration:
+                break
+            except DataError as exc:
+                raise clean_worker_error(exc) from None
+            image = np.asarray(image)
+            probs = predict_probs(
+                model, image, model_cfg.mean, model_cfg.std, opts.scales, opts.flip, device, precision
+            )
+            if crf is not None:
+                labels = dense_crf(image, probs.numpy(), crf).argmax(0)
+            else:
+                labels = probs.argmax(0).numpy()
+            labels = labels.astype(np.uint8)
+            run_folder.write_item(image_id, lambda tmp, lab=labels: write_label_png(tmp, lab))
+            done += 1
+            seconds = time.perf_counter() - started
+            bar.update(1, status=f"{done / max(seconds, 1e-9):.2f} img/s")
+    seconds = time.perf_counter() - started
+    summary = {
+        "images": done,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(done / max(seconds, 1e-9), 3),
+    }
+    return run_folder.finish(ids, extra={"summary": summary})
