@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -90,8 +90,8 @@ class ProgressBar:
         self.description = description
         self.total = total
         self.completed = completed
-        self._bar = None
-        self._task = None
+        self._bar: Any = None
+        self._task: Any = None
 
     def __enter__(self) -> ProgressBar:
         if progress_enabled():

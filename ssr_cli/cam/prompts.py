@@ -20,9 +20,12 @@ from ssr_cli.models.clip import ClipModel
 class PromptVocabulary(Protocol):
     """What this module reads from ``ssr_cli.data.vocab.Vocabulary``."""
 
-    prompts: tuple[str, ...]
-    templates: tuple[str, ...]
-    background: tuple[str, ...]
+    @property
+    def prompts(self) -> tuple[str, ...]: ...
+    @property
+    def templates(self) -> tuple[str, ...]: ...
+    @property
+    def background(self) -> tuple[str, ...]: ...
 
 
 def _fill(words: tuple[str, ...] | list[str], templates: tuple[str, ...] | list[str]) -> list[str]:

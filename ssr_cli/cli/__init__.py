@@ -78,5 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         text = " ".join(f"{type(exc).__name__}: {exc}".split())
-        print(f"ssr: internal error: {text} (set SSR_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        print(
+            f"ssr: internal error: {text} (set SSR_DEBUG=1 for the traceback and report it)", file=sys.stderr
+        )
         sys.exit(1)

@@ -78,8 +78,13 @@ def _print_bg_search(report: dict[str, Any]) -> None:
     for row in report["bg_search"]:
         rule = f"alpha {row['alpha']:g}" if "alpha" in row else f"threshold {row['bg_threshold']:.2f}"
         best = {k: v for k, v in row.items() if k in ("alpha", "bg_threshold")} == report["bg_rule"]
-        table.add_row(rule, _pct(row["miou"]), _pct(row["mprecision"]), _pct(row["mrecall"]),
-                      style="bold" if best else None)
+        table.add_row(
+            rule,
+            _pct(row["miou"]),
+            _pct(row["mprecision"]),
+            _pct(row["mrecall"]),
+            style="bold" if best else None,
+        )
     stdout_console.print(table)
 
 
@@ -88,7 +93,8 @@ def eval_command(
     pred: Annotated[
         Path,
         typer.Argument(
-            metavar="PRED", help="Labels to score: a seeds/refine/predict run folder, or a folder of <id>.png."
+            metavar="PRED",
+            help="Labels to score: a seeds/refine/predict run folder, or a folder of <id>.png.",
         ),
     ],
     data: DataRoot = None,  # type: ignore[assignment]

@@ -42,7 +42,9 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 
 DataRoot = Annotated[
     Path,
-    typer.Option("--data", "-d", help="Dataset root (VOC2012 folder, COCO-as-PNG folder, or a custom folder)."),
+    typer.Option(
+        "--data", "-d", help="Dataset root (VOC2012 folder, COCO-as-PNG folder, or a custom folder)."
+    ),
 ]
 Layout = Annotated[
     str, typer.Option("--layout", help="auto | voc | coco | custom (auto detects from the folder).")
@@ -73,8 +75,6 @@ def check_device(device: str) -> str:
     from ssr_cli.errors import ConfigError
 
     text = device.strip().lower()
-    if text in ("auto", "cpu", "cuda") or (
-        text.startswith("cuda:") and text[5:].isdigit()
-    ):
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise ConfigError(f"--device {device!r} is not understood", hint="use auto, cpu, cuda or cuda:N")

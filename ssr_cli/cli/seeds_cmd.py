@@ -32,8 +32,10 @@ def parse_scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"--scales {text!r} is not a comma-separated list of numbers",
-                          hint="e.g. --scales 1.0 or --scales 0.75,1.0,1.25") from None
+        raise ConfigError(
+            f"--scales {text!r} is not a comma-separated list of numbers",
+            hint="e.g. --scales 1.0 or --scales 0.75,1.0,1.25",
+        ) from None
     if not scales or any(s <= 0 or s > 4 for s in scales):
         raise ConfigError(f"--scales {text!r}: each scale must be in (0, 4]")
     return scales
@@ -41,7 +43,9 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 @app.command("make-seeds")
 def make_seeds(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (created; resumed if it exists).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder to write (created; resumed if it exists).")
+    ],
     data: DataRoot,
     layout: Layout = "auto",
     split: Split = None,

@@ -42,7 +42,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
 
 
 def check_state_dict(name: str, state: dict[str, Any], source: str) -> None:
-    """Refuse ``state`` unless it covers every tensor of timm model ``name`` (classifier excepted).
+    """Refuse ``state`` unless its tensors are exactly those of timm model ``name`` (classifier aside).
 
     The expected keys and shapes come from the model built on the ``meta`` device
     (no memory, no weights), so the check is cheap even for large backbones.
@@ -55,8 +55,10 @@ def check_state_dict(name: str, state: dict[str, Any], source: str) -> None:
     classifier = reference.pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
 
-    def is_classifier(key: str) -> bool:
-        return any(key == c or key.startswith(c + ".") for c in classifier)
+    def is_classifier(key: str) -> bool:  # or a BatchNorm counter, absent from many checkpoints
+        return key.endswith("num_batches_tracked") or any(
+            key == c or key.startswith(c + ".") for c in classifier
+        )
 
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not is_classifier(k)}
     missing = sorted(k for k in expected if k not in state)
@@ -65,13 +67,16 @@ def check_state_dict(name: str, state: dict[str, Any], source: str) -> None:
         for k, shape in expected.items()
         if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != shape
     )
-    if missing or wrong:
+    extra = sorted(k for k in state if k not in expected and not is_classifier(k))
+    if missing or wrong or extra:
         problem = []
         if missing:
             examples = ", ".join(missing[:3])
             problem.append(f"{len(missing)} of {len(expected)} tensors missing (e.g. {examples})")
         if wrong:
             problem.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
+        if extra:
+            problem.append(f"{len(extra)} tensors the model does not have (e.g. {extra[0]})")
         raise WeightsError(
             f"these weights do not fit backbone {name!r}: {'; '.join(problem)}",
             path=source,

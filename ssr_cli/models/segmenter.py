@@ -12,6 +12,7 @@ so ``build_segmenter(config)`` plus a state dict gives back the trained model.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -90,9 +91,31 @@ def _conv_bn_relu(nn: Any, cin: int, cout: int, kernel: int, dilation: int = 1) 
     )
 
 
-def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, low_idx: int, channels: list[int]) -> Any:
-    import torch
+def upsample_aligned(x: torch.Tensor, factor: int, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear upsampling (N, C, h, w) -> (N, C, *size) that puts feature (i, j) on pixel
+    (factor * i, factor * j).
+
+    That is where the output of a stride-2 convolution or pooling with padding k // 2
+    is centred, so for convolutional stems (ResNets) stride-``factor`` features land
+    on the pixels they were computed at (``align_corners=False`` would shift them by
+    (factor - 1) / 2 pixels; DeepLab's 321 = 4 * 80 + 1 crops served the same end).
+    Beyond the last feature row/column the edge values are repeated.
+    """
     import torch.nn.functional as F
+
+    h, w = x.shape[2:]
+    height, width = int(size[0]), int(size[1])
+    full = (factor * (h - 1) + 1, factor * (w - 1) + 1)
+    if (h, w) != full:
+        x = F.interpolate(x, size=full, mode="bilinear", align_corners=True)
+    pad_h, pad_w = max(0, height - full[0]), max(0, width - full[1])
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return x[:, :, :height, :width]
+
+
+def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, channels: list[int], strides: list[int]) -> Any:
+    import torch
     from torch import nn
 
     class ASPP(nn.Module):
@@ -125,7 +148,7 @@ def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, low_idx: int, chan
             self.aspp = ASPP(channels[-1], c, cfg.aspp_rates or (), cfg.dropout)
             self.use_decoder = cfg.head == "deeplabv3plus"
             if self.use_decoder:
-                self.reduce = _conv_bn_relu(nn, channels[low_idx], cfg.low_level_channels, 1)
+                self.reduce = _conv_bn_relu(nn, channels[0], cfg.low_level_channels, 1)
                 self.fuse = nn.Sequential(
                     _conv_bn_relu(nn, c + cfg.low_level_channels, c, 3),
                     _conv_bn_relu(nn, c, c, 3),
@@ -135,8 +158,8 @@ def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, low_idx: int, chan
         def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
             x = self.aspp(feats[-1])
             if self.use_decoder:
-                low = self.reduce(feats[low_idx])
-                x = F.interpolate(x, size=low.shape[2:], mode="bilinear", align_corners=False)
+                low = self.reduce(feats[0])
+                x = upsample_aligned(x, strides[-1] // strides[0], low.shape[2:])
                 x = self.fuse(torch.cat([x, low], dim=1))
             return self.classifier(x)
 
@@ -148,11 +171,12 @@ def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, low_idx: int, chan
             self.config = cfg
             self.backbone = backbone
             self.head = Head()
+            self.logit_stride = strides[0] if cfg.head == "deeplabv3plus" else strides[-1]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             feats = self.backbone(x)
             logits = self.head(feats)
-            return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+            return upsample_aligned(logits, self.logit_stride, x.shape[2:])
 
         def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
             """(backbone parameters, head parameters): the head trains at 10x the learning rate."""
@@ -163,13 +187,13 @@ def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, low_idx: int, chan
 
 def create_backbone(
     name: str, output_stride: int, pretrained_state: dict[str, Any] | None = None
-) -> tuple[nn.Module, int, list[int]]:
+) -> tuple[nn.Module, list[int], list[int]]:
     """A timm ``features_only`` backbone with its low-level (stride 4) and last feature maps.
 
     ``pretrained_state``: a timm-format state dict of the full model (classifier keys
     allowed) loaded before the features wrapper is built, or ``None`` for random
     weights. Returns (module returning the NCHW maps [low, last] (just [last] when the
-    backbone has a single level), index of the low-level map (0), their channels).
+    backbone has a single level), their channels, their strides).
     """
     import timm
     import torch
@@ -204,7 +228,8 @@ def create_backbone(
             name, pretrained=True, pretrained_cfg_overlay={"state_dict": pretrained_state}, **kwargs
         )
     channels = list(model.feature_info.channels())  # one entry when low == last
-    return model, 0, channels
+    strides = [min(r, output_stride) for r in model.feature_info.reduction()]
+    return model, channels, strides
 
 
 def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -227,5 +252,5 @@ def build_segmenter(cfg: SegmenterConfig, pretrained_state: dict[str, Any] | Non
     or ``None`` for random initialisation (also when a full trained state dict is
     loaded afterwards).
     """
-    backbone, low_idx, channels = create_backbone(cfg.backbone, cfg.output_stride, pretrained_state)
-    return _build_modules(cfg, backbone, low_idx, channels)
+    backbone, channels, strides = create_backbone(cfg.backbone, cfg.output_stride, pretrained_state)
+    return _build_modules(cfg, backbone, channels, strides)

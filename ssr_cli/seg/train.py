@@ -171,6 +171,7 @@ def train(
     the final ``model.safetensors``. ``resume``: a loaded ``last.pt`` to continue from.
     """
     device = env.device
+    torch.manual_seed(cfg.seed)  # the head's (and a random backbone's) initial weights follow --seed
     model = build_segmenter(model_cfg, backbone_state)
     if cfg.sync_bn and env.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -99,8 +99,13 @@ def _seed_source(pred: Path, manifest: dict[str, Any], candidates: list[dict[str
         return [cams_to_labels(cams, ids, **rule) for rule in candidates]
 
     return PredSource(
-        root=pred, item_root=item_root, suffix=suffix, manifest=manifest,
-        read=lambda item_id: read_many(item_id)[0], read_many=read_many, candidates=candidates,
+        root=pred,
+        item_root=item_root,
+        suffix=suffix,
+        manifest=manifest,
+        read=lambda item_id: read_many(item_id)[0],
+        read_many=read_many,
+        candidates=candidates,
     )
 
 

@@ -230,7 +230,10 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
     env = D.init_distributed(device)
     try:
         if tcfg.sync_bn and env.enabled and device.type == "cpu":
-            warn("--sync-bn on the CPU (gloo) is slow; it is meant for GPUs")
+            raise ConfigError(
+                "--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU",
+                hint="drop --sync-bn for CPU runs",
+            )
         basis = {
             "stage": STAGE,
             "config": {

@@ -14,6 +14,7 @@ Imports torch: only import inside command bodies.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -49,8 +50,14 @@ class SeedsConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def save_seed(path: Path, cams: np.ndarray, class_ids: Sequence[int], image_hw: tuple[int, int],
-              scales: Sequence[float], flip: bool) -> None:
+def save_seed(
+    path: Path,
+    cams: np.ndarray,
+    class_ids: Sequence[int],
+    image_hw: tuple[int, int],
+    scales: Sequence[float],
+    flip: bool,
+) -> None:
     buf = io.BytesIO()
     np.savez(
         buf,
@@ -69,10 +76,13 @@ def load_seed(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             out = {k: data[k] for k in ("cams", "class_ids", "image_hw", "scales", "flip")}
     except FileNotFoundError:
-        raise ArtefactError("seed file is missing", path=path, hint="rerun make-seeds into that folder") from None
+        raise ArtefactError(
+            "seed file is missing", path=path, hint="rerun make-seeds into that folder"
+        ) from None
     except Exception as exc:  # zipfile/BadZip/ValueError/KeyError
         raise ArtefactError(
-            f"unreadable seed file ({type(exc).__name__})", path=path,
+            f"unreadable seed file ({type(exc).__name__})",
+            path=path,
             hint="delete it and rerun make-seeds into the same folder to recompute it",
         ) from None
     return out
@@ -102,13 +112,19 @@ def register_arch(arch: str) -> str:
 
     path = Path(arch)
     if not path.is_file():
-        raise DataError("CLIP architecture config file not found", path=path,
-                        hint="pass an open_clip model name or an existing config JSON")
+        raise DataError(
+            "CLIP architecture config file not found",
+            path=path,
+            hint="pass an open_clip model name or an existing config JSON",
+        )
     try:
         open_clip.add_model_config(path)
     except Exception as exc:
-        raise DataError(f"unreadable CLIP architecture config ({type(exc).__name__})", path=path,
-                        hint="it must be an open_clip model config JSON") from None
+        raise DataError(
+            f"unreadable CLIP architecture config ({type(exc).__name__})",
+            path=path,
+            hint="it must be an open_clip model config JSON",
+        ) from None
     return path.stem
 
 
@@ -119,11 +135,16 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.height, im.width
     except Exception as exc:
-        raise DataError(f"unreadable image ({type(exc).__name__})", path=path,
-                        hint="replace the file or remove its id from the split") from None
+        raise DataError(
+            f"unreadable image ({type(exc).__name__})",
+            path=path,
+            hint="replace the file or remove its id from the split",
+        ) from None
 
 
-def _prefetch(dataset: Dataset, batches: list[list[str]], workers: int) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+def _prefetch(
+    dataset: Dataset, batches: list[list[str]], workers: int
+) -> Iterator[tuple[list[str], list[np.ndarray]]]:
     """Decode the images of upcoming batches in a thread pool (bounded look-ahead)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures: list = []
@@ -173,8 +194,14 @@ def cams_for_batch(
         x = torch.stack([model.preprocess(im, scale) for im in images]).to(model.device)
         for flipped in (False, True) if flip else (False,):
             cams = gradcam(
-                model, x.flip(-1) if flipped else x, present, fg, bg,
-                image_head=image_head, text_head=text_head, precision=precision,
+                model,
+                x.flip(-1) if flipped else x,
+                present,
+                fg,
+                bg,
+                image_head=image_head,
+                text_head=text_head,
+                precision=precision,
             )
             for i, cam in enumerate(cams):
                 variants[i].append((cam, flipped))
@@ -189,7 +216,9 @@ def cams_for_batch(
     return out
 
 
-def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, overwrite: bool) -> dict[str, Any]:
+def run(
+    dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, overwrite: bool
+) -> dict[str, Any]:
     """Compute CAM seeds for ``dataset`` into the run folder ``out``; returns the manifest."""
     from ssr_cli.cam.prompts import cached_text_embeddings
     from ssr_cli.models.clip import load_clip
@@ -205,7 +234,7 @@ def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, ov
     if cfg.cmpa:
         from ssr_cli.models.cmpa import load_heads  # written with the CMPA stage
 
-        heads, cmpa_fp = load_heads(cfg.cmpa, device)
+        heads, cmpa_fp = load_heads(cfg.cmpa, device, clip=model)  # refuses heads of another CLIP
     clip_desc = model.describe()
     weights_desc = clip_desc.get("weights", {})
     weights_id = f"random:seed={cfg.seed}" if model.is_random else weights_desc.get("sha256")
@@ -244,21 +273,33 @@ def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, ov
     )
     for notice in notices:
         warn(notice)
-    fg, bg = cached_text_embeddings(model, dataset.vocab, run_folder.extra_path("text_embeddings.safetensors"))
+    fg, bg = cached_text_embeddings(
+        model, dataset.vocab, run_folder.extra_path("text_embeddings.safetensors")
+    )
     if heads is not None:
         fg, bg = heads.project_text(fg), heads.project_text(bg)
 
     mine = shard.select(ids)
     pending = set(run_folder.pending(ids))
-    info(f"make-seeds: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done, "
-         f"precision {precision} on {device}")
+    info(
+        f"make-seeds: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done, "
+        f"precision {precision} on {device}"
+    )
     sizes = {i: model.resized_size(*_image_size(dataset.get(i).image)) for i in mine}
     batches = [b for b in _batches(mine, sizes, cfg.batch_size) if any(i in pending for i in b)]
+    loop_started = time.perf_counter()
     with ProgressBar("make-seeds", total=len(pending)) as bar:
         for batch, images in _prefetch(dataset, batches, cfg.workers):
             present = [[c - 1 for c in dataset.get(i).labels] for i in batch]
             cams = cams_for_batch(
-                model, images, present, fg, bg, scales=cfg.scales, flip=cfg.flip, precision=precision,
+                model,
+                images,
+                present,
+                fg,
+                bg,
+                scales=cfg.scales,
+                flip=cfg.flip,
+                precision=precision,
                 image_head=None if heads is None else heads.project_image,
                 text_head=None,
             )
@@ -266,12 +307,13 @@ def run(dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, ov
                 if item_id not in pending:
                     continue
                 labels = dataset.get(item_id).labels
-                run_folder.write_item(
-                    item_id,
-                    lambda p, cam=cam, labels=labels, image=image: save_seed(
-                        p, cam.float().cpu().numpy(), labels, image.shape[:2], cfg.scales, cfg.flip
-                    ),
-                )
+
+                def write(
+                    path: Path, cam: torch.Tensor = cam, labels: Any = labels, hw: Any = image.shape[:2]
+                ) -> None:
+                    save_seed(path, cam.float().cpu().numpy(), labels, hw, cfg.scales, cfg.flip)
+
+                run_folder.write_item(item_id, write)
                 bar.update(1)
-    manifest = run_folder.finish(ids)
+    manifest = run_folder.finish(ids, loop_seconds=time.perf_counter() - loop_started)
     return manifest

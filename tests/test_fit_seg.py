@@ -1,0 +1,241 @@
+"""``ssr fit-seg`` end to end: overfitting, exact kill-and-resume, torchrun DDP, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssr_cli.cli import main
+from ssr_cli.seg.synthetic import make_shapes_dataset
+
+pytestmark = pytest.mark.timeout(300)
+
+TINY = [
+    "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16", "--crop-size", "48",
+    "--batch-size", "2", "--device", "cpu", "--optimizer", "adamw", "--lr", "1e-3",
+]  # fmt: skip
+
+
+def run_cli(args: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("ssr: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def sub_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SSR_QUIET="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for record in read_log(run):
+        if "loss" in record:
+            assert record["iter"] not in out, f"iteration {record['iter']} logged twice"
+            out[record["iter"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("shapes"), {"train": 6, "val": 3}, size=(56, 72), seed=1
+    )
+
+
+def base_args(shapes: Path, out: Path) -> list:
+    return ["fit-seg", "--data", shapes, "--split", "train", "--pseudo", shapes / "masks", "--out", out]
+
+
+@pytest.mark.timeout(400)
+def test_overfits_shapes_then_predict_and_eval(shapes: Path, tmp_path: Path, capsys) -> None:
+    """Trained on exact masks of 6 images, the segmenter must reach mIoU > 0.9 on them."""
+    run = tmp_path / "seg"
+    args = [
+        *base_args(shapes, run), "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "32",
+        "--output-stride", "8", "--crop-size", "64", "--batch-size", "4", "--iters", "100",
+        "--optimizer", "adamw", "--lr", "2e-3", "--scale-range", "1,1", "--device", "cpu", "--workers", "0",
+        "--val-split", "val", "--val-every", "50", "--log-every", "10", "--seed", "0",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    code, out, err = run_cli(args, capsys)
+    seconds = time.perf_counter() - started
+    assert code == 0, err
+    assert "model.safetensors" in out
+    log = read_log(run)
+    assert [r["iter"] for r in log if "val_miou" in r] == [50, 100]
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stage"] == "fit-seg" and manifest["completed"] is True
+    first, last = losses(run)[10], losses(run)[100]
+    assert last < 0.5 * first
+
+    code, _, err = run_cli(["predict", "--model", run, "--data", shapes, "--split", "train",
+                            "--out", tmp_path / "pred", "--device", "cpu", "-j", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    code, out, err = run_cli(
+        ["eval", tmp_path / "pred", "--data", shapes, "--split", "train", "--json"], capsys
+    )
+    assert code == 0, err
+    miou = json.loads(out)["summary"]["miou"]
+    print(f"overfit: mIoU {miou:.3f} on the training images; training took {seconds:.1f} s")
+    assert miou > 0.9
+
+
+def test_kill_and_resume_equals_uninterrupted_run(shapes: Path, tmp_path: Path, capsys) -> None:
+    common = [*TINY, "--iters", "60", "--save-every", "6", "--log-every", "1", "--seed", "3"]
+    cmd = [sys.executable, "-m", "ssr_cli"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    done = subprocess.run([*cmd, *map(str, base_args(shapes, whole)), *common, "-j", "0"],
+                          env=sub_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    # the interrupted run uses a data-loader worker: the sample stream must not depend on it
+    proc = subprocess.Popen([*cmd, *map(str, base_args(shapes, broken)), *common, "-j", "1"], env=sub_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    checkpoint = broken / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 200
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert checkpoint.exists(), proc.stderr.read() if proc.stderr else ""
+    assert not (broken / "model.safetensors").exists(), "the run finished before it could be killed"
+    killed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]
+    assert 6 <= killed_at < 60
+
+    # the folder now holds an interrupted run: refused without --resume, and --resume refuses other --iters
+    code, _, err = run_cli([*base_args(shapes, broken), *common, "-j", "1"], capsys)
+    assert code == 1 and "--resume" in error_line(err)
+    changed = [*base_args(shapes, broken), *common, "-j", "1", "--resume", "--iters", "80"]
+    code, _, err = run_cli(changed, capsys)
+    assert code == 1 and "--iters 80" in error_line(err) and "60" in error_line(err)
+
+    resumed = subprocess.run([*cmd, *map(str, base_args(shapes, broken)), *common, "-j", "1", "--resume"],
+                             env=sub_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = losses(whole), losses(broken)
+    assert sorted(got) == list(range(1, 61)) == sorted(expected)
+    for iteration in range(killed_at + 1, 61):
+        assert abs(got[iteration] - expected[iteration]) <= 1e-6, (
+            iteration,
+            got[iteration],
+            expected[iteration],
+        )
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole / "model.safetensors"), load_file(broken / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    assert manifest["completed"] and manifest["summary"]["resumed_from"] == killed_at
+
+
+def test_torchrun_two_processes_agree_on_weights(shapes: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    args = [*base_args(shapes, run), *TINY, "--iters", "3", "--log-every", "1", "--check-sync-every", "1",
+            "--val-split", "val", "--workers", "0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ssr_cli", *map(str, args)]  # fmt: skip
+    done = subprocess.run(cmd, env=sub_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    syncs = [r for r in read_log(run) if "sync" in r]
+    assert [r["iter"] for r in syncs] == [1, 2, 3]
+    for record in syncs:
+        digests = record["sync"]["weights"]
+        assert len(digests) == 2 and digests[0] == digests[1]  # DDP kept the ranks identical
+    assert len({r["sync"]["weights"][0] for r in syncs}) == 3  # and the weights did change every step
+    rank_losses = [r["sync"]["rank_losses"] for r in syncs]
+    assert any(a != b for a, b in rank_losses)  # the ranks saw different images
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["world_size"] == 2 and manifest["completed"]
+    assert any("val_miou" in r for r in read_log(run))
+    assert (run / "model.safetensors").is_file()
+
+
+def test_same_settings_skip_other_settings_refused_overwrite_replaces(
+    shapes: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "seg"
+    args = [*base_args(shapes, run), *TINY, "--iters", "2", "-j", "0"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    stamp = (run / "model.safetensors").stat().st_mtime_ns
+    code, _, err = run_cli(args, capsys)
+    assert code == 0 and "nothing to do" in err
+    assert (run / "model.safetensors").stat().st_mtime_ns == stamp
+    code, _, err = run_cli([*args, "--lr", "5e-4"], capsys)
+    line = error_line(err)
+    assert code == 1 and "--overwrite" in line and "train.lr" in line
+    code, _, err = run_cli([*args, "--lr", "5e-4", "--overwrite"], capsys)
+    assert code == 0, err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["train"]["lr"] == 5e-4
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, _, err = run_cli([*base_args(shapes, tmp_path / "other"), *TINY, "--iters", "2"], capsys)
+    assert code == 1 and "not empty" in error_line(err)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_bad_pseudo_label_is_a_one_line_error_naming_the_file(
+    shapes: Path, tmp_path: Path, capsys, workers
+) -> None:
+    import shutil
+
+    import numpy as np
+
+    from ssr_cli.data import read_mask, write_label_png
+
+    pseudo = tmp_path / "pseudo"
+    shutil.copytree(shapes / "masks", pseudo)
+    for path in pseudo.glob("train_*.png"):
+        mask = read_mask(path)
+        mask[0, 0] = 9  # not a class of the 4-class vocabulary, not 255
+        write_label_png(path, mask.astype(np.uint8))
+    args = ["fit-seg", "--data", shapes, "--split", "train", "--pseudo", pseudo, "--out", tmp_path / "run",
+            *TINY, "--iters", "2", "-j", workers]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    line = error_line(err)
+    assert code == 1 and "label value 9" in line and str(pseudo) in line and "Traceback" not in line
+
+
+def test_upsampling_puts_features_where_resnets_compute_them() -> None:
+    """The centre of a ResNet stride-s feature (i, j) is input pixel (s*i, s*j): upsample_aligned's premise."""
+    import timm
+
+    torch.manual_seed(0)
+    for out_index, stride in ((1, 4), (4, 16)):
+        net = timm.create_model(
+            "resnet18", features_only=True, out_indices=(out_index,), output_stride=16
+        ).eval()
+        x = torch.randn(1, 3, 129, 129, requires_grad=True)
+        feat = net(x)[0]
+        i = feat.shape[2] // 2
+        (grad,) = torch.autograd.grad(feat[0, :, i, i].sum(), x)
+        weight = grad.abs().sum(dim=(0, 1)).sum(dim=1)
+        centre = float((weight * torch.arange(129.0)).sum() / weight.sum())
+        assert abs(centre - stride * i) < 1.0, (stride, i, centre)
