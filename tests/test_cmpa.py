@@ -26,6 +26,7 @@ from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, ran
 from ssr_cli.seg.distributed import DistEnv
 
 pytestmark = pytest.mark.timeout(120)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "voc"
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,10 @@ def _train_step0(tmp: Path, tiny: dict[str, str], dim: int, init: str, vocab: st
     out = tmp / f"cmpa-{dim}-{init}"
     train = {"iters": 0, "dim": dim, "hidden": dim, "head_init": init, "size": 224, "batch_size": 2,
              "workers": 1, "init_images": 16}  # fmt: skip
-    opts = train_cmpa.CmpaOptions(data=Path("examples/voc").resolve(), out=out, split="train", vocab=vocab,
-                                  arch=tiny["arch"], weights=tiny["weights"], device="cpu", train=train)  # fmt: skip
+    opts = train_cmpa.CmpaOptions(
+        data=EXAMPLES, out=out, split="train", vocab=vocab, arch=tiny["arch"],
+        weights=tiny["weights"], device="cpu", train=train,
+    )  # fmt: skip
     manifest = train_cmpa.run(opts)
     assert manifest["completed"] and manifest["stage"] == "cmpa"
     return out
@@ -92,7 +95,7 @@ def _seeds(tmp: Path, tiny: dict[str, str], name: str, cmpa: Path | None, vocab:
     from ssr_cli.data import open_dataset
     from ssr_cli.stages import make_seeds
 
-    dataset = open_dataset(Path("examples/voc").resolve(), split="train", vocab=vocab)
+    dataset = open_dataset(EXAMPLES, split="train", vocab=vocab)
     cfg = make_seeds.SeedsConfig(arch=tiny["arch"], weights=tiny["weights"], device="cpu", workers=1,
                                  cmpa=None if cmpa is None else str(cmpa))  # fmt: skip
     manifest = make_seeds.run(dataset, tmp / name, cfg, shard=Shard(), overwrite=False)
@@ -120,7 +123,7 @@ def custom_vocab(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     from ssr_cli.runtime import torch_threads
 
@@ -233,7 +236,9 @@ def test_loss_gradient_reaches_heads_and_temperature():
     inv_tau = torch.tensor(20.0, requires_grad=True)
     img = F.normalize(torch.randn(5, 8), dim=-1).requires_grad_(True)
     txt = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_(True)
-    loss, stats = prototype_loss(img, torch.tensor([0, 2, 1, 0, 2]), txt, torch.tensor([0, 1, 2]), protos, inv_tau)
+    loss, stats = prototype_loss(
+        img, torch.tensor([0, 2, 1, 0, 2]), txt, torch.tensor([0, 1, 2]), protos, inv_tau
+    )
     loss.backward()
     assert torch.isfinite(loss) and float(stats["anchors_text"]) == 2  # class 1 has no image prototype
     assert torch.isfinite(inv_tau.grad) and inv_tau.grad != 0
@@ -292,11 +297,15 @@ def test_training_is_deterministic_with_a_seed(tmp_path, tiny):
     def run(name: str, seed: int) -> tuple[list[float], dict[str, torch.Tensor]]:
         train = {"iters": 3, "dim": 16, "hidden": 16, "size": 64, "batch_size": 2, "workers": 2,
                  "proto_every": 2, "log_every": 1, "init_images": 4, "seed": seed, "lr": 1e-3}  # fmt: skip
-        opts = train_cmpa.CmpaOptions(data=Path("examples/voc").resolve(), out=tmp_path / name, split="train",
-                                      arch=tiny["arch"], weights=tiny["weights"], device="cpu", train=train)  # fmt: skip
+        opts = train_cmpa.CmpaOptions(
+            data=EXAMPLES, out=tmp_path / name, split="train", arch=tiny["arch"],
+            weights=tiny["weights"], device="cpu", train=train,
+        )  # fmt: skip
         train_cmpa.run(opts)
         lines = [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in lines if "loss" in r], load_file(str(tmp_path / name / "heads.safetensors"))
+        return [r["loss"] for r in lines if "loss" in r], load_file(
+            str(tmp_path / name / "heads.safetensors")
+        )
 
     loss_a, heads_a = run("a", 0)
     loss_b, heads_b = run("b", 0)

@@ -208,3 +208,28 @@ def test_sample_stream_is_a_pure_function_of_seed_and_position(tmp_path: Path) -
     rank1 = [p for batch in layout.batches(0, 3, rank=1) for p in batch]
     assert set(rank0).isdisjoint(rank1) and sorted(rank0 + rank1) == list(range(24))
     assert list(layout.batches(2, 3, rank=1)) == list(layout.batches(0, 3, rank=1))[4:]
+
+
+def test_upsampling_puts_features_where_resnets_compute_them() -> None:
+    """upsample_aligned's premise: a ResNet stride-s feature (i, j) is centred on pixel (s*i, s*j)."""
+    import timm
+
+    torch.manual_seed(0)
+    for out_index, stride in ((1, 4), (4, 16)):
+        net = timm.create_model(
+            "resnet18", features_only=True, out_indices=(out_index,), output_stride=16
+        ).eval()
+        x = torch.randn(1, 3, 129, 129, requires_grad=True)
+        feat = net(x)[0]
+        i = feat.shape[2] // 2
+        (grad,) = torch.autograd.grad(feat[0, :, i, i].sum(), x)
+        weight = grad.abs().sum(dim=(0, 1)).sum(dim=1)
+        centre = float((weight * torch.arange(129.0)).sum() / weight.sum())
+        assert abs(centre - stride * i) < 1.0, (stride, i, centre)
+    from ssr_cli.models.segmenter import upsample_aligned
+
+    grid = torch.randn(1, 2, 5, 4)
+    up = upsample_aligned(grid, 4, (19, 16))  # 19 = 4*4+3 rows: the last 2 repeat the edge
+    assert up.shape == (1, 2, 19, 16)
+    assert torch.allclose(up[:, :, ::4, ::4], grid[:, :, :, :4])
+    assert torch.allclose(up[:, :, 17:, 12], grid[:, :, 4:5, 3].expand(-1, -1, 2))

@@ -128,7 +128,9 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny, examples_
     proc = subprocess.Popen(_cli(tiny, *common, "--out", str(killed)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV)  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+    while (
+        time.time() < deadline and not (killed / "checkpoints" / "last.pt").exists() and proc.poll() is None
+    ):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -160,9 +162,9 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny, examples_
 def test_torchrun_two_cpu_processes(tmp_path, tiny, examples_voc):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           *_cli(tiny, "--data", str(examples_voc), "--split", "train", "--out", str(out), *SMALL, "--iters", "4",
-                 "--proto-every", "3", "--log-every", "1", "--save-every", "2", "--check-sync-every", "2",
-                 "--device", "cpu", "--lr", "1e-2")[1:]]  # fmt: skip
+           *_cli(tiny, "--data", str(examples_voc), "--split", "train", "--out", str(out), *SMALL,
+                 "--iters", "4", "--proto-every", "3", "--log-every", "1", "--save-every", "2",
+                 "--check-sync-every", "2", "--device", "cpu", "--lr", "1e-2")[1:]]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=200)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -178,4 +180,6 @@ def test_torchrun_two_cpu_processes(tmp_path, tiny, examples_voc):
     # prototypes were collected over the whole split (each rank took half of it), then gathered
     labels = Counter(c for ids in [(15,), (8,), (15,), (5, 9, 11, 15)] for c in ids)
     refreshes = [r["prototypes"] for r in log if "prototypes" in r]
-    assert len(refreshes) == 2 and all(r["features"] == [labels.get(c, 0) for c in range(1, 21)] for r in refreshes)
+    assert len(refreshes) == 2 and all(
+        r["features"] == [labels.get(c, 0) for c in range(1, 21)] for r in refreshes
+    )

@@ -235,14 +235,15 @@ class RunFolder:
             pass
         seconds = time.perf_counter() - self._started
         shards = self.manifest["timing"].setdefault("runs", [])
-        shards.append(
-            {
-                "shard": str(self.shard),
-                "items": self._done_here,
-                "seconds": round(seconds, 3),
-                "finished": _now(),
-            }
-        )
+        entry: dict[str, Any] = {
+            "shard": str(self.shard),
+            "items": self._done_here,
+            "seconds": round(seconds, 3),
+            "finished": _now(),
+        }
+        if loop_seconds is not None:
+            entry["loop_seconds"] = round(loop_seconds, 3)
+        shards.append(entry)
         done = self.count_done(ids)
         self.manifest["items_done"] = done
         self.manifest["completed"] = done == len(ids)

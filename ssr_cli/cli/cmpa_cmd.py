@@ -143,6 +143,7 @@ def train_cmpa(
 
     Example:
 
+    \b
         ssr train-cmpa --data VOC2012 --split train_aug --out runs/cmpa
         ssr make-seeds --data VOC2012 --split train --cmpa runs/cmpa --out runs/seeds
 

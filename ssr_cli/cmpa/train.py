@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssr_cli.cmpa.config import CmpaConfig, step_seed
 from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_augment
 from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
 from ssr_cli.cmpa.prototypes import (
@@ -42,87 +42,14 @@ from ssr_cli.cmpa.prototypes import (
     text_prototypes,
 )
 from ssr_cli.console import ProgressBar, info, progress_enabled
-from ssr_cli.errors import ConfigError, DataError
+from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
 from ssr_cli.runtime import autocast
 from ssr_cli.seg import distributed as D
 
 LOG_FILE = "log.jsonl"
-CAM_SOURCES = ("heads", "clip")
-# window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
+# log-window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
 _WINDOW = 10
-
-
-@dataclass
-class CmpaConfig:
-    """Training settings; ``batch_size`` is per process. Fields after ``seed`` do not change results."""
-
-    iters: int = 10000
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    dim: int = 256
-    hidden: int = 256
-    head_init: str = "pca"
-    init_images: int = 256
-    protos_per_class: int = 1
-    proto_every: int = 5000
-    proto_ema: float = 0.0
-    temperature: float = 0.05
-    size: int = 448
-    scale_range: tuple[float, float] = (0.75, 1.25)
-    flip: bool = True
-    jitter: float = 0.2
-    cam_source: str = "heads"
-    precision: str = "fp32"
-    seed: int = 0
-    workers: int = 2
-    save_every: int = 500
-    log_every: int = 10
-    check_sync_every: int = 0
-
-    RESULT_FIELDS = (
-        "iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",
-        "protos_per_class", "proto_every", "proto_ema", "temperature", "size", "scale_range", "flip",
-        "jitter", "cam_source", "precision", "seed",
-    )  # fmt: skip
-
-    def __post_init__(self) -> None:
-        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
-        checks = [
-            (self.iters >= 0, "--iters must be at least 0"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr >= 0, "--lr must not be negative"),
-            (self.weight_decay >= 0, "--weight-decay must not be negative"),
-            (self.dim >= 1 and self.hidden >= 1, "--dim and --hidden must be at least 1"),
-            (self.init_images >= 1, "--init-images must be at least 1"),
-            (self.protos_per_class >= 1, "--protos-per-class must be at least 1"),
-            (self.proto_every >= 1, "--proto-every must be at least 1"),
-            (0 <= self.proto_ema < 1, "--proto-ema must be in [0, 1) (0: off)"),
-            (self.size >= 16, "--size must be at least 16"),
-            (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
-            (0 <= self.jitter < 1, "--jitter must be in [0, 1)"),
-            (self.head_init in ("pca", "random"), "--head-init must be pca or random"),
-            (self.cam_source in CAM_SOURCES, f"--cam-source must be one of {', '.join(CAM_SOURCES)}"),
-            (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["scale_range"] = list(self.scale_range)
-        return data
-
-    def result_dict(self) -> dict[str, Any]:
-        data = self.to_dict()
-        return {k: data[k] for k in self.RESULT_FIELDS}
-
-
-def step_seed(seed: int, iteration: int, rank: int) -> int:
-    """torch's seed for one step: a pure function of (seed, iteration, rank)."""
-    return int(np.random.default_rng([seed, 0xC3BA, iteration, rank]).integers(0, 2**62))
 
 
 def prompt_embeddings(model: Any, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +82,8 @@ def init_heads(
         weight = random_projection(e, cfg.dim, cfg.seed)
     else:
         order = np.random.default_rng([cfg.seed, 0x1417]).permutation(len(items))[: cfg.init_images]
-        info(f"train-cmpa: initial projection from {len(order)} image embeddings")
+        if env.is_main:
+            info(f"train-cmpa: initial projection from {len(order)} image embeddings")
         moment = embedding_moment(
             model, items, order.tolist(), cfg.size, cfg.batch_size, precision, env, loader
         )
@@ -266,6 +194,7 @@ def train(
             return [(items[i].image, side, a) for i, a in zip(idx, augs, strict=True)]
 
         timing = {"data": 0.0, "clip": 0.0, "heads": 0.0, "protos": 0.0}
+        wtime = {"data": 0.0, "clip": 0.0, "heads": 0.0}  # this log window's step time, by part
         bar_box: list[Any] = [None]
 
         def refresh(it: int) -> Prototypes:
@@ -277,7 +206,7 @@ def train(
                 if bar_box[0] is not None:
                     bar_box[0].update(0, status=f"prototypes {min(seen[0], len(items))}/{len(items)}")
 
-            if not progress_enabled():
+            if env.is_main and not progress_enabled():
                 info(f"train-cmpa: iteration {it}: collecting prototypes over {len(items)} images")
             heads.eval()
             found = collect_features(
@@ -297,8 +226,9 @@ def train(
                                 hint="check the labels and the CLIP weights")  # fmt: skip
             seconds = time.perf_counter() - started
             timing["protos"] += seconds
-            write_log({"iter": it, "prototypes": {"features": found.counts.tolist(), "classes": int(valid.sum()),
-                                                  "seconds": round(seconds, 3)}})  # fmt: skip
+            record = {"features": found.counts.tolist(), "classes": int(valid.sum()),
+                      "seconds": round(seconds, 3)}  # fmt: skip
+            write_log({"iter": it, "prototypes": record})
             return Prototypes(image.to(device), text, back, valid.to(device), found.counts.to(device), it)
 
         def checkpoint_state(iteration: int) -> dict[str, Any]:
@@ -348,9 +278,8 @@ def train(
                 loss, stats = prototype_loss(
                     feats[ok], cls_idx[ok], txt_feats, txt_cls, protos, inv_tau.float()
                 )
-                loss = loss + 0.0 * (
-                    projected.float().sum() + txt.float().sum()
-                )  # every parameter in the graph
+                touch = projected.float().sum() + txt.float().sum()
+                loss = loss + 0.0 * touch  # every parameter in the graph, even without anchors (DDP)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -361,20 +290,17 @@ def train(
                         bg_live = text_prototypes(heads.project_text, bg_prompts)
                     ema_update(protos, feats[ok], cls_idx[ok], text_live, bg_live, cfg.proto_ema, env)
                 same, other = similarity_stats(feats[ok].detach(), cls_idx[ok], text_live)
-                values = [loss.detach(), stats["loss_i2t"], stats["loss_t2i"], same, other]
-                for j, v in enumerate(values):
-                    v = v.double()
-                    if j == 0:
-                        window[0] += v
-                    elif bool(torch.isfinite(v)):
-                        window[2 * j - 1] += v
-                        window[2 * j] += 1
+                window[0] += loss.detach().double()
                 window[9] += 1
+                for j, v in enumerate((stats["loss_i2t"], stats["loss_t2i"], same, other)):
+                    if bool(torch.isfinite(v)):  # (sum, count) pairs at 1-2, 3-4, 5-6, 7-8
+                        window[2 * j + 1] += v.double()
+                        window[2 * j + 2] += 1
                 _sync(device)
                 t3 = time.perf_counter()
-                timing["data"] += t1 - t0
-                timing["clip"] += t2 - t1
-                timing["heads"] += t3 - t2
+                for key, dt in (("data", t1 - t0), ("clip", t2 - t1), ("heads", t3 - t2)):
+                    timing[key] += dt
+                    wtime[key] += dt
                 clock["steps"] += 1
                 done = it + 1
 
@@ -387,15 +313,18 @@ def train(
                         "loss_t2i": w[3] / w[4] if w[4] else None, "sim_same": w[5] / w[6] if w[6] else None,
                         "sim_other": w[7] / w[8] if w[8] else None, "temperature": heads.temperature,
                         "lr": optimizer.param_groups[0]["lr"], "iters_per_s": round(speed, 4),
-                        "max_rss_mb": peak_rss_mb(),
+                        "max_rss_mb": peak_rss_mb(), **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
                     }  # fmt: skip
                     write_log(last)
-                    status = f"loss {last['loss']:.4f}  τ {last['temperature']:.4f}  {speed:.2f} it/s"
+                    status = (
+                        f"loss {last['loss']:.4f}  temperature {last['temperature']:.4f}  {speed:.2f} it/s"
+                    )
                     if bar is not None:
-                        bar.update(advance=clock["steps"], status=status)
+                        bar.update(advance=int(clock["steps"]), status=status)
                     if env.is_main and not progress_enabled():
                         info(f"train-cmpa: iteration {done}/{cfg.iters}  {status}")
                     window.zero_()
+                    wtime.update(data=0.0, clip=0.0, heads=0.0)
                     clock.update(start=time.perf_counter(), steps=0)
 
                 if cfg.check_sync_every and done % cfg.check_sync_every == 0:

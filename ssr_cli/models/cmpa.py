@@ -219,8 +219,10 @@ def read_heads_file(path: str | Path) -> tuple[CmpaHeads, dict[str, Any]]:
             raw = (fh.metadata() or {}).get(CONFIG_KEY)
             state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise WeightsError(f"cannot read CMPA heads ({type(exc).__name__})", path=path,
-                           hint="rerun ssr train-cmpa into that folder with --overwrite") from None  # fmt: skip
+        raise WeightsError(
+            f"cannot read CMPA heads ({type(exc).__name__})", path=path,
+            hint="rerun ssr train-cmpa into that folder with --overwrite",
+        ) from None  # fmt: skip
     if raw is None:
         raise WeightsError("not a CMPA heads file (no ssr config in its metadata)", path=path,
                            hint="pass a folder written by ssr train-cmpa")  # fmt: skip

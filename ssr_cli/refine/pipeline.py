@@ -18,12 +18,14 @@ Steps (METHOD.md sections 1, 3 and 4):
 4. background ``(1 - max_c CAM_c) ** bg_alpha``; dense CRF (or not); argmax; pixels
    whose posterior max is below ``conf_thresh`` become 255.
 
-:class:`WorkerPool` runs jobs in ``workers`` processes (0 = inline) with a
-bounded number in flight, so memory does not grow with the number of images. Each
-worker runs torch, OpenCV, OpenMP and BLAS on one thread; results are the same for
-any number of workers. A job's exception comes back as :class:`ItemFailure` naming the
-image id. This module imports only numpy at the top (the workers set their thread
-counts before torch, cv2 or scikit-learn are imported).
+:class:`WorkerPool` runs jobs in ``workers`` processes (0 = inline) with at most
+``2 * workers`` in flight, so memory does not grow with the number of images. The
+workers are forked from a fork server that has imported torch, OpenCV, scikit-learn
+and pydensecrf once (:data:`WORKER_PRELOAD`; spawn where there is no fork server);
+each runs torch, OpenCV and every OpenMP/BLAS pool on one thread (threadpoolctl), and
+inline work does the same, so the results do not depend on the number of workers. A
+job's exception comes back as :class:`ItemFailure` naming the image id. This module
+imports only numpy at the top (import it anywhere).
 """
 
 from __future__ import annotations
@@ -213,7 +215,8 @@ def process_item(job: ItemJob, params: RefineParams) -> ItemResult:
     probs = cams_to_probs(up, alpha=params.bg_alpha)
     lap("refine")
     if params.crf is not None:
-        probs = dense_crf(image, probs, **params.crf)
+        crf = dict(params.crf)
+        probs = dense_crf(image, probs, iters=int(crf.pop("iters", 10)), **crf)
     labels = labels_with_confidence(probs, [0, *class_ids], params.conf_thresh)
     lap("crf" if params.crf is not None else "labels")
     png = encode_label_png(labels)

@@ -176,14 +176,39 @@ def batch_affinity(
     weights: tuple[float, float] = (0.4, 0.6),
     precision: str = "fp32",
     seconds: dict[str, float] | None = None,
+    ids: Sequence[str] = (),
 ) -> np.ndarray:
     """Fused affinities ``[N, h*w, h*w]`` float32 (CPU) for images of one size.
 
     ``images``: HxWx3 uint8 RGB, all of one size; ``grid``: their CLIP patch grid (the
     seeds' ``[h, w]``); ``clip`` / ``dino``: a ``ClipModel`` / ``DinoModel`` or None (not a
     source); ``weights``: (CLIP, DINO) fusion weights; ``seconds``: adds the time of
-    each part (``clip``, ``dino``, ``fuse``).
+    each part (``clip``, ``dino``, ``fuse``); ``ids``: the images' ids, for the one-line
+    error when the GPU runs out of memory.
     """
+    try:
+        return _batch_affinity(
+            images, grid, clip, dino, clip_blocks, dino_blocks, weights, precision, seconds
+        )
+    except torch.cuda.OutOfMemoryError:
+        first = f" from {ids[0]!r}" if ids else ""
+        raise ConfigError(
+            f"out of GPU memory computing the attention of {len(images)} image(s){first}",
+            hint="lower --batch-size, use --precision bf16, or pick a smaller --dino-model",
+        ) from None
+
+
+def _batch_affinity(
+    images: Sequence[np.ndarray],
+    grid: tuple[int, int],
+    clip: Any,
+    dino: Any,
+    clip_blocks: int,
+    dino_blocks: Sequence[int],
+    weights: tuple[float, float],
+    precision: str,
+    seconds: dict[str, float] | None,
+) -> np.ndarray:
     from ssr_cli.refine.affinity import fuse_affinity
 
     seconds = {} if seconds is None else seconds

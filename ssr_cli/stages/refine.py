@@ -13,7 +13,16 @@ seeds' patch grid, seed format). Per image (METHOD.md sections 1, 3, 4):
 - worker processes (``pipeline.process_item``): masks, refinement, CLIP-ES
   upsampling, background ``(1 - max CAM) ** bg_alpha``, dense CRF, confidence.
 
-``affinity="clip"`` with ``mask="box"`` (and CLIP-ES's box edges) is CLIP-ES's CAA.
+``affinity="clip"`` with ``mask="box"`` is CLIP-ES's CAA exactly.
+
+Defaults and why: ``affinity="clip+dino"`` with weights 0.4 : 0.6 (the SSR paper);
+CLIP attention of the last 8 blocks (CLIP-ES); DINO's last block (METHOD.md: our
+choice, configurable); ``mask="sgc"`` (SSR; its parameters' reasons are in
+``refine/sgc.py``); box threshold 0.4 of the max, 0.7 for the COCO vocabulary, and
+``box_style="clip-es"`` (CLIP-ES, to the last quirk); background alpha 1 and the CRF
+settings (CLIP-ES, DeepLab: 10 iterations, Gaussian sxy 1 compat 3, bilateral sxy 67
+srgb 3 compat 4); ``conf_thresh`` 0.95 of the CRF posterior (CLIP-ES), and none
+without the CRF (the normalised CAM stack is no posterior: 0.95 would drop most pixels).
 Imports torch: only import inside command bodies.
 """
 
@@ -355,7 +364,7 @@ def run(
                 if pool.failed:
                     break
                 images = [image for image, _ in read]
-                grid = tuple(int(v) for v in read[0][1]["cams"].shape[1:])
+                grid = (int(read[0][1]["cams"].shape[1]), int(read[0][1]["cams"].shape[2]))
                 if any(tuple(s["cams"].shape[1:]) != grid for _, s in read):
                     raise ArtefactError(f"seeds of images {batch} have different grids", path=seeds.root)
                 fused = None
@@ -370,6 +379,7 @@ def run(
                         weights=cfg.affinity_weights,
                         precision=precision,
                         seconds=seconds,
+                        ids=batch,
                     )
                 for k, (item_id, (image, seed)) in enumerate(zip(batch, read, strict=True)):
                     if item_id in pending:

@@ -97,7 +97,8 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
         new_iters = basis["config"]["train"]["iters"]
         if resume and old_iters is not None and old_iters != new_iters:
             raise ConfigError(
-                f"--resume continues an interrupted run exactly: --iters {new_iters} differs from the run's {old_iters}",
+                f"--resume continues an interrupted run exactly: --iters {new_iters} differs from "
+                f"the run's {old_iters}",
                 hint=f"resume with --iters {old_iters}; to train longer, start a new run in another folder",
             )
         changed = _diff(old.get("fingerprint_basis", {}), basis)
@@ -171,9 +172,8 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
     )
     items = [TrainItem(i.id, i.image, tuple(c - 1 for c in i.labels)) for i in dataset.items if i.labels]
     if len(items) < len(dataset):
-        warn(
-            f"{len(dataset) - len(items)} of {len(dataset)} images have no image-level label; training without them"
-        )
+        missing = len(dataset) - len(items)
+        warn(f"{missing} of {len(dataset)} images have no image-level label; training without them")
     device = resolve_device(opts.device)
     tdict = dict(opts.train)
     tdict["precision"] = resolve_precision(tdict.get("precision", "auto"), device)
@@ -209,9 +209,9 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
         if isinstance(decision, SSRError):
             raise decision
         if decision == "done":
-            info(
-                f"train-cmpa: {out} already holds these trained heads; nothing to do (--overwrite trains again)"
-            )
+            if env.is_main:
+                info(f"train-cmpa: {out} already holds these trained heads; nothing to do "
+                     "(--overwrite trains again)")  # fmt: skip
             return read_manifest(out)
         resume_state = None
         if decision == "resume":
@@ -219,14 +219,16 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             if resume_state.get("fingerprint") != fp:
                 raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
                                     hint="start again with --overwrite")  # fmt: skip
-            info(f"train-cmpa: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
+            if env.is_main:
+                info(f"train-cmpa: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "tool": "ssr-cli", "tool_version": __version__, "stage": STAGE,
             "created": _now(), "updated": _now(), "host": socket.gethostname(),
             "config": {
-                "data": str(opts.data), "layout": dataset.layout, "split": dataset.split, "labels": opts.labels,
-                "vocab": dataset.vocab.name, "arch": arch, "clip_arch_option": opts.arch, "weights": opts.weights,
-                "device": str(device), "world_size": env.world, "train": cfg.to_dict(),
+                "data": str(opts.data), "layout": dataset.layout, "split": dataset.split,
+                "labels": opts.labels, "vocab": dataset.vocab.name, "arch": arch,
+                "clip_arch_option": opts.arch, "weights": opts.weights, "device": str(device),
+                "world_size": env.world, "train": cfg.to_dict(),
             },
             "fingerprint_basis": basis, "fingerprint": fp, "upstream": {},
             "inputs": {"dataset": dataset.describe(), "clip": model.describe()},
@@ -245,8 +247,10 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             for notice in notices:
                 warn(notice)
         D.barrier(env)
-        info(f"train-cmpa: {len(items)} images, {len(dataset.vocab.classes)} classes, CLIP {arch}, d2 {cfg.dim}, "
-             f"{cfg.iters} iterations on {device} x{env.world}, precision {cfg.precision}")  # fmt: skip
+        if env.is_main:
+            info(f"train-cmpa: {len(items)} images, {len(dataset.vocab.classes)} classes, CLIP {arch}, "
+                 f"d2 {cfg.dim}, {cfg.iters} iterations on {device} x{env.world}, "
+                 f"precision {cfg.precision}")  # fmt: skip
         heads, protos, summary = train(out, model, items, dataset.vocab, cfg, env, resume=resume_state,
                                        run_fingerprint=fp, clip_id=clip_id)  # fmt: skip
         if env.is_main:

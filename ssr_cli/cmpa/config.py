@@ -1,0 +1,85 @@
+"""Settings of ``ssr train-cmpa`` and the per-step seed (no torch import)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ssr_cli.errors import ConfigError
+
+CAM_SOURCES = ("heads", "clip")
+
+
+@dataclass
+class CmpaConfig:
+    """Training settings; ``batch_size`` is per process. Fields after ``seed`` do not change results."""
+
+    iters: int = 10000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    dim: int = 256
+    hidden: int = 0  # 0: the same as dim
+    head_init: str = "pca"
+    init_images: int = 256
+    protos_per_class: int = 1
+    proto_every: int = 5000
+    proto_ema: float = 0.0
+    temperature: float = 0.05
+    size: int = 448
+    scale_range: tuple[float, float] = (0.75, 1.25)
+    flip: bool = True
+    jitter: float = 0.2
+    cam_source: str = "heads"
+    precision: str = "fp32"
+    seed: int = 0
+    workers: int = 2
+    save_every: int = 500
+    log_every: int = 10
+    check_sync_every: int = 0
+
+    RESULT_FIELDS = (
+        "iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",
+        "protos_per_class", "proto_every", "proto_ema", "temperature", "size", "scale_range", "flip",
+        "jitter", "cam_source", "precision", "seed",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
+        self.hidden = self.hidden or self.dim
+        checks = [
+            (self.iters >= 0, "--iters must be at least 0"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr >= 0, "--lr must not be negative"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.dim >= 1 and self.hidden >= 1, "--dim and --hidden must be at least 1"),
+            (self.init_images >= 1, "--init-images must be at least 1"),
+            (self.protos_per_class >= 1, "--protos-per-class must be at least 1"),
+            (self.proto_every >= 1, "--proto-every must be at least 1"),
+            (0 <= self.proto_ema < 1, "--proto-ema must be in [0, 1) (0: off)"),
+            (self.size >= 16, "--size must be at least 16"),
+            (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
+            (0 <= self.jitter < 1, "--jitter must be in [0, 1)"),
+            (self.head_init in ("pca", "random"), "--head-init must be pca or random"),
+            (self.cam_source in CAM_SOURCES, f"--cam-source must be one of {', '.join(CAM_SOURCES)}"),
+            (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scale_range"] = list(self.scale_range)
+        return data
+
+    def result_dict(self) -> dict[str, Any]:
+        data = self.to_dict()
+        return {k: data[k] for k in self.RESULT_FIELDS}
+
+
+def step_seed(seed: int, iteration: int, rank: int) -> int:
+    """torch's seed for one step: a pure function of (seed, iteration, rank)."""
+    return int(np.random.default_rng([seed, 0xC3BA, iteration, rank]).integers(0, 2**62))
