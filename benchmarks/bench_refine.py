@@ -154,8 +154,9 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
     return {name: float(np.mean(values)) for name, values in rows.items()}, jobs
 
 
-def time_pool(jobs: list, count: int, workers: int) -> float:
-    """Seconds for ``count`` jobs (the prepared ones in turn) through a warmed-up pool of ``workers``."""
+def time_pool(jobs: list, count: int, workers: int) -> tuple[float, float]:
+    """(wall seconds, mean CPU seconds per job) for ``count`` jobs (the prepared ones in turn)
+    through a warmed-up pool of ``workers``."""
     from dataclasses import replace
 
     from ssr_cli.refine.crf import CRF_DEFAULTS
@@ -168,11 +169,12 @@ def time_pool(jobs: list, count: int, workers: int) -> float:
             pool.submit(replace(jobs[k % len(jobs)], item_id=f"warm{k}"))
         list(pool.drain())
         start = time.perf_counter()
+        results = []
         for k in range(count):
-            pool.submit(replace(jobs[k % len(jobs)], item_id=f"job{k}"))
-        list(pool.drain())
-        assert not pool.failures, pool.failures
-        return time.perf_counter() - start
+            results += pool.submit(replace(jobs[k % len(jobs)], item_id=f"job{k}"))
+        results += list(pool.drain())
+        assert not pool.failures and len(results) == count, pool.failures
+        return time.perf_counter() - start, float(np.mean([r.seconds["cpu"] for r in results]))
 
 
 def _tree_rss(root: int) -> tuple[int, int]:
@@ -218,6 +220,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4, help="N (a multiple of 4); the big run has 4N")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per part (median)")
+    parser.add_argument(
+        "--skip-runs", action="store_true", help="only the parts and the pool (no whole runs)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the 1-vs-2 worker pool timing")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (reused when rerun)")
     args = parser.parse_args()
@@ -247,29 +252,31 @@ def main() -> None:
         env=ENV,
         check=True,
     )
-    print(
-        f"seeds for {4 * n} images (random ViT-B/16 GradCAM): {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
+    took = time.perf_counter() - started
+    print(f"seeds for {4 * n} images (random ViT-B/16 GradCAM; resumed if kept): {took:.1f} s", flush=True)
 
     parts, jobs = time_parts(data, seeds, args.repeats)
     print(f"\nper image, each part alone (mean over the 4 photos, median of {args.repeats} runs)")
     for name, seconds in parts.items():
         print(f"  {name:<52} {seconds:8.3f} s")
 
-    pool: dict[int, list[float]] = {1: [], 2: []}
+    pool: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
     for _ in range(args.rounds):  # alternate, so that a burst of load elsewhere hits both
         for w in (1, 2):
             pool[w].append(time_pool(jobs, 4 * n, w))
     print(f"\nCPU part of refine (SGC mask, refinement, CRF, PNG) on {4 * n} jobs, {args.rounds} rounds")
-    for w, seconds in pool.items():
-        shown = ", ".join(f"{t:.2f}" for t in seconds)
-        print(f"  {w} worker(s): {shown} s; best {min(seconds) / (4 * n):.3f} s per image")
-    ratios = [a / b for a, b in zip(pool[1], pool[2], strict=True)]
-    print(
-        f"  speed-up 2 vs 1 workers: best times {min(pool[1]) / min(pool[2]):.2f}x, per round "
-        f"{', '.join(f'{r:.2f}' for r in ratios)} (goal >= 1.6x)"
-    )
+    for w, rounds in pool.items():
+        shown = ", ".join(f"{wall:.2f} s (CPU {cpu:.3f} s per job)" for wall, cpu in rounds)
+        print(f"  {w} worker(s): {shown}")
+    ratios = [a[0] / b[0] for a, b in zip(pool[1], pool[2], strict=True)]
+    best = min(t for t, _ in pool[1]) / min(t for t, _ in pool[2])
+    per_round = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"  speed-up 2 vs 1 workers: best times {best:.2f}x, per round {per_round}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"  (goal >= 1.6x; load average now {load} on {os.cpu_count()} CPUs:")
+    print("   wall per job far above its CPU time means the cores were busy with other work)")
+    if args.skip_runs:
+        return
 
     runs = {}
     common = [

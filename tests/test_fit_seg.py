@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ssr_cli.cli import main
+from ssr_cli.runtime import torch_threads
 from ssr_cli.seg.synthetic import make_shapes_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,7 +42,8 @@ def error_line(err: str) -> str:
 
 
 def sub_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", SSR_QUIET="1", PYTHONUNBUFFERED="1")
+    """One compute thread per process: steady speed on a shared, busy CPU."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", SSR_QUIET="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
@@ -81,7 +83,8 @@ def test_overfits_shapes_then_predict_and_eval(shapes: Path, tmp_path: Path, cap
         "--val-split", "val", "--val-every", "50", "--log-every", "10", "--seed", "0",
     ]  # fmt: skip
     started = time.perf_counter()
-    code, out, err = run_cli(args, capsys)
+    with torch_threads(1):  # one thread: steady speed on a shared, busy CPU
+        code, out, err = run_cli(args, capsys)
     seconds = time.perf_counter() - started
     assert code == 0, err
     assert "model.safetensors" in out
@@ -160,7 +163,7 @@ def test_torchrun_two_processes_agree_on_weights(shapes: Path, tmp_path: Path) -
             "--val-split", "val", "--workers", "0"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ssr_cli", *map(str, args)]  # fmt: skip
-    done = subprocess.run(cmd, env=sub_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env=sub_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     syncs = [r for r in read_log(run) if "sync" in r]
     assert [r["iter"] for r in syncs] == [1, 2, 3]

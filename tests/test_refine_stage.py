@@ -369,3 +369,31 @@ def test_the_worker_count_does_not_change_the_labels(tmp_path, capsys, models, s
     values = [np.array(Image.open(tmp_path / "w2" / "labels" / f"{i}.png")) for i in results[2]]
     assert len(values) == 4 and any((v == 255).any() for v in values)  # --conf-thresh without the CRF
     assert results[1] == results[2] and results[0] == results[2]
+
+
+def test_random_dino_is_announced(tmp_path, capsys, models, seeds_val):
+    out = tmp_path / "random"
+    args = [
+        "refine",
+        "--seeds",
+        seeds_val,
+        "--out",
+        out,
+        "--affinity",
+        "dino",
+        "--dino-model",
+        models["dino_cfg"],
+        "--dino-weights",
+        "random",
+        "--no-crf",
+        "--workers",
+        "0",
+    ]
+    code, _, err = ssr(capsys, *args)
+    assert code == 0, err
+    assert "RANDOM" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any("DINO weights are RANDOM" in n for n in manifest["notices"])
+    assert manifest["inputs"]["dino"]["weights"]["origin"] == "random"
+    assert manifest["fingerprint_basis"]["config"]["dino"]["weights"] == "random:seed=0"
+    assert "clip" not in manifest["inputs"]  # --affinity dino needs no CLIP

@@ -135,14 +135,6 @@ class TrainStream(Dataset):
         return x, y
 
 
-def worker_init(_: int) -> None:
-    """DataLoader workers: one OpenCV/torch thread each (the main process does the compute)."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
 def clean_worker_error(exc: BaseException) -> BaseException:
     """Turn an error re-raised by a DataLoader worker back into a one-line ``SSRError``.
 

@@ -31,7 +31,7 @@ from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
 from ssr_cli.runtime import autocast
 from ssr_cli.seg import distributed as D
 from ssr_cli.seg.checkpoint import MODEL_FILE, rng_states, save_checkpoint, save_model_file, set_rng_states
-from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error, worker_init
+from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error
 from ssr_cli.seg.infer import evaluate
 from ssr_cli.seg.loss import segmentation_loss
 
@@ -204,7 +204,6 @@ def train(
         batch_sampler=_Batches(layout, start, cfg.iters, env.rank),
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init if cfg.workers else None,
         prefetch_factor=4 if cfg.workers else None,
     )
     batches = iter(loader)

@@ -3,14 +3,18 @@
 Images are HxWx3 uint8 RGB, labels HxW uint8 class ids with 255 = ignore. Every
 random choice comes from the ``numpy.random.Generator`` passed in, so a sample is
 a pure function of its generator's seed (see ``data.py``).
+
+This code runs in forked DataLoader workers, so it uses PIL and numpy only:
+OpenCV's thread pool does not survive ``fork`` (a forked child that calls into it
+after the parent used it can hang).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cv2
 import numpy as np
+from PIL import Image
 
 IGNORE = 255
 
@@ -29,8 +33,8 @@ def resize_pair(
     """Resize image (bilinear) and label (nearest) to ``height`` x ``width``."""
     size = (int(width), int(height))
     return (
-        cv2.resize(image, size, interpolation=cv2.INTER_LINEAR),
-        cv2.resize(label, size, interpolation=cv2.INTER_NEAREST),
+        np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)),
+        np.asarray(Image.fromarray(label).resize(size, Image.NEAREST)),
     )
 
 
@@ -61,10 +65,11 @@ def random_scale_crop_flip(
         image, label = resize_pair(image, label, nh, nw)
     ph, pw = max(crop_size - nh, 0), max(crop_size - nw, 0)
     if ph or pw:
-        image = cv2.copyMakeBorder(
-            image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=tuple(int(v) for v in fill)
-        )
-        label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=IGNORE)
+        padded = np.empty((nh + ph, nw + pw, 3), np.uint8)
+        padded[:] = np.asarray(fill, np.uint8)
+        padded[:nh, :nw] = image
+        image = padded
+        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
     h, w = label.shape
     top = int(rng.integers(0, h - crop_size + 1))
     left = int(rng.integers(0, w - crop_size + 1))

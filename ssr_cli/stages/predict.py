@@ -109,7 +109,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     from ssr_cli.runtime import resolve_device, resolve_precision
     from ssr_cli.seg.checkpoint import load_segmenter
     from ssr_cli.seg.crf import CRFParams, dense_crf
-    from ssr_cli.seg.data import clean_worker_error, worker_init
+    from ssr_cli.seg.data import clean_worker_error
     from ssr_cli.seg.infer import predict_probs
 
     if not opts.scales or any(s <= 0 for s in opts.scales):
@@ -152,10 +152,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     pending = set(run_folder.pending(ids))
     todo = [pair for pair in pairs if pair[0] in pending]
     info(f"predict: {len(todo)} of {len(shard.select(ids))} images to do (shard {shard}) on {device}")
-    loader = DataLoader(
-        _Images(todo), batch_size=None, num_workers=opts.workers,
-        worker_init_fn=worker_init if opts.workers else None,
-    )  # fmt: skip
+    loader = DataLoader(_Images(todo), batch_size=None, num_workers=opts.workers)
     started = time.perf_counter()
     done = 0
     with ProgressBar("predict", total=len(todo)) as bar:
