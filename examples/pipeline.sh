@@ -16,26 +16,44 @@ RUNS="${RUNS:-$HERE/../runs/demo}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 SSR="${SSR:-ssr}"
 
-# Where would CLIP's weights come from? (the same resolution make-seeds uses; no download here)
-CLIP_WEIGHTS="$(python - <<'PY' 2>/dev/null || true
-from ssr_cli.models.clip import clip_weights_source
+# Where would the weights come from? (the same resolution the stages use; nothing is downloaded)
+resolve() {  # $1 = clip|dino|backbone
+  python - "$1" <<'PY' 2>/dev/null || echo random
+import sys
+kind = sys.argv[1]
 try:
-    print(clip_weights_source("ViT-B-16", None).path)
+    if kind == "clip":
+        from ssr_cli.models.clip import clip_weights_source as f; print(f("ViT-B-16", None).path)
+    elif kind == "dino":
+        from ssr_cli.models.dino import dino_weights_source as f; print(f("dino_vitb16", None).path)
+    else:
+        from ssr_cli.models.backbone_weights import resolve_backbone_state as f
+        print("pretrained" if f("resnet101", None) is not None else "random")
 except Exception:
     print("random")
 PY
-)"
-CLIP_WEIGHTS="${CLIP_WEIGHTS:-random}"
+}
+CLIP_WEIGHTS="${SSR_CLIP_WEIGHTS:-$(resolve clip)}"
+DINO_WEIGHTS="${SSR_DINO_WEIGHTS:-$(resolve dino)}"
+BACKBONE="$(resolve backbone)"
+UNTRAINED=""
+[ "$CLIP_WEIGHTS" = "random" ] && UNTRAINED="$UNTRAINED CLIP"
+[ "$DINO_WEIGHTS" = "random" ] && UNTRAINED="$UNTRAINED DINO"
+[ "$BACKBONE" = "random" ] && UNTRAINED="$UNTRAINED segmenter-backbone"
+BACKBONE_FLAG=""
+[ "$BACKBONE" = "random" ] && BACKBONE_FLAG="--no-pretrained"
+SEG_ITERS="${SEG_ITERS:-12}"
+
 banner() {
-  if [ "$CLIP_WEIGHTS" = "random" ]; then
+  if [ -n "$UNTRAINED" ]; then
     echo "================================================================================"
-    echo " DEMO WITH UNTRAINED MODELS: no CLIP weights were found and nothing is downloaded."
-    echo " Every stage below really runs, but the CAMs and labels are meaningless."
-    echo " For real results put OpenAI's ViT-B-16.pt where 'ssr make-seeds --help' says,"
-    echo " or set SSR_CLIP_WEIGHTS=/path/to/ViT-B-16.pt, and rerun."
+    echo " DEMO WITH UNTRAINED MODELS:$UNTRAINED (no weights found; nothing is downloaded)."
+    echo " Every stage below really runs, but the CAMs, pseudo-labels and scores are"
+    echo " meaningless. For real results supply the weights (see README, 'Weights'):"
+    echo " SSR_CLIP_WEIGHTS=ViT-B-16.pt SSR_DINO_WEIGHTS=dino_vitbase16_pretrain.pth"
     echo "================================================================================"
   else
-    echo "Using CLIP weights: $CLIP_WEIGHTS"
+    echo "Using pretrained weights: CLIP $CLIP_WEIGHTS, DINO $DINO_WEIGHTS"
   fi
 }
 banner
@@ -43,13 +61,23 @@ banner
 echo "== 1. check the dataset"
 $SSR data check --data "$DATA" --split "$SPLIT"
 
-echo "== 2. CLIP GradCAM seeds"
+echo "== 2. CLIP GradCAM seeds (and the CLIP attention refine needs)"
 $SSR make-seeds --data "$DATA" --split "$SPLIT" --out "$RUNS/seeds" --clip-weights "$CLIP_WEIGHTS"
+$SSR eval "$RUNS/seeds" --data "$DATA" --split "$EVAL_SPLIT" --search-bg --allow-missing
 
-echo "== 3. score the seeds against the ground truth of '$EVAL_SPLIT' (background rule searched)"
-$SSR make-seeds --data "$DATA" --split "$EVAL_SPLIT" --out "$RUNS/seeds-$EVAL_SPLIT" \
-  --clip-weights "$CLIP_WEIGHTS"
-$SSR eval "$RUNS/seeds-$EVAL_SPLIT" --data "$DATA" --split "$EVAL_SPLIT" --search-bg
+echo "== 3. SSR refinement: CLIP+DINO affinity, superpixel mask, CRF -> pseudo-labels"
+$SSR refine --seeds "$RUNS/seeds" --out "$RUNS/refine" --dino-weights "$DINO_WEIGHTS"
+$SSR eval "$RUNS/refine" --data "$DATA" --split "$EVAL_SPLIT" --allow-missing
+
+echo "== 4. train the segmenter on the pseudo-labels ($SEG_ITERS steps: a smoke run)"
+$SSR fit-seg --data "$DATA" --split "$SPLIT" --pseudo "$RUNS/refine" --out "$RUNS/seg" \
+  --backbone resnet101 $BACKBONE_FLAG --iters "$SEG_ITERS" --batch-size 2 --crop-size 321 \
+  --save-every 6 --val-split "$EVAL_SPLIT"
+
+echo "== 5. predict (multi-scale + flip) and score on '$EVAL_SPLIT'"
+$SSR predict --model "$RUNS/seg" --data "$DATA" --split "$EVAL_SPLIT" --out "$RUNS/pred" \
+  --scales 0.75,1.0,1.25 --flip
+$SSR eval "$RUNS/pred" --data "$DATA" --split "$EVAL_SPLIT"
 
 echo "== done: run folders under $RUNS"
 banner

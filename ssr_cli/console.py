@@ -119,7 +119,7 @@ class ProgressBar:
             )
         return self
 
-    def update(self, advance: int = 1, status: str | None = None) -> None:
+    def update(self, advance: float = 1, status: str | None = None) -> None:
         if self._bar is not None:
             kwargs = {} if status is None else {"status": status}
             self._bar.update(self._task, advance=advance, **kwargs)
