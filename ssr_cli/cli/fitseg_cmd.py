@@ -135,9 +135,10 @@ def fit_seg(
 ) -> None:
     """Train a DeepLab-style segmenter (ASPP head on a timm backbone) on pseudo-labels.
 
+    \b
     Example:
-
-        ssr fit-seg --data VOC2012 --split train_aug --pseudo runs/refine --val-split val --out runs/seg
+      ssr fit-seg --data VOC2012 --split train_aug --pseudo runs/refine \\
+                  --val-split val --out runs/seg
 
     Several processes: torchrun --nproc-per-node 4 -m ssr_cli fit-seg ... (DistributedDataParallel;
     --batch-size is per process). Writes checkpoints/last.pt, best.pt (with --val-split), log.jsonl and
@@ -155,10 +156,6 @@ def fit_seg(
         "sync_bn": sync_bn, "seed": seed, "workers": workers, "save_every": save_every,
         "val_every": val_every, "log_every": log_every, "check_sync_every": check_sync_every,
     }  # fmt: skip
-    if loss not in ("balanced", "ce"):
-        from ssr_cli.errors import ConfigError
-
-        raise ConfigError(f"--loss {loss!r} is not known", hint="use balanced or ce")
     opts = stage.FitSegOptions(
         data=data, pseudo=pseudo, out=out, layout=layout, split=split, vocab=vocab, gt=gt,
         val_split=val_split, backbone=backbone, output_stride=output_stride, head=head,

@@ -60,9 +60,10 @@ def predict(
 ) -> None:
     """Predict label maps (palette PNGs) for a dataset split or a folder of images.
 
+    \b
     Example:
-
-        ssr predict --model runs/seg --data VOC2012 --split val --scales 0.75,1.0,1.25 --flip --out runs/pred
+      ssr predict --model runs/seg --data VOC2012 --split val \\
+                  --scales 0.75,1.0,1.25 --flip --out runs/pred
 
     Then score them with `ssr eval runs/pred --data VOC2012 --split val`. Rerunning the same command
     resumes; `--shard i/n` or torchrun split the images across processes.

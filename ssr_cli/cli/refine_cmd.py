@@ -90,6 +90,15 @@ def refine_command(
         int,
         typer.Option("--clip-blocks", min=1, help="CLIP attention: mean of the last N blocks (CLIP-ES: 8)."),
     ] = 8,
+    clip_attention: Annotated[
+        str,
+        typer.Option(
+            "--clip-attention",
+            help="auto: read CLIP's attention from the seeds when they hold it for --clip-blocks "
+            "(make-seeds --save-attn: no CLIP forward, CLIP not loaded), else recompute it; "
+            "seeds: require the stored one; recompute: always run CLIP (float32 instead of float16).",
+        ),
+    ] = "auto",
     clip_arch: Annotated[
         Optional[str],
         typer.Option("--clip-arch", help="Only if the seeds' CLIP config JSON moved: its new path."),
@@ -245,6 +254,7 @@ def refine_command(
         affinity_weights=parse_weights(affinity_weights),
         mask=mask.strip().lower(),
         clip_blocks=clip_blocks,
+        clip_attention=clip_attention.strip().lower(),
         clip_arch=clip_arch,
         clip_weights=clip_weights,
         dino_model=dino_model,

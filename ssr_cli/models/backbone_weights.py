@@ -52,7 +52,8 @@ def check_state_dict(name: str, state: dict[str, Any], source: str) -> None:
 
     with torch.device("meta"):
         reference = timm.create_model(name, pretrained=False)
-    classifier = reference.pretrained_cfg.get("classifier") or ()
+    pretrained_cfg: dict[str, Any] = dict(getattr(reference, "pretrained_cfg", None) or {})
+    classifier = pretrained_cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
 
     def is_classifier(key: str) -> bool:  # or a BatchNorm counter, absent from many checkpoints
@@ -93,7 +94,7 @@ def _hub_files(name: str) -> tuple[str | None, list[str]]:
     except Exception:  # noqa: BLE001 - a name without pretrained configs
         cfg = None
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not hub_id:
+    if cfg is None or not hub_id:
         return None, []
     names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
     return hub_id, names

@@ -7,6 +7,8 @@ Tensors are NCHW throughout. ``Segmenter.forward`` takes a normalised image batc
 The architecture is data: :class:`SegmenterConfig` holds everything needed to
 rebuild the model (it is stored in the safetensors metadata and the checkpoints),
 so ``build_segmenter(config)`` plus a state dict gives back the trained model.
+
+Imports torch and timm: only import this module inside command bodies.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ssr_cli.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from torch import nn
 
 HEADS = ("deeplabv3plus", "aspp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,10 +81,10 @@ class SegmenterConfig:
     def from_dict(cls, data: dict[str, Any]) -> SegmenterConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
-        return cls(**kwargs)
+        return cls(**kwargs)  # type: ignore[arg-type]
 
 
-def _conv_bn_relu(nn: Any, cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+def _conv_bn_relu(cin: int, cout: int, kernel: int, dilation: int = 1) -> nn.Sequential:
     pad = 0 if kernel == 1 else dilation
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
@@ -99,10 +101,10 @@ def upsample_aligned(x: torch.Tensor, factor: int, size: Sequence[int]) -> torch
     is centred, so for convolutional stems (ResNets) stride-``factor`` features land
     on the pixels they were computed at (``align_corners=False`` would shift them by
     (factor - 1) / 2 pixels; DeepLab's 321 = 4 * 80 + 1 crops served the same end).
-    Beyond the last feature row/column the edge values are repeated.
+    Patchify stems (ConvNeXt) are centred (factor - 1) / 2 pixels further; training
+    absorbs such a constant offset. Beyond the last feature row/column the edge
+    values are repeated.
     """
-    import torch.nn.functional as F
-
     h, w = x.shape[2:]
     height, width = int(size[0]), int(size[1])
     full = (factor * (h - 1) + 1, factor * (w - 1) + 1)
@@ -114,75 +116,75 @@ def upsample_aligned(x: torch.Tensor, factor: int, size: Sequence[int]) -> torch
     return x[:, :, :height, :width]
 
 
-def _build_modules(cfg: SegmenterConfig, backbone: nn.Module, channels: list[int], strides: list[int]) -> Any:
-    import torch
-    from torch import nn
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: (N, Cin, h, w) -> (N, C, h, w).
 
-    class ASPP(nn.Module):
-        """Atrous spatial pyramid pooling: (N, Cin, h, w) -> (N, C, h, w).
+    Branches: 1x1 conv, one 3x3 conv per rate, image pooling. The pooling branch
+    has no BatchNorm, so batches of one image (per process) still train.
+    """
 
-        Branches: 1x1 conv, one 3x3 conv per rate, image pooling. The pooling branch
-        has no BatchNorm, so batches of one image (per process) still train.
-        """
+    def __init__(self, cin: int, cout: int, rates: Sequence[int], dropout: float) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList([_conv_bn_relu(cin, cout, 1)])
+        self.branches.extend(_conv_bn_relu(cin, cout, 3, r) for r in rates)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(_conv_bn_relu(cout * (len(rates) + 2), cout, 1), nn.Dropout(dropout))
 
-        def __init__(self, cin: int, cout: int, rates: tuple[int, ...], dropout: float) -> None:
-            super().__init__()
-            self.branches = nn.ModuleList([_conv_bn_relu(nn, cin, cout, 1)])
-            self.branches.extend(_conv_bn_relu(nn, cin, cout, 3, r) for r in rates)
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
-            self.project = nn.Sequential(
-                _conv_bn_relu(nn, cout * (len(rates) + 2), cout, 1), nn.Dropout(dropout)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
+        return self.project(torch.cat([*outs, pooled], dim=1))
+
+
+class DeepLabHead(nn.Module):
+    """ASPP (+ DeepLabV3+ decoder): [low (N,C0,h0,w0), last (N,C1,h1,w1)] -> logits (N,K,h,w).
+
+    The logits are at the low-level resolution with the decoder (stride 4), at the
+    last features' resolution without it.
+    """
+
+    def __init__(self, cfg: SegmenterConfig, channels: Sequence[int], strides: Sequence[int]) -> None:
+        super().__init__()
+        c = cfg.aspp_channels
+        self.aspp = ASPP(channels[-1], c, cfg.aspp_rates or (), cfg.dropout)
+        self.use_decoder = cfg.head == "deeplabv3plus"
+        self.factor = strides[-1] // strides[0]
+        if self.use_decoder:
+            self.reduce = _conv_bn_relu(channels[0], cfg.low_level_channels, 1)
+            self.fuse = nn.Sequential(
+                _conv_bn_relu(c + cfg.low_level_channels, c, 3),
+                _conv_bn_relu(c, c, 3),
             )
+        self.classifier = nn.Conv2d(c, cfg.num_classes, 1)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            outs = [branch(x) for branch in self.branches]
-            pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
-            return self.project(torch.cat([*outs, pooled], dim=1))
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = self.aspp(feats[-1])
+        if self.use_decoder:
+            low = self.reduce(feats[0])
+            x = upsample_aligned(x, self.factor, low.shape[2:])
+            x = self.fuse(torch.cat([x, low], dim=1))
+        return self.classifier(x)
 
-    class Head(nn.Module):
-        """ASPP (+ DeepLabV3+ decoder): feature list -> logits at the feature resolution."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            c = cfg.aspp_channels
-            self.aspp = ASPP(channels[-1], c, cfg.aspp_rates or (), cfg.dropout)
-            self.use_decoder = cfg.head == "deeplabv3plus"
-            if self.use_decoder:
-                self.reduce = _conv_bn_relu(nn, channels[0], cfg.low_level_channels, 1)
-                self.fuse = nn.Sequential(
-                    _conv_bn_relu(nn, c + cfg.low_level_channels, c, 3),
-                    _conv_bn_relu(nn, c, c, 3),
-                )
-            self.classifier = nn.Conv2d(c, cfg.num_classes, 1)
+class Segmenter(nn.Module):
+    """Backbone (timm, features_only) + DeepLab head. forward: (N,3,H,W) -> logits (N,K,H,W)."""
 
-        def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-            x = self.aspp(feats[-1])
-            if self.use_decoder:
-                low = self.reduce(feats[0])
-                x = upsample_aligned(x, strides[-1] // strides[0], low.shape[2:])
-                x = self.fuse(torch.cat([x, low], dim=1))
-            return self.classifier(x)
+    def __init__(
+        self, cfg: SegmenterConfig, backbone: nn.Module, channels: Sequence[int], strides: Sequence[int]
+    ):
+        super().__init__()
+        self.config = cfg
+        self.backbone = backbone
+        self.head = DeepLabHead(cfg, channels, strides)
+        self.logit_stride = int(strides[0] if cfg.head == "deeplabv3plus" else strides[-1])
 
-    class Segmenter(nn.Module):
-        """Backbone (timm, features_only) + head. forward: (N,3,H,W) -> logits (N,K,H,W)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.backbone(x))
+        return upsample_aligned(logits, self.logit_stride, x.shape[2:])
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = cfg
-            self.backbone = backbone
-            self.head = Head()
-            self.logit_stride = strides[0] if cfg.head == "deeplabv3plus" else strides[-1]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            feats = self.backbone(x)
-            logits = self.head(feats)
-            return upsample_aligned(logits, self.logit_stride, x.shape[2:])
-
-        def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-            """(backbone parameters, head parameters): the head trains at 10x the learning rate."""
-            return list(self.backbone.parameters()), list(self.head.parameters())
-
-    return Segmenter()
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone parameters, head parameters): the head trains at 10x the learning rate."""
+        return list(self.backbone.parameters()), list(self.head.parameters())
 
 
 def create_backbone(
@@ -196,7 +198,6 @@ def create_backbone(
     backbone has a single level), their channels, their strides).
     """
     import timm
-    import torch
 
     base_kwargs: dict[str, Any] = {"features_only": True}
     if output_stride != 32:
@@ -216,7 +217,8 @@ def create_backbone(
             f"--backbone {name!r} cannot be built with output stride {output_stride} ({exc})",
             hint="try --output-stride 32 or a ResNet/ConvNeXt backbone",
         ) from None
-    reductions = probe.feature_info.reduction()
+    probe_info: Any = probe.feature_info
+    reductions = probe_info.reduction()
     low = next((i for i, r in enumerate(reductions) if r >= 4), 0)
     last = len(reductions) - 1
     out_indices = (low, last) if low != last else (last,)
@@ -227,12 +229,13 @@ def create_backbone(
         model = timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay={"state_dict": pretrained_state}, **kwargs
         )
-    channels = list(model.feature_info.channels())  # one entry when low == last
-    strides = [min(r, output_stride) for r in model.feature_info.reduction()]
+    info: Any = model.feature_info
+    channels = list(info.channels())  # one entry when low == last
+    strides = [min(r, output_stride) for r in info.reduction()]
     return model, channels, strides
 
 
-def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def backbone_normalisation(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """The input mean/std (RGB, 0..1) the backbone's default pretrained weights expect."""
     import timm
 
@@ -242,10 +245,13 @@ def backbone_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, .
         cfg = None
     if cfg is None:
         return IMAGENET_MEAN, IMAGENET_STD
-    return tuple(cfg.mean), tuple(cfg.std)
+    mean, std = tuple(cfg.mean), tuple(cfg.std)
+    if len(mean) != 3 or len(std) != 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
 
 
-def build_segmenter(cfg: SegmenterConfig, pretrained_state: dict[str, Any] | None = None) -> nn.Module:
+def build_segmenter(cfg: SegmenterConfig, pretrained_state: dict[str, Any] | None = None) -> Segmenter:
     """Build the segmenter described by ``cfg``.
 
     ``pretrained_state``: backbone weights (timm format, see ``backbone_weights.py``)
@@ -253,4 +259,4 @@ def build_segmenter(cfg: SegmenterConfig, pretrained_state: dict[str, Any] | Non
     loaded afterwards).
     """
     backbone, channels, strides = create_backbone(cfg.backbone, cfg.output_stride, pretrained_state)
-    return _build_modules(cfg, backbone, channels, strides)
+    return Segmenter(cfg, backbone, channels, strides)

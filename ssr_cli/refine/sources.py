@@ -4,10 +4,14 @@
   that the dataset opened now is the one the seeds were made from;
 - :func:`load_seeds_clip`: the CLIP of the seeds (architecture and weights from their
   manifest; a moved file may be named again, its SHA-256 must match);
+  :func:`stored_attention_blocks` / :func:`check_seeds_clip`: when the seeds hold CLIP's
+  attention (``make-seeds --save-attn``) refine reads it and loads no CLIP, but still
+  checks a ``--clip-weights`` given against the seeds' SHA-256;
 - :func:`load_dino_model`: DINO by name, or from a JSON file naming a model and timm
   overrides (a custom or tiny architecture, e.g. in tests);
 - :func:`batch_affinity`: the main-process (device) part of refine for a batch of
-  images: CLIP attention (last N blocks, head-averaged, CLS dropped), DINO attention on
+  images: CLIP attention (last N blocks, head-averaged, CLS dropped; computed, or read
+  from the seeds), DINO attention on
   the same grid, fused (``fuse_affinity``: CAA normalisation of each source, weighted
   sum, symmetrised, squared).
 
@@ -88,6 +92,64 @@ def check_dataset(seeds: SeedsRun, dataset: Dataset) -> None:
     )
 
 
+def stored_attention_blocks(seeds: SeedsRun) -> int | None:
+    """n when every item of the seeds run holds CLIP's attention of the last n blocks
+    (``make-seeds --save-attn --attn-blocks n``, part of its fingerprint); None otherwise."""
+    basis = seeds.manifest.get("fingerprint_basis", {}).get("config", {})
+    if not basis.get("save_attn") or basis.get("attn_blocks") is None:
+        return None
+    return int(basis["attn_blocks"])
+
+
+def _seeds_clip_spec(
+    seeds: SeedsRun, clip_arch: str | None, clip_weights: str | None, need_file: bool
+) -> tuple[str, str | None, int, str]:
+    """(architecture, weights to load, seed, expected weights id) of the seeds' CLIP, checked
+    against ``--clip-arch`` / ``--clip-weights`` where given; ``need_file``: the weights must be there."""
+    conf, basis = seeds.manifest.get("config", {}), seeds.manifest["fingerprint_basis"]["config"]
+    clip_in = seeds.manifest.get("inputs", {}).get("clip", {})
+    arch = str(basis["arch"])
+    if need_file or clip_arch is not None:
+        arch_src = clip_arch or str(conf.get("arch", basis["arch"]))
+        if arch_src.endswith(".json") and not Path(arch_src).is_file() and clip_arch is None:
+            raise ConfigError(
+                "the CLIP architecture config of the seeds run is gone",
+                path=arch_src,
+                hint="pass --clip-arch PATH.json (the same architecture)",
+            )
+        arch = register_arch(arch_src)
+        if arch != basis["arch"]:
+            raise ConfigError(
+                f"CLIP architecture {arch} is not the seeds' ({basis['arch']})",
+                hint="refine must use the CLIP the seeds were made with",
+            )
+    want, seed = str(basis["weights"]), int(conf.get("seed", 0))
+    if want.startswith("random:"):
+        if clip_weights not in (None, "random"):
+            raise ConfigError(
+                "the seeds were made with random CLIP weights",
+                hint="leave out --clip-weights (or pass random)",
+            )
+        return arch, "random", int(want.split("=", 1)[1]), want
+    weights = clip_weights or (clip_in.get("weights") or {}).get("path")
+    if need_file and (weights is None or (clip_weights is None and not Path(weights).exists())):
+        raise WeightsError(
+            "the CLIP weights file of the seeds run is not there",
+            path=weights,
+            hint="pass --clip-weights PATH (the same file: its SHA-256 is checked)",
+        )
+    return arch, weights, seed, want
+
+
+def _refuse_other_weights(got: str, want: str, weights: str | None) -> None:
+    if got != want:
+        raise WeightsError(
+            f"these CLIP weights (SHA-256 {got[:16]}) are not the seeds' ({want[:16]})",
+            path=weights,
+            hint="pass the weights file the seeds were made with",
+        )
+
+
 def load_seeds_clip(
     seeds: SeedsRun, device: torch.device, clip_arch: str | None = None, clip_weights: str | None = None
 ) -> Any:
@@ -98,47 +160,62 @@ def load_seeds_clip(
     """
     from ssr_cli.models.clip import load_clip
 
-    conf, basis = seeds.manifest.get("config", {}), seeds.manifest["fingerprint_basis"]["config"]
-    clip_in = seeds.manifest.get("inputs", {}).get("clip", {})
-    arch_src = clip_arch or str(conf.get("arch", basis["arch"]))
-    if arch_src.endswith(".json") and not Path(arch_src).is_file() and clip_arch is None:
-        raise ConfigError(
-            "the CLIP architecture config of the seeds run is gone",
-            path=arch_src,
-            hint="pass --clip-arch PATH.json (the same architecture)",
-        )
-    arch = register_arch(arch_src)
-    if arch != basis["arch"]:
-        raise ConfigError(
-            f"CLIP architecture {arch} is not the seeds' ({basis['arch']})",
-            hint="refine must use the CLIP the seeds were made with",
-        )
-    want, seed = str(basis["weights"]), int(conf.get("seed", 0))
-    if want.startswith("random:"):
-        if clip_weights not in (None, "random"):
-            raise ConfigError(
-                "the seeds were made with random CLIP weights",
-                hint="leave out --clip-weights (or pass random)",
-            )
-        weights: str | None = "random"
-        seed = int(want.split("=", 1)[1])
-    else:
-        weights = clip_weights or (clip_in.get("weights") or {}).get("path")
-        if weights is None or (clip_weights is None and not Path(weights).exists()):
-            raise WeightsError(
-                "the CLIP weights file of the seeds run is not there",
-                path=weights,
-                hint="pass --clip-weights PATH (the same file: its SHA-256 is checked)",
-            )
-    model = load_clip(arch, weights, device, quick_gelu=clip_in.get("quick_gelu"), seed=seed)
+    arch, weights, seed, want = _seeds_clip_spec(seeds, clip_arch, clip_weights, need_file=True)
+    quick_gelu = seeds.manifest.get("inputs", {}).get("clip", {}).get("quick_gelu")
+    model = load_clip(arch, weights, device, quick_gelu=quick_gelu, seed=seed)
     got = f"random:seed={seed}" if model.is_random else str(model.weights_source.sha256)
-    if got != want:
-        raise WeightsError(
-            f"these CLIP weights (SHA-256 {got[:16]}) are not the seeds' ({want[:16]})",
-            path=weights,
-            hint="pass the weights file the seeds were made with",
-        )
+    _refuse_other_weights(got, want, weights)
     return model
+
+
+def check_seeds_clip(
+    seeds: SeedsRun, clip_arch: str | None = None, clip_weights: str | None = None
+) -> dict[str, Any]:
+    """When refine reads the seeds' stored attention: no CLIP is loaded, but a ``--clip-arch`` /
+    ``--clip-weights`` given is still checked (name; SHA-256 of the file). Returns the seeds'
+    CLIP record (for the manifest)."""
+    arch, weights, _seed, want = _seeds_clip_spec(seeds, clip_arch, clip_weights, need_file=False)
+    if clip_weights is not None and not want.startswith("random:"):
+        from ssr_cli.models.clip import clip_weights_source
+
+        source = clip_weights_source(arch, clip_weights).with_sha256()
+        _refuse_other_weights(str(source.sha256), want, weights)
+    return dict(seeds.manifest.get("inputs", {}).get("clip", {}))
+
+
+def resolve_clip(
+    seeds: SeedsRun,
+    device: torch.device,
+    *,
+    use_clip: bool,
+    clip_blocks: int = 8,
+    mode: str = "auto",
+    clip_arch: str | None = None,
+    clip_weights: str | None = None,
+) -> tuple[Any, dict[str, Any] | None, str | None]:
+    """Where refine's CLIP attention comes from: (ClipModel or None, the CLIP record for the
+    manifest, ``"seeds"`` | ``"recomputed"`` | None when CLIP is not a source).
+
+    The seeds' stored attention is used when they hold it for the last ``clip_blocks``
+    blocks and ``mode`` (``--clip-attention``: auto | seeds | recompute) is not
+    ``recompute``: then no CLIP is loaded, but a ``--clip-arch`` / ``--clip-weights`` given
+    is still checked against the seeds'. ``mode="seeds"`` refuses seeds without it.
+    """
+    if not use_clip:
+        return None, None, None
+    stored = stored_attention_blocks(seeds)
+    if mode != "recompute" and stored == clip_blocks:
+        return None, check_seeds_clip(seeds, clip_arch, clip_weights), "seeds"
+    if mode == "seeds":
+        have = "none" if stored is None else f"only the last {stored} blocks'"
+        raise ConfigError(
+            f"--clip-attention seeds: the seeds hold no CLIP attention of the last {clip_blocks} "
+            f"blocks ({have})",
+            path=seeds.root / "manifest.json",
+            hint="rerun make-seeds with --save-attn --attn-blocks N, or use --clip-attention auto",
+        )
+    clip = load_seeds_clip(seeds, device, clip_arch, clip_weights)
+    return clip, clip.describe(), "recomputed"
 
 
 def load_dino_model(
@@ -177,18 +254,32 @@ def batch_affinity(
     precision: str = "fp32",
     seconds: dict[str, float] | None = None,
     ids: Sequence[str] = (),
+    stored_clip: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Fused affinities ``[N, h*w, h*w]`` float32 (CPU) for images of one size.
 
     ``images``: HxWx3 uint8 RGB, all of one size; ``grid``: their CLIP patch grid (the
     seeds' ``[h, w]``); ``clip`` / ``dino``: a ``ClipModel`` / ``DinoModel`` or None (not a
-    source); ``weights``: (CLIP, DINO) fusion weights; ``seconds``: adds the time of
-    each part (``clip``, ``dino``, ``fuse``); ``ids``: the images' ids, for the one-line
-    error when the GPU runs out of memory.
+    source); ``stored_clip``: ``[N, h*w, h*w]`` CLIP attention read from the seeds (then
+    ``clip`` is None and no CLIP runs; it goes to ``device``); ``weights``: (CLIP, DINO)
+    fusion weights; ``seconds``: adds the time of each part (``clip``: the CLIP forward, or
+    only the copy of the stored attention; ``dino``, ``fuse``); ``ids``: the images' ids,
+    for the one-line error when the GPU runs out of memory.
     """
     try:
         return _batch_affinity(
-            images, grid, clip, dino, clip_blocks, dino_blocks, weights, precision, seconds
+            images,
+            grid,
+            clip,
+            dino,
+            clip_blocks,
+            dino_blocks,
+            weights,
+            precision,
+            seconds,
+            stored_clip,
+            device,
         )
     except torch.cuda.OutOfMemoryError:
         first = f" from {ids[0]!r}" if ids else ""
@@ -208,13 +299,22 @@ def _batch_affinity(
     weights: tuple[float, float],
     precision: str,
     seconds: dict[str, float] | None,
+    stored_clip: np.ndarray | None,
+    device: torch.device | str,
 ) -> np.ndarray:
     from ssr_cli.refine.affinity import fuse_affinity
 
     seconds = {} if seconds is None else seconds
     sources: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
-    if clip is not None:
+    if stored_clip is not None:
+        if stored_clip.shape != (len(images), grid[0] * grid[1], grid[0] * grid[1]):
+            raise ArtefactError(
+                f"the seeds' stored attention {stored_clip.shape} does not fit their grid {grid}"
+            )
+        sources["clip"] = torch.from_numpy(stored_clip).to(device).float()
+        seconds["clip"] = seconds.get("clip", 0.0) + _synced(start)  # a copy: milliseconds
+    elif clip is not None:
         x = torch.stack([clip.preprocess(im) for im in images])
         if (x.shape[-2] // clip.patch_size, x.shape[-1] // clip.patch_size) != grid:
             raise ArtefactError(f"the seeds' grid {grid} is not CLIP's for an image of {images[0].shape[:2]}")

@@ -1,6 +1,6 @@
 """Training and inference of the DeepLab-style segmenter (``ssr fit-seg``, ``ssr predict``).
 
-Modules import torch/cv2 at module level: import them only inside command bodies.
+Modules import torch (and cv2) at module level: import them only inside command bodies.
 
 - ``transforms``: label-aligned random scale, crop and flip; input normalisation.
 - ``loss``: balanced / plain cross-entropy ignoring 255.
@@ -10,4 +10,5 @@ Modules import torch/cv2 at module level: import them only inside command bodies
 - ``train``: the training loop.
 - ``infer``: multi-scale + flip inference and validation mIoU.
 - ``crf``: dense CRF post-processing of predictions.
+- ``synthetic``: a coloured-shapes dataset with exact masks (tests, benchmarks, smoke runs).
 """

@@ -1,9 +1,10 @@
-"""Dense CRF post-processing of segmenter predictions (pydensecrf).
+"""Dense CRF post-processing of segmenter predictions.
 
 Parameters are METHOD.md section 4's: 10 mean-field iterations, a Gaussian
 (smoothness) kernel with sxy=1, compat=3 and a bilateral (appearance) kernel
-with sxy=67, srgb=3, compat=4. The refine stage has its own CRF for pseudo-labels
-(with the 0.95 confidence rule); predictions keep the plain CRF argmax.
+with sxy=67, srgb=3, compat=4. The CRF itself is the refine stage's
+(``ssr_cli.refine.crf.dense_crf``); predictions keep its plain argmax (no 0.95
+confidence rule: that is for pseudo-labels).
 """
 
 from __future__ import annotations
@@ -33,21 +34,15 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     ``image``: HxWx3 uint8 RGB; ``probs``: KxHxW float (each pixel sums to 1).
     Returns the posterior marginals, KxHxW float32.
     """
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
+    from ssr_cli.refine.crf import dense_crf as refine_crf
 
-    k, h, w = probs.shape
-    if image.shape[:2] != (h, w):
-        raise ValueError(f"image {image.shape[:2]} and probabilities {(h, w)} sizes differ")
-    crf = dcrf.DenseCRF2D(w, h, k)
-    unary = unary_from_softmax(np.clip(probs.astype(np.float32), 1e-8, 1.0))
-    crf.setUnaryEnergy(np.ascontiguousarray(unary))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(
-        sxy=params.bilateral_sxy,
-        srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image.astype(np.uint8)),
-        compat=params.bilateral_compat,
+    return refine_crf(
+        np.ascontiguousarray(image, dtype=np.uint8),
+        probs,
+        iters=params.iterations,
+        gauss_sxy=params.gaussian_sxy,
+        gauss_compat=params.gaussian_compat,
+        bilateral_sxy=params.bilateral_sxy,
+        bilateral_srgb=params.bilateral_srgb,
+        bilateral_compat=params.bilateral_compat,
     )
-    q = crf.inference(params.iterations)
-    return np.asarray(q, dtype=np.float32).reshape(k, h, w)

@@ -33,7 +33,7 @@ from ssr_cli.seg import distributed as D
 from ssr_cli.seg.checkpoint import MODEL_FILE, rng_states, save_checkpoint, save_model_file, set_rng_states
 from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error
 from ssr_cli.seg.infer import evaluate
-from ssr_cli.seg.loss import segmentation_loss
+from ssr_cli.seg.loss import LOSSES, segmentation_loss
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 2.5e-4, "adamw": 6e-5}
@@ -81,6 +81,7 @@ class TrainConfig:
             (self.accum >= 1, "--accum must be at least 1"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.lr > 0, "--lr must be positive"),
+            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
             (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
             (self.save_every >= 1, "--save-every must be at least 1"),
             (self.log_every >= 1, "--log-every must be at least 1"),
@@ -145,7 +146,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     backbone, head = model.param_groups()
     groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
     if cfg.optimizer == "sgd":
@@ -172,7 +173,7 @@ def train(
     """
     device = env.device
     torch.manual_seed(cfg.seed)  # the head's (and a random backbone's) initial weights follow --seed
-    model = build_segmenter(model_cfg, backbone_state)
+    model: Any = build_segmenter(model_cfg, backbone_state)
     if cfg.sync_bn and env.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device).train()
@@ -181,7 +182,8 @@ def train(
         optimizer, lambda step: max(0.0, 1.0 - step / cfg.iters) ** cfg.poly_power
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    start, best = 0, {"miou": None, "iteration": None}
+    start = 0
+    best: dict[str, Any] = {"miou": None, "iteration": None}
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -189,7 +191,7 @@ def train(
         scaler.load_state_dict(resume["scaler"])
         set_rng_states(resume["rng"])
         start, best = int(resume["iteration"]), dict(resume.get("best") or best)
-    net: torch.nn.Module = model
+    net: Any = model
     if env.enabled:
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -235,7 +237,8 @@ def train(
         }
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    window = {"steps": 0, "data": 0.0, "start": time.perf_counter()}
+    # throughput window since the last log line; validation and checkpoint time is left out
+    window = {"steps": 0, "data": 0.0, "paused": 0.0, "start": time.perf_counter()}
     started = time.perf_counter()
     last_loss: float | None = None
     with (
@@ -272,7 +275,7 @@ def train(
 
             if done % cfg.log_every == 0 or done == cfg.iters:
                 reduced = D.all_reduce_sum(env, loss_sum.clone()) / env.world
-                seconds = time.perf_counter() - window["start"]
+                seconds = time.perf_counter() - window["start"] - window["paused"]
                 last_loss = float(reduced) / window["steps"]
                 speed = window["steps"] * images_per_step / max(seconds, 1e-9)
                 record = {
@@ -290,8 +293,9 @@ def train(
                 if env.is_main and not progress_enabled():
                     info(f"fit-seg: iteration {done}/{cfg.iters}  {status}")
                 loss_sum.zero_()
-                window.update(steps=0, data=0.0, start=time.perf_counter())
+                window.update(steps=0, data=0.0, paused=0.0, start=time.perf_counter())
 
+            paused_from = time.perf_counter()
             if cfg.check_sync_every and done % cfg.check_sync_every == 0:
                 gathered = D.all_gather_object(env, (D.parameter_digest(model), float(step_loss)))
                 write_log({"iter": done, "sync": {"weights": [g[0] for g in gathered],
@@ -326,6 +330,7 @@ def train(
                 if env.is_main:
                     save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(done))
                 D.barrier(env)
+            window["paused"] += time.perf_counter() - paused_from
 
     if env.is_main:
         save_model_file(out / MODEL_FILE, model.state_dict(), model_cfg)

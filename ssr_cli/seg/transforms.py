@@ -33,8 +33,8 @@ def resize_pair(
     """Resize image (bilinear) and label (nearest) to ``height`` x ``width``."""
     size = (int(width), int(height))
     return (
-        np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)),
-        np.asarray(Image.fromarray(label).resize(size, Image.NEAREST)),
+        np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)),
+        np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST)),
     )
 
 

@@ -7,6 +7,12 @@ Each item file holds (numpy ``.npz``):
 - ``class_ids`` int16 [C]: foreground class ids (1..K) in the order of ``cams``
 - ``image_hw``  int32 [2]: original image height, width
 - ``scales``    float32 [S]; ``flip`` bool
+- ``attn``      float16 [hw, hw] (only with ``save_attn``): CLIP's patch-to-patch attention of
+                the scale-1.0 un-flipped input (hw = h*w, CLS dropped), averaged over heads
+                and the last ``attn_blocks`` blocks, rows not renormalised
+                (``ClipModel.attention``); computed in the CAMs' forward, read by ``refine``
+                so that it needs no CLIP forward (~1.2 MB per VOC image)
+- ``attn_blocks`` int16 [k]: the block indices averaged into ``attn``
 
 Imports torch: only import inside command bodies.
 """
@@ -47,6 +53,8 @@ class SeedsConfig:
     workers: int = 2
     seed: int = 0
     cmpa: str | None = None
+    save_attn: bool = True
+    attn_blocks: int = 8  # CLIP-ES: the last 8 blocks
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -57,24 +65,37 @@ def save_seed(
     image_hw: tuple[int, int],
     scales: Sequence[float],
     flip: bool,
+    attn: np.ndarray | None = None,
+    attn_blocks: Sequence[int] = (),
 ) -> None:
+    """Write one seeds item (see the module docstring); ``attn`` [hw, hw] is optional."""
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        cams=cams.astype(np.float16),
-        class_ids=np.asarray(class_ids, dtype=np.int16),
-        image_hw=np.asarray(image_hw, dtype=np.int32),
-        scales=np.asarray(scales, dtype=np.float32),
-        flip=np.asarray(flip),
-    )
+    arrays: dict[str, np.ndarray] = {
+        "cams": cams.astype(np.float16),
+        "class_ids": np.asarray(class_ids, dtype=np.int16),
+        "image_hw": np.asarray(image_hw, dtype=np.int32),
+        "scales": np.asarray(scales, dtype=np.float32),
+        "flip": np.asarray(flip),
+    }
+    if attn is not None:
+        arrays["attn"] = attn.astype(np.float16)
+        arrays["attn_blocks"] = np.asarray(attn_blocks, dtype=np.int16)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # (numpy stubs: allow_pickle is a keyword too)
     path.write_bytes(buf.getvalue())
 
 
-def load_seed(path: str | Path) -> dict[str, np.ndarray]:
-    """Read one seeds item; a damaged file is a one-line error naming it."""
+def load_seed(path: str | Path, *, with_attn: bool = True) -> dict[str, np.ndarray]:
+    """Read one seeds item; a damaged file is a one-line error naming it.
+
+    Keys ``cams``, ``class_ids``, ``image_hw``, ``scales``, ``flip``; also ``attn`` and
+    ``attn_blocks`` when the file holds them and ``with_attn`` (seeds made without
+    ``--save-attn``, and refined CAMs, have none).
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             out = {k: data[k] for k in ("cams", "class_ids", "image_hw", "scales", "flip")}
+            if with_attn and "attn" in data.files:
+                out["attn"], out["attn_blocks"] = data["attn"], data["attn_blocks"]
     except FileNotFoundError:
         raise ArtefactError(
             "seed file is missing", path=path, hint="rerun make-seeds into that folder"
@@ -184,18 +205,61 @@ def cams_for_batch(
     otherwise they are merged by ``merge_scales`` (resize to the scale-1.0 grid, sum,
     min-max normalise).
     """
+    cams, _ = cams_and_attention(
+        model,
+        images,
+        present,
+        fg,
+        bg,
+        scales=scales,
+        flip=flip,
+        precision=precision,
+        image_head=image_head,
+        text_head=text_head,
+    )
+    return cams
+
+
+def cams_and_attention(
+    model: Any,
+    images: Sequence[np.ndarray],
+    present: Sequence[Sequence[int]],
+    fg: torch.Tensor,
+    bg: torch.Tensor,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    precision: str = "fp32",
+    image_head: Any = None,
+    text_head: Any = None,
+    attn_blocks: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """``cams_for_batch``'s CAMs and, with ``attn_blocks`` (n = the last n blocks), CLIP's
+    attention [N, h*w, h*w] float32 (CPU) of the scale-1.0 un-flipped input (``ClipModel.attention``).
+
+    The attention comes from the same forward as the scale-1.0 un-flipped CAMs
+    (``ImageTokens`` passed to GradCAM), which it does not change: the trunk's tokens
+    are the same with or without it. Without a scale 1.0 it costs a forward of its own.
+    """
     from ssr_cli.cam.gradcam import gradcam, merge_scales
 
     p = model.patch_size
     h0, w0 = model.resized_size(*images[0].shape[:2], 1.0)
     grid = (h0 // p, w0 // p)
     variants: list[list[tuple[torch.Tensor, bool]]] = [[] for _ in images]
+    attn: torch.Tensor | None = None
     for scale in scales:
         x = torch.stack([model.preprocess(im, scale) for im in images]).to(model.device)
         for flipped in (False, True) if flip else (False,):
+            source: Any = x.flip(-1) if flipped else x
+            if attn_blocks is not None and attn is None and scale == 1.0 and not flipped:
+                source = model.image_tokens(
+                    x, grad_last_block=False, attn_blocks=attn_blocks, precision=precision
+                )
+                attn = source.attn.float().cpu()
             cams = gradcam(
                 model,
-                x.flip(-1) if flipped else x,
+                source,
                 present,
                 fg,
                 bg,
@@ -205,6 +269,9 @@ def cams_for_batch(
             )
             for i, cam in enumerate(cams):
                 variants[i].append((cam, flipped))
+    if attn_blocks is not None and attn is None:  # no scale 1.0: a forward of its own
+        x = torch.stack([model.preprocess(im, 1.0) for im in images]).to(model.device)
+        attn = model.attention(x, blocks=attn_blocks, precision=precision).cpu()
     out = []
     for parts in variants:
         if len(parts) == 1 and tuple(parts[0][0].shape[-2:]) == grid:
@@ -213,7 +280,7 @@ def cams_for_batch(
             out.append(torch.zeros(0, *grid))
         else:
             out.append(merge_scales([c for c, _ in parts], grid, [f for _, f in parts]))
-    return out
+    return out, attn
 
 
 def run(
@@ -228,6 +295,8 @@ def run(
     precision = resolve_precision(cfg.precision, device)
     if cfg.batch_size < 1:
         raise DataError("--batch-size must be at least 1")
+    if cfg.save_attn and cfg.attn_blocks < 1:
+        raise DataError("--attn-blocks must be at least 1")
     arch = register_arch(cfg.arch)
     model = load_clip(arch, cfg.weights, device, seed=cfg.seed)
     heads, cmpa_fp = None, None
@@ -248,7 +317,13 @@ def run(
         "scales": list(cfg.scales),
         "flip": cfg.flip,
         "precision": precision,
+        "save_attn": cfg.save_attn,
     }
+    attn_indices: list[int] = []
+    if cfg.save_attn:
+        depth = len(model.blocks)  # the last n blocks, as ClipModel.attention(x, blocks=n)
+        attn_indices = list(range(max(0, depth - cfg.attn_blocks), depth))
+        result_config["attn_blocks"] = cfg.attn_blocks
     notices = []
     if model.is_random:
         notices.append(
@@ -291,7 +366,7 @@ def run(
     with ProgressBar("make-seeds", total=len(pending)) as bar:
         for batch, images in _prefetch(dataset, batches, cfg.workers):
             present = [[c - 1 for c in dataset.get(i).labels] for i in batch]
-            cams = cams_for_batch(
+            cams, attn = cams_and_attention(
                 model,
                 images,
                 present,
@@ -302,16 +377,31 @@ def run(
                 precision=precision,
                 image_head=None if heads is None else heads.project_image,
                 text_head=None,
+                attn_blocks=cfg.attn_blocks if cfg.save_attn else None,
             )
-            for item_id, image, cam in zip(batch, images, cams, strict=True):
+            for k, (item_id, image, cam) in enumerate(zip(batch, images, cams, strict=True)):
                 if item_id not in pending:
                     continue
                 labels = dataset.get(item_id).labels
+                item_attn = None if attn is None else attn[k].numpy()
 
                 def write(
-                    path: Path, cam: torch.Tensor = cam, labels: Any = labels, hw: Any = image.shape[:2]
+                    path: Path,
+                    cam: torch.Tensor = cam,
+                    labels: Any = labels,
+                    hw: Any = image.shape[:2],
+                    item_attn: np.ndarray | None = item_attn,
                 ) -> None:
-                    save_seed(path, cam.float().cpu().numpy(), labels, hw, cfg.scales, cfg.flip)
+                    save_seed(
+                        path,
+                        cam.float().cpu().numpy(),
+                        labels,
+                        hw,
+                        cfg.scales,
+                        cfg.flip,
+                        attn=item_attn,
+                        attn_blocks=attn_indices,
+                    )
 
                 run_folder.write_item(item_id, write)
                 bar.update(1)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from torch.utils.data import Dataset
 
 from ssr_cli.artefacts import RunFolder, fingerprint, parse_shard, read_manifest
 from ssr_cli.console import ProgressBar, info
@@ -79,11 +82,12 @@ def _inputs(opts: PredictOptions) -> tuple[list[tuple[str, Path]], dict[str, Any
         return pairs, {"kind": "folder", "root": str(opts.images), "count": len(pairs), "fingerprint": fp}
     from ssr_cli.data import open_dataset
 
+    assert opts.data is not None
     dataset = open_dataset(opts.data, layout=opts.layout, split=opts.split, labels="none", vocab=opts.vocab)
     return [(item.id, item.image) for item in dataset.items], dataset.describe()
 
 
-class _Images:
+class _Images(Dataset):
     """Map-style dataset: index -> (id, HxWx3 uint8 image) for a DataLoader (decoding in workers)."""
 
     def __init__(self, pairs: list[tuple[str, Path]]) -> None:
@@ -99,12 +103,17 @@ class _Images:
         return image_id, read_image(path)
 
 
+def _write_png(path: Path, labels: Any) -> None:
+    from ssr_cli.data import write_label_png
+
+    write_label_png(path, labels)
+
+
 def run(opts: PredictOptions) -> dict[str, Any]:
     """Predict label maps as ``opts`` says; returns the run's manifest."""
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from ssr_cli.data import write_label_png
     from ssr_cli.models.weights import file_sha256_cached
     from ssr_cli.runtime import resolve_device, resolve_precision
     from ssr_cli.seg.checkpoint import load_segmenter
@@ -152,7 +161,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     pending = set(run_folder.pending(ids))
     todo = [pair for pair in pairs if pair[0] in pending]
     info(f"predict: {len(todo)} of {len(shard.select(ids))} images to do (shard {shard}) on {device}")
-    loader = DataLoader(_Images(todo), batch_size=None, num_workers=opts.workers)
+    loader: DataLoader[Any] = DataLoader(_Images(todo), batch_size=None, num_workers=opts.workers)
     started = time.perf_counter()
     done = 0
     with ProgressBar("predict", total=len(todo)) as bar:
@@ -173,7 +182,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
             else:
                 labels = probs.argmax(0).numpy()
             labels = labels.astype(np.uint8)
-            run_folder.write_item(image_id, lambda tmp, lab=labels: write_label_png(tmp, lab))
+            run_folder.write_item(image_id, partial(_write_png, labels=labels))
             done += 1
             seconds = time.perf_counter() - started
             bar.update(1, status=f"{done / max(seconds, 1e-9):.2f} img/s")

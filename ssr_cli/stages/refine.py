@@ -6,8 +6,10 @@ with ``save_cams``, ``cams/<id>.npz`` (refined CAMs, float16 ``[C, h, w]`` on th
 seeds' patch grid, seed format). Per image (METHOD.md sections 1, 3, 4):
 
 - main process (the device, batched over images of one size): CLIP attention
-  (``[h*w, h*w]``, last ``clip_blocks`` blocks, head-averaged, CLS dropped; the CLIP
-  of the seeds, recomputed here), DINO attention on the same grid, fused into one
+  (``[h*w, h*w]``, last ``clip_blocks`` blocks, head-averaged, CLS dropped: read from the
+  seeds when they hold it for those blocks (``make-seeds --save-attn``, float16; then no
+  CLIP is loaded), else recomputed with the seeds' CLIP; ``clip_attention`` in the
+  manifest says which), DINO attention on the same grid, fused into one
   affinity (``fuse_affinity``: each source normalised as CAA does, weighted sum,
   symmetrised, squared);
 - worker processes (``pipeline.process_item``): masks, refinement, CLIP-ES
@@ -60,8 +62,8 @@ from ssr_cli.refine.sources import (
     batch_affinity,
     check_dataset,
     load_dino_model,
-    load_seeds_clip,
     open_seeds,
+    resolve_clip,
 )
 from ssr_cli.stages.make_seeds import load_seed
 
@@ -71,6 +73,8 @@ ITEM_SUFFIX = ".png"
 CAMS_DIR = "cams"
 REFINE_VERSION = "refine-1"  # bump when the computation changes results
 AFFINITIES = ("none", "clip", "dino", "clip+dino")
+#: where the CLIP attention comes from: the seeds when they hold it, else recomputed (auto)
+CLIP_ATTENTION = ("auto", "seeds", "recompute")
 #: CLIP-ES's box threshold relative to the CAM's max: 0.4 for VOC, 0.7 for COCO.
 BOX_THRESH = {"coco": 0.7}
 BOX_THRESH_DEFAULT = 0.4
@@ -84,6 +88,7 @@ class RefineConfig:
     affinity_weights: tuple[float, float] = (0.4, 0.6)  # CLIP, DINO
     mask: str = "sgc"
     clip_blocks: int = 8
+    clip_attention: str = "auto"  # auto | seeds (required) | recompute (always run CLIP)
     clip_arch: str | None = None  # None: the seeds' architecture
     clip_weights: str | None = None  # None: the seeds' weights file
     dino_model: str = "dino_vitb16"
@@ -112,6 +117,10 @@ class RefineConfig:
         self.sources()
         if self.mask not in MASKS:
             raise ConfigError(f"--mask {self.mask!r} is not one of {', '.join(MASKS)}")
+        if self.clip_attention not in CLIP_ATTENTION:
+            raise ConfigError(
+                f"--clip-attention {self.clip_attention!r} is not one of {', '.join(CLIP_ATTENTION)}"
+            )
         if self.box_style not in BOX_STYLES:
             raise ConfigError(f"--box-style {self.box_style!r} is not one of {', '.join(BOX_STYLES)}")
         if (
@@ -151,9 +160,12 @@ def _batches(dataset: Dataset, ids: Sequence[str], batch_size: int) -> list[list
     return batches
 
 
-def _read(dataset: Dataset, seeds: SeedsRun, item_id: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _read(
+    dataset: Dataset, seeds: SeedsRun, item_id: str, attn: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The image and its seed; with ``attn`` the seed must hold the stored CLIP attention ``[hw, hw]``."""
     image, path = read_image(dataset.get(item_id).image), seeds.item_path(item_id)
-    seed = load_seed(path)
+    seed = load_seed(path, with_attn=attn)
     if tuple(int(v) for v in seed["image_hw"]) != image.shape[:2] or seed["cams"].ndim != 3:
         raise ArtefactError(
             f"this seed was made from an image of size {tuple(seed['image_hw'])}, "
@@ -161,18 +173,25 @@ def _read(dataset: Dataset, seeds: SeedsRun, item_id: str) -> tuple[np.ndarray, 
             path=path,
             hint="the dataset changed since make-seeds: rerun make-seeds",
         )
+    hw = int(seed["cams"].shape[1] * seed["cams"].shape[2])
+    if attn and ("attn" not in seed or seed["attn"].shape != (hw, hw)):
+        raise ArtefactError(
+            "this seed lacks the CLIP attention its run's manifest promises (or it has another grid)",
+            path=path,
+            hint="rerun make-seeds into that folder with --overwrite, or pass --clip-attention recompute",
+        )
     return image, seed
 
 
 def _prefetch(
-    dataset: Dataset, seeds: SeedsRun, batches: list[list[str]]
+    dataset: Dataset, seeds: SeedsRun, batches: list[list[str]], attn: bool = False
 ) -> Iterator[tuple[list[str], list]]:
     """Read the images and seeds of upcoming batches on a thread (two batches ahead)."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ssr-refine-read") as pool:
         queue: list = []
         it = iter(batches)
         for batch in it:
-            queue.append((batch, [pool.submit(_read, dataset, seeds, i) for i in batch]))
+            queue.append((batch, [pool.submit(_read, dataset, seeds, i, attn) for i in batch]))
             if len(queue) > 2:
                 head, futures = queue.pop(0)
                 yield head, [f.result() for f in futures]
@@ -214,7 +233,13 @@ def resolved_params(cfg: RefineConfig, dataset: Dataset) -> RefineParams:
 
 
 def _result_config(
-    cfg: RefineConfig, params: RefineParams, precision: str, clip: Any, dino: Any, dino_record: Any
+    cfg: RefineConfig,
+    params: RefineParams,
+    precision: str,
+    clip_attention: str | None,
+    clip_random: bool,
+    dino: Any,
+    dino_record: Any,
 ) -> tuple[dict[str, Any], list[str]]:
     """The settings that change results (only those of the parts in use) and the notices."""
     sources = cfg.sources()
@@ -229,8 +254,9 @@ def _result_config(
     }
     if sources:
         result_config["precision"] = precision
-    if clip is not None:
+    if clip_attention is not None:  # stored (float16) and recomputed attention differ by rounding
         result_config["clip_blocks"] = cfg.clip_blocks
+        result_config["clip_attention"] = clip_attention
     if dino is not None:
         assert dino_record is not None
         weights_id = f"random:seed={cfg.seed}" if dino.is_random else dino_record["weights"]["sha256"]
@@ -247,7 +273,7 @@ def _result_config(
     if cfg.mask == "sgc":
         result_config["sgc"] = asdict(cfg.sgc)
     notices = []
-    if clip is not None and clip.is_random:
+    if clip_random:
         notices.append("CLIP weights are RANDOM (the seeds' CLIP): these pseudo-labels are meaningless")
     if dino is not None and dino.is_random:
         notices.append(
@@ -288,18 +314,29 @@ def run(
     sources = cfg.sources()
     precision = resolve_precision(cfg.precision, device) if sources else "fp32"
     params = resolved_params(cfg, dataset)
-    clip = load_seeds_clip(seeds, device, cfg.clip_arch, cfg.clip_weights) if "clip" in sources else None
+    clip, clip_record, clip_attention = resolve_clip(
+        seeds,
+        device,
+        use_clip="clip" in sources,
+        clip_blocks=cfg.clip_blocks,
+        mode=cfg.clip_attention,
+        clip_arch=cfg.clip_arch,
+        clip_weights=cfg.clip_weights,
+    )
     dino, dino_record = (None, None)
     if "dino" in sources:
         dino, dino_record = load_dino_model(cfg.dino_model, cfg.dino_weights, device, cfg.seed)
 
-    result_config, notices = _result_config(cfg, params, precision, clip, dino, dino_record)
+    clip_random = (clip_record or {}).get("weights", {}).get("origin") == "random"
+    result_config, notices = _result_config(
+        cfg, params, precision, clip_attention, clip_random, dino, dino_record
+    )
     inputs: dict[str, Any] = {
         "dataset": dataset.describe(),
         "seeds": {"path": str(seeds.root), "fingerprint": seeds.fingerprint},
     }
-    if clip is not None:
-        inputs["clip"] = clip.describe()
+    if clip_record is not None:
+        inputs["clip"] = clip_record
     if dino_record is not None:
         inputs["dino"] = dino_record
     config = {
@@ -337,7 +374,9 @@ def run(
     pending = set(run_folder.pending(ids))
     info(
         f"refine: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done; "
-        f"affinity {cfg.affinity}, mask {cfg.mask}, CRF {'on' if cfg.crf else 'off'}, "
+        f"affinity {cfg.affinity}"
+        + (f" (CLIP attention {clip_attention})" if clip_attention else "")
+        + f", mask {cfg.mask}, CRF {'on' if cfg.crf else 'off'}, "
         f"{cfg.workers} worker(s), {precision} on {device}"
     )
     batches = [b for b in _batches(dataset, mine, cfg.batch_size) if any(i in pending for i in b)]
@@ -360,7 +399,8 @@ def run(
         torch_threads(threads),
     ):
         try:
-            for batch, read in _prefetch(dataset, seeds, batches):
+            stored = clip_attention == "seeds"
+            for batch, read in _prefetch(dataset, seeds, batches, stored):
                 if pool.failed:
                     break
                 images = [image for image, _ in read]
@@ -368,6 +408,7 @@ def run(
                 if any(tuple(s["cams"].shape[1:]) != grid for _, s in read):
                     raise ArtefactError(f"seeds of images {batch} have different grids", path=seeds.root)
                 fused = None
+                attn = np.stack([s.pop("attn") for _, s in read]) if stored else None  # not to the workers
                 if sources:
                     fused = batch_affinity(
                         images,
@@ -380,6 +421,8 @@ def run(
                         precision=precision,
                         seconds=seconds,
                         ids=batch,
+                        stored_clip=attn,
+                        device=device,
                     )
                 for k, (item_id, (image, seed)) in enumerate(zip(batch, read, strict=True)):
                     if item_id in pending:
@@ -392,9 +435,10 @@ def run(
             raise
         for result in pool.drain():
             write(result)
-    manifest = run_folder.finish(
-        ids, extra={"last_run_seconds": {k: round(v, 3) for k, v in seconds.items()}}
-    )
+    extra: dict[str, Any] = {"last_run_seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    if clip_attention is not None:
+        extra["clip_attention"] = clip_attention
+    manifest = run_folder.finish(ids, extra=extra)
     if pool.failures:
         first = pool.failures[0]
         more = f" (and {len(pool.failures) - 1} more)" if len(pool.failures) > 1 else ""
