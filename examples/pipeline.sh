@@ -12,7 +12,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DATA="${DATA:-$HERE/voc}"
 SPLIT="${SPLIT:-train}"
 EVAL_SPLIT="${EVAL_SPLIT:-val}"
-RUNS="${RUNS:-$HERE/../runs/demo}"
+RUNS="${RUNS:-$(cd "$HERE/.." && pwd)/runs/demo}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 SSR="${SSR:-ssr}"
 

