@@ -1,10 +1,11 @@
-"""Imports every command module so each registers itself on the app."""
+"""Imports every command module so each registers itself on the app (in --help order)."""
 
-import importlib
-
-for _name in ("data_cmd", "seeds_cmd", "cmpa_cmd", "refine_cmd", "fitseg_cmd", "predict_cmd", "eval_cmd"):
-    try:
-        importlib.import_module(f"ssr_cli.cli.{_name}")
-    except ModuleNotFoundError as exc:  # pragma: no cover - only while a command is being written
-        if exc.name != f"ssr_cli.cli.{_name}":
-            raise
+# isort: off
+from ssr_cli.cli import data_cmd  # noqa: F401
+from ssr_cli.cli import seeds_cmd  # noqa: F401
+from ssr_cli.cli import cmpa_cmd  # noqa: F401
+from ssr_cli.cli import refine_cmd  # noqa: F401
+from ssr_cli.cli import fitseg_cmd  # noqa: F401
+from ssr_cli.cli import predict_cmd  # noqa: F401
+from ssr_cli.cli import eval_cmd  # noqa: F401
+# isort: on
