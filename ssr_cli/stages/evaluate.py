@@ -92,7 +92,7 @@ def _seed_source(pred: Path, manifest: dict[str, Any], candidates: list[dict[str
     suffix = manifest.get("item_suffix", ".npz")
 
     def read_many(item_id: str) -> list[np.ndarray]:
-        seed = load_seed(item_root / f"{item_id}{suffix}")
+        seed = load_seed(item_root / f"{item_id}{suffix}", with_attn=False)
         h, w = (int(v) for v in seed["image_hw"])
         cams = upsample_cams(seed["cams"].astype(np.float32), (h, w))
         ids = [int(c) for c in seed["class_ids"]]
