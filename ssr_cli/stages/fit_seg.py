@@ -18,7 +18,6 @@ Imports torch: only import inside command bodies.
 
 from __future__ import annotations
 
-import shutil
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_man
 from ssr_cli.artefacts.atomic import remove_stale_temps
 from ssr_cli.artefacts.fingerprint import file_sha256
 from ssr_cli.artefacts.run import SCHEMA_VERSION
+from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, ConfigError, DataError, SSRError
 
@@ -93,69 +93,16 @@ def _folder_fingerprint(files: list[Path]) -> str:
     return fingerprint([[f.name, file_sha256(str(f))] for f in files])
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            k
-            for key in sorted(set(old) | set(new))
-            for k in _diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        ]
-    return [] if old == new else [prefix.rstrip(".") or "(value)"]
-
-
 def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
     """Check ``out`` against the new run; returns "fresh", "resume" or "done". May clear the folder.
 
     Refuses (ArtefactError/ConfigError) a different run without --overwrite, an
     interrupted run without --resume, and --resume with a different --iters.
     """
-    fp = fingerprint(basis)
-    old = None
-    if (out / MANIFEST).is_file():
-        old = read_manifest(out)
-        if old.get("stage") != STAGE:
-            raise ArtefactError(f"this folder holds a '{old.get('stage')}' run, not '{STAGE}'", path=out,
-                                hint="choose another output folder")  # fmt: skip
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ArtefactError("output folder is not empty and is not an ssr run folder", path=out,
-                            hint="choose a new or empty folder; nothing in it was touched")  # fmt: skip
-    if old is not None and not overwrite and old.get("fingerprint") != fp:
-        old_iters = old.get("fingerprint_basis", {}).get("config", {}).get("train", {}).get("iters")
-        new_iters = basis["config"]["train"]["iters"]
-        if resume and old_iters is not None and old_iters != new_iters:
-            raise ConfigError(
-                f"--resume continues an interrupted run exactly: --iters {new_iters} differs from "
-                f"the run's {old_iters}",
-                hint=f"resume with --iters {old_iters}; to train longer, start a new run in another folder",
-            )
-        changed = _diff(old.get("fingerprint_basis", {}), basis)
-        what = "--resume needs the same settings as the interrupted run" if resume else "holds a fit-seg run"
-        raise ArtefactError(
-            f"{what} made with different settings or inputs (changed: {', '.join(changed[:6]) or 'unknown'})",
-            path=out / MANIFEST,
-            hint="pass --overwrite to replace it, or choose a new output folder",
-        )
-    if old is not None and overwrite:
-        for name in ("checkpoints", "log.jsonl", "model.safetensors", MANIFEST):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        old = None
-    if old is None:
-        return "fresh"
-    if old.get("completed") and (out / "model.safetensors").is_file():
-        return "done"
-    if (out / "checkpoints" / "last.pt").is_file():
-        if not resume:
-            raise ArtefactError(
-                "holds an interrupted fit-seg run with the same settings",
-                path=out,
-                hint="pass --resume to continue it from checkpoints/last.pt, or --overwrite to start again",
-            )
-        return "resume"
-    return "fresh"  # stopped before the first checkpoint: nothing to keep
+    return prepare_training_run(
+        out, stage=STAGE, basis=basis, resume=resume, overwrite=overwrite,
+        outputs=("checkpoints", "log.jsonl", "model.safetensors"), final="model.safetensors",
+    )  # fmt: skip
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ Imports torch: only import inside command bodies.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,8 +33,9 @@ from ssr_cli import __version__
 from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_manifest
 from ssr_cli.artefacts.atomic import remove_stale_temps
 from ssr_cli.artefacts.run import SCHEMA_VERSION
+from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info, warn
-from ssr_cli.errors import ArtefactError, ConfigError, SSRError, WeightsError
+from ssr_cli.errors import ArtefactError, SSRError, WeightsError
 
 STAGE = "cmpa"
 CMPA_VERSION = "cmpa-1"  # bump when the training computation changes results
@@ -64,16 +64,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            k
-            for key in sorted(set(old) | set(new))
-            for k in _diff(old.get(key), new.get(key), f"{prefix}{key}.")
-        ]
-    return [] if old == new else [prefix.rstrip(".") or "(value)"]
-
-
 def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
     """Check ``out`` against the new run: "fresh", "resume" or "done" (may clear the folder).
 
@@ -82,54 +72,10 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
     """
     from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE
 
-    fp = fingerprint(basis)
-    old = None
-    if (out / MANIFEST).is_file():
-        old = read_manifest(out)
-        if old.get("stage") != STAGE:
-            raise ArtefactError(f"this folder holds a '{old.get('stage')}' run, not '{STAGE}'", path=out,
-                                hint="choose another output folder")  # fmt: skip
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ArtefactError("output folder is not empty and is not an ssr run folder", path=out,
-                            hint="choose a new or empty folder; nothing in it was touched")  # fmt: skip
-    if old is not None and not overwrite and old.get("fingerprint") != fp:
-        old_iters = old.get("fingerprint_basis", {}).get("config", {}).get("train", {}).get("iters")
-        new_iters = basis["config"]["train"]["iters"]
-        if resume and old_iters is not None and old_iters != new_iters:
-            raise ConfigError(
-                f"--resume continues an interrupted run exactly: --iters {new_iters} differs from "
-                f"the run's {old_iters}",
-                hint=f"resume with --iters {old_iters}; to train longer, start a new run in another folder",
-            )
-        changed = _diff(old.get("fingerprint_basis", {}), basis)
-        what = (
-            "--resume needs the same settings as the interrupted run" if resume else "holds a train-cmpa run"
-        )
-        raise ArtefactError(
-            f"{what} made with different settings or inputs (changed: {', '.join(changed[:6]) or 'unknown'})",
-            path=out / MANIFEST,
-            hint="pass --overwrite to replace it, or choose a new output folder",
-        )
-    if old is not None and overwrite:
-        for name in ("checkpoints", "log.jsonl", HEADS_FILE, PROTOTYPES_FILE, MANIFEST):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-        old = None
-    if old is None:
-        return "fresh"
-    if old.get("completed") and (out / HEADS_FILE).is_file():
-        return "done"
-    if (out / CHECKPOINT).is_file():
-        if not resume:
-            raise ArtefactError(
-                "holds an interrupted train-cmpa run with the same settings", path=out,
-                hint="pass --resume to continue it from checkpoints/last.pt, or --overwrite to start again",
-            )  # fmt: skip
-        return "resume"
-    return "fresh"  # stopped before the first checkpoint: nothing to keep
+    return prepare_training_run(
+        out, stage=STAGE, basis=basis, resume=resume, overwrite=overwrite,
+        outputs=("checkpoints", "log.jsonl", HEADS_FILE, PROTOTYPES_FILE), final=HEADS_FILE,
+    )  # fmt: skip
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
