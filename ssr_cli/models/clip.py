@@ -36,6 +36,7 @@ from ssr_cli.models.weights import (
     hf_hub_cached_files,
     read_state_dict,
     resolve_weights,
+    state_dict_mismatch,
     weights_cache_dir,
 )
 
@@ -144,21 +145,10 @@ def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path
     target = model.state_dict()
     if "logit_scale" in state and state["logit_scale"].ndim != target["logit_scale"].ndim:
         state["logit_scale"] = state["logit_scale"].reshape(target["logit_scale"].shape)
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    wrong = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            shapes = f"{tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-            parts.append(f"{len(wrong)} of another shape (e.g. {k} {shapes})")
+    problem = state_dict_mismatch(target, state)
+    if problem:
         raise WeightsError(
-            f"the weights do not fit CLIP architecture {arch}: " + ", ".join(parts),
+            f"the weights do not fit CLIP architecture {arch}: " + problem,
             path=path,
             hint="choose the architecture the file was trained with, or another file",
         )

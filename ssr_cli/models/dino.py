@@ -39,7 +39,13 @@ import numpy as np
 import torch
 
 from ssr_cli.errors import ConfigError, WeightsError
-from ssr_cli.models.weights import WeightsSource, hf_hub_cached_files, resolve_weights, weights_cache_dir
+from ssr_cli.models.weights import (
+    WeightsSource,
+    hf_hub_cached_files,
+    resolve_weights,
+    state_dict_mismatch,
+    weights_cache_dir,
+)
 
 ENV_VAR = "SSR_DINO_WEIGHTS"
 DEFAULT_MODEL = "dino_vitb16"
@@ -145,21 +151,10 @@ def _fit(model: Any, state: dict[str, torch.Tensor], path: Path, short: str) -> 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise WeightsError(f"these weights do not fit DINO model {short} ({first})", path=path) from exc
     target = model.state_dict()
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
-    wrong = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            shapes = f"{tuple(state[k].shape)} vs {tuple(target[k].shape)}"
-            parts.append(f"{len(wrong)} of another shape (e.g. {k} {shapes})")
+    problem = state_dict_mismatch(target, state)
+    if problem:
         raise WeightsError(
-            f"these weights do not fit DINO model {short}: " + ", ".join(parts),
+            f"these weights do not fit DINO model {short}: " + problem,
             path=path,
             hint="choose the --dino-model the file was trained as, or another file",
         )

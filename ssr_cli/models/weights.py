@@ -23,7 +23,7 @@ import socket
 import threading
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -281,3 +281,23 @@ def read_state_dict(path: str | Path, kind: str = "model") -> tuple[dict[str, An
     if not state:
         raise WeightsError(f"{kind} weights: the file holds no tensors", path=path)
     return state, fmt
+
+
+def state_dict_mismatch(target: Mapping[str, Any], state: Mapping[str, Any]) -> str | None:
+    """How ``state`` fails to fit ``target`` (a model's state dict), or None when it fits.
+
+    E.g. "2 missing (e.g. proj), 1 of another shape (e.g. conv1.weight (64, 3) vs (32, 3))".
+    """
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    wrong = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        shapes = f"{tuple(state[k].shape)} vs {tuple(target[k].shape)}"
+        parts.append(f"{len(wrong)} of another shape (e.g. {k} {shapes})")
+    return ", ".join(parts) or None
