@@ -8,4 +8,5 @@ from ssr_cli.cli import refine_cmd  # noqa: F401
 from ssr_cli.cli import fitseg_cmd  # noqa: F401
 from ssr_cli.cli import predict_cmd  # noqa: F401
 from ssr_cli.cli import eval_cmd  # noqa: F401
+from ssr_cli.cli import weights_cmd  # noqa: F401
 # isort: on
