@@ -8,5 +8,6 @@ from ssr_cli.cli import refine_cmd  # noqa: F401
 from ssr_cli.cli import fitseg_cmd  # noqa: F401
 from ssr_cli.cli import predict_cmd  # noqa: F401
 from ssr_cli.cli import eval_cmd  # noqa: F401
+from ssr_cli.cli import report_cmd  # noqa: F401
 from ssr_cli.cli import weights_cmd  # noqa: F401
 # isort: on
