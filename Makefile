@@ -19,13 +19,13 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check ssr_cli tests benchmarks examples
-	$(BIN)/ruff format --check ssr_cli tests benchmarks examples
+	$(BIN)/ruff check ssr_cli tests benchmarks examples scripts
+	$(BIN)/ruff format --check ssr_cli tests benchmarks examples scripts
 	$(BIN)/mypy ssr_cli
 
 format: install
-	$(BIN)/ruff format ssr_cli tests benchmarks examples
-	$(BIN)/ruff check --fix ssr_cli tests benchmarks examples
+	$(BIN)/ruff format ssr_cli tests benchmarks examples scripts
+	$(BIN)/ruff check --fix ssr_cli tests benchmarks examples scripts
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/pipeline.sh
