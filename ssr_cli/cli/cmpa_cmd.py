@@ -15,6 +15,7 @@ from ssr_cli.cli.options import (
     Layout,
     Overwrite,
     Quiet,
+    Resume,
     Seed,
     Split,
     Vocab,
@@ -124,15 +125,7 @@ def train_cmpa(
     check_sync_every: Annotated[
         int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
     ] = 0,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Crash recovery: continue an interrupted run from checkpoints/last.pt with the SAME "
-            "settings, exactly as if it had not stopped. Not for training longer (a changed --iters "
-            "is refused).",
-        ),
-    ] = False,
+    resume: Resume = False,
     device: Device = "auto",
     workers: Workers = 2,
     seed: Seed = 0,

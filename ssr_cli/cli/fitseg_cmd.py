@@ -8,7 +8,19 @@ from typing import Annotated, Optional
 import typer
 
 from ssr_cli.cli import app
-from ssr_cli.cli.options import DataRoot, Device, GtDir, Layout, Overwrite, Quiet, Seed, Split, Vocab, Workers
+from ssr_cli.cli.options import (
+    DataRoot,
+    Device,
+    GtDir,
+    Layout,
+    Overwrite,
+    Quiet,
+    Resume,
+    Seed,
+    Split,
+    Vocab,
+    Workers,
+)
 from ssr_cli.console import set_quiet
 
 
@@ -118,15 +130,7 @@ def fit_seg(
     check_sync_every: Annotated[
         int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
     ] = 0,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Crash recovery: continue an interrupted run from checkpoints/last.pt with the SAME "
-            "settings, exactly as if it had not stopped. Not for training longer (a changed --iters "
-            "is refused).",
-        ),
-    ] = False,
+    resume: Resume = False,
     device: Device = "auto",
     workers: Workers = 2,
     seed: Seed = 0,

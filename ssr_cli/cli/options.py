@@ -78,3 +78,14 @@ def check_device(device: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise ConfigError(f"--device {device!r} is not understood", hint="use auto, cpu, cuda or cuda:N")
+
+
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Crash recovery: continue an interrupted run from checkpoints/last.pt with the SAME "
+        "settings, exactly as if it had not stopped. Not for training longer (a changed --iters "
+        "is refused).",
+    ),
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +100,23 @@ def broadcast_object(env: DistEnv, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def decide_on_main(env: DistEnv, decide: Callable[[], Any]) -> Any:
+    """Run ``decide()`` on rank 0 only and return its result on every rank; a user error
+    (``SSRError``) raised there is raised on every rank, so all ranks stop with it."""
+    from ssr_cli.errors import SSRError
+
+    result: Any = None
+    if env.is_main:
+        try:
+            result = decide()
+        except SSRError as exc:
+            result = exc
+    result = broadcast_object(env, result)
+    if isinstance(result, SSRError):
+        raise result
+    return result
 
 
 def broadcast_buffers(env: DistEnv, module: torch.nn.Module) -> None:

@@ -31,7 +31,7 @@ from ssr_cli.artefacts.fingerprint import file_sha256
 from ssr_cli.artefacts.run import SCHEMA_VERSION
 from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info, warn
-from ssr_cli.errors import ArtefactError, ConfigError, DataError, SSRError
+from ssr_cli.errors import ArtefactError, ConfigError, DataError
 
 STAGE = "fit-seg"
 
@@ -199,15 +199,7 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
             },
         }
         fp = fingerprint(basis)
-        decision: Any = None
-        if env.is_main:
-            try:
-                decision = prepare_run(out, basis, opts.resume, opts.overwrite)
-            except SSRError as exc:
-                decision = exc
-        decision = D.broadcast_object(env, decision)
-        if isinstance(decision, SSRError):
-            raise decision
+        decision = D.decide_on_main(env, lambda: prepare_run(out, basis, opts.resume, opts.overwrite))
         if decision == "done":
             info(f"fit-seg: {out} already holds this trained model; nothing to do (--overwrite trains again)")
             return read_manifest(out)

@@ -35,7 +35,7 @@ from ssr_cli.artefacts.atomic import remove_stale_temps
 from ssr_cli.artefacts.run import SCHEMA_VERSION
 from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info, warn
-from ssr_cli.errors import ArtefactError, SSRError, WeightsError
+from ssr_cli.errors import ArtefactError, WeightsError
 
 STAGE = "cmpa"
 CMPA_VERSION = "cmpa-1"  # bump when the training computation changes results
@@ -145,15 +145,7 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             "inputs": {"dataset": dataset.fingerprint()},
         }
         fp = fingerprint(basis)
-        decision: Any = None
-        if env.is_main:
-            try:
-                decision = prepare_run(out, basis, opts.resume, opts.overwrite)
-            except SSRError as exc:
-                decision = exc
-        decision = D.broadcast_object(env, decision)
-        if isinstance(decision, SSRError):
-            raise decision
+        decision = D.decide_on_main(env, lambda: prepare_run(out, basis, opts.resume, opts.overwrite))
         if decision == "done":
             if env.is_main:
                 info(f"train-cmpa: {out} already holds these trained heads; nothing to do "
