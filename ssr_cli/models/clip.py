@@ -6,11 +6,11 @@ installed open_clip runs its transformer in; grids are (h, w) = (H/p, W/p) for
 patch size p (16 for ViT-B/16).
 
 Weight formats (METHOD.md section 7): OpenAI's ``ViT-B-16.pt`` as a TorchScript
-archive (read with ``torch.jit.load`` on the CPU: TorchScript has no
-``weights_only`` mode) or as a plain state dict; open_clip checkpoints ``.pt``,
-``.pth``, ``.bin`` (optionally ``{"state_dict": ...}`` with ``module.`` prefixes);
-``.safetensors``. Everything except TorchScript is read with
-``torch.load(weights_only=True)`` or safetensors. The format is sniffed from the
+archive (its tensors read without running it: ``models/torchscript_archive.py``;
+never ``torch.jit.load``, which runs the archive's code) or as a plain state dict;
+open_clip checkpoints ``.pt``, ``.pth``, ``.bin`` (optionally ``{"state_dict": ...}``
+with ``module.`` prefixes); ``.safetensors``. Everything except TorchScript is read
+with ``torch.load(weights_only=True)`` or safetensors. The format is sniffed from the
 content, not the suffix.
 
 Imports torch and open_clip: import this module lazily (inside command bodies).

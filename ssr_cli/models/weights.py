@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -238,12 +237,25 @@ def sniff_format(path: str | Path) -> str:
     return "torch"
 
 
+def _read_torchscript(path: Path, kind: str) -> dict[str, Any]:
+    """The tensors of a TorchScript archive, read without running any of its code."""
+    from ssr_cli.models.torchscript_archive import CONVERT_HINT, ArchiveError, read_torchscript_state_dict
+
+    try:
+        return dict(read_torchscript_state_dict(str(path)))
+    except ArchiveError as exc:
+        raise WeightsError(
+            f"refused {kind} TorchScript archive: {exc}", path=path, hint=CONVERT_HINT
+        ) from None
+
+
 def read_state_dict(path: str | Path, kind: str = "model") -> tuple[dict[str, Any], str]:
     """Read a weights file into a flat CPU state dict; returns (state_dict, format).
 
     Formats (``sniff_format``): safetensors; a TorchScript archive such as OpenAI's
-    ``ViT-B-16.pt``, read with ``torch.jit.load`` (TorchScript has no
-    ``weights_only`` mode); anything else with ``torch.load(weights_only=True)``.
+    ``ViT-B-16.pt``, whose tensors are read without running it (never ``torch.jit.load``,
+    which runs the archive's code; see ``torchscript_archive``); anything else with
+    ``torch.load(weights_only=True)``.
     ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and DistributedDataParallel's
     ``module.`` prefixes are removed; non-tensor entries are dropped. Raises
     ``WeightsError`` naming the file when it cannot be read (truncated, corrupted).
@@ -258,11 +270,11 @@ def read_state_dict(path: str | Path, kind: str = "model") -> tuple[dict[str, An
 
             raw: Any = load_file(str(path), device="cpu")
         elif fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit deprecation notices
-                raw = torch.jit.load(str(path), map_location="cpu").state_dict()
+            raw = _read_torchscript(path, kind)
         else:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except Exception as exc:  # any unreadable file is the user's to replace
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise WeightsError(

@@ -7,8 +7,8 @@ download is only reported as possible when the hub is reachable (``is_offline``:
 ``HF_HUB_OFFLINE=1``/``SSR_OFFLINE=1`` answer at once, else a 2 s connect probe, made
 at most once and only when some model has no local file).
 
-``add_weights`` checks a file by loading it into the architecture on the CPU, checks
-its SHA-256 where an official value is known (OpenAI's CLIP archives), then copies it
+``add_weights`` checks a file's SHA-256 where an official value is known (OpenAI's CLIP
+archives) before reading it, then loads it into the architecture on the CPU, then copies it
 atomically into ``weights_cache_dir(kind)`` under the first file name the resolver
 looks for there.
 
@@ -258,9 +258,9 @@ def add_weights(
 ) -> dict[str, Any]:
     """Check a weights file and copy it into our cache where the loaders look for it.
 
-    Checks, in order: the file exists; it loads into model ``name`` (default: the
-    pipeline's model of ``kind``) on the CPU; its SHA-256 matches the official value
-    where one is known (``force`` accepts a mismatch, e.g. fine-tuned weights). The
+    Checks, in order: the file exists; its SHA-256 matches the official value
+    where one is known (``force`` accepts a mismatch, e.g. fine-tuned weights); it loads
+    into model ``name`` (default: the pipeline's model of ``kind``) on the CPU. The
     copy is atomic; a cached file of this model that would be picked first or would be
     overwritten with other content (any other file of this model there) is only replaced with
     ``force``, which removes the others. Returns what was
@@ -273,9 +273,9 @@ def add_weights(
     if not src.is_file():
         raise WeightsError(f"{kind} weights file not found", path=src, hint="check the path")
     fmt = sniff_format(src)
-    _check_loads(kind, name, src)
     sha256 = file_sha256_cached(src)
-    sha_check = check_sha256(kind, name, sha256, fmt, path=src, force=force)
+    sha_check = check_sha256(kind, name, sha256, fmt, path=src, force=force)  # before loading anything
+    _check_loads(kind, name, src)
     dest, others = _destination(kind, candidates, fmt)
     result: dict[str, Any] = {
         "kind": kind,
