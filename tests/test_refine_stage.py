@@ -502,3 +502,32 @@ def test_stored_and_recomputed_attention_give_the_same_labels(tmp_path, capsys, 
     # float16 moves the affinity by ~1e-3 relative: only pixels on a near-tie of two classes or of
     # the 0.95 confidence threshold can flip
     assert min(agree) > 0.995
+
+
+def test_overwrite_one_shard_with_other_settings_never_mixes_runs(tmp_path, capsys, seeds_train):
+    """Issue 10: `--overwrite --shard 0/2 --conf-thresh` over a complete run leaves no label of the
+    old threshold; the finished run equals a fresh run with the new threshold."""
+    base = ["refine", "--seeds", seeds_train, "--affinity", "none", "--mask", "box", "--no-crf"]
+    base += ["--workers", "0"]
+    runs = {}
+    for name, thresh in (("ref-old", "0.6"), ("ref-new", "0.9")):
+        code, _, err = ssr(capsys, *base, "--out", tmp_path / name, "--conf-thresh", thresh)
+        assert code == 0, err
+        runs[name] = pngs(tmp_path / name)
+    assert all(runs["ref-old"][i] != runs["ref-new"][i] for i in runs["ref-old"])
+    out = tmp_path / "run"
+    for k in range(2):
+        code, _, err = ssr(capsys, *base, "--out", out, "--conf-thresh", "0.6", "--shard", f"{k}/2")
+        assert code == 0, err
+    assert pngs(out) == runs["ref-old"]
+    new = [*base, "--out", out, "--conf-thresh", "0.9"]
+    code, _, err = ssr(capsys, *new, "--overwrite", "--shard", "0/2")
+    assert code == 0, err
+    labels = pngs(out)
+    assert sorted(labels) == ["astronaut", "camera"]
+    assert all(labels[i] == runs["ref-new"][i] for i in labels)
+    assert json.loads((out / "manifest.json").read_text())["completed"] is False
+    code, _, err = ssr(capsys, *new, "--shard", "1/2")
+    assert code == 0, err
+    assert pngs(out) == runs["ref-new"]
+    assert json.loads((out / "manifest.json").read_text())["completed"] is True

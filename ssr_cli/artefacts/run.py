@@ -15,6 +15,8 @@ skips items whose file exists (a file that exists is complete, see
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import socket
 import time
@@ -63,6 +65,65 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return data
 
 
+#: files that other commands add to a run folder (``ssr eval`` writes metrics.json)
+KNOWN_EXTRAS = ("metrics.json", "text_embeddings.safetensors")
+
+
+def read_old_manifest(
+    root: Path, *, stage: str, overwrite: bool, known: Iterable[str]
+) -> dict[str, Any] | None:
+    """The manifest of the run already in ``root`` for a ``stage`` about to write there, or None.
+
+    Refuses a folder that is not a run folder (and not empty) and a run of another stage.
+    An unreadable manifest is refused unless ``overwrite``; with ``overwrite`` it counts as a
+    run of other settings (``{"fingerprint": None}``), but only when every entry of the
+    folder is one an ssr stage writes there (``known`` names, the manifest, our temporary
+    files): a folder that holds anything else is never replaced.
+    """
+    if root.exists() and not root.is_dir():
+        raise ArtefactError(
+            "output path exists and is not a folder", path=root, hint="choose a folder path for the output"
+        )
+    if not (root / MANIFEST).exists():
+        if root.exists() and any(root.iterdir()):
+            raise ArtefactError(
+                "output folder is not empty and is not an ssr run folder",
+                path=root,
+                hint="choose a new or empty folder; nothing in it was touched",
+            )
+        return None
+    try:
+        old = read_manifest(root)
+    except ArtefactError as exc:
+        if not overwrite:
+            raise
+        strange = _foreign_entries(root, known)
+        if strange:
+            raise ArtefactError(
+                f"{exc.what}; not replaced: the folder also holds {strange[0]!r}, which no ssr stage writes",
+                path=root / MANIFEST,
+                hint="choose another output folder, or empty this one yourself",
+            ) from None
+        return {"stage": stage, "fingerprint": None}
+    if old.get("stage") != stage:
+        raise ArtefactError(
+            f"this folder holds a '{old.get('stage')}' run, not '{stage}'",
+            path=root,
+            hint="choose another output folder",
+        )
+    return old
+
+
+def _foreign_entries(root: Path, known: Iterable[str]) -> list[str]:
+    """Top-level entries of ``root`` that a run folder of ours would not hold."""
+    ours = {MANIFEST, *known}
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.name not in ours and not is_temp(p) and _REPLACED_MARK not in p.name
+    )
+
+
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys: list[str] = []
@@ -83,6 +144,7 @@ class RunFolder:
         self.item_suffix = manifest["item_suffix"]
         self._started = time.perf_counter()
         self._done_here = 0
+        self._manifest_key: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -101,6 +163,7 @@ class RunFolder:
         shard: Shard = Shard(),
         overwrite: bool = False,
         notices: Iterable[str] = (),
+        extra_items: dict[str, str] | None = None,
     ) -> RunFolder:
         """Create or resume the run folder ``root``.
 
@@ -108,6 +171,12 @@ class RunFolder:
         ``result_config`` the part that changes results; together with
         ``upstream`` (fingerprints of the runs this one reads) and the input
         fingerprints in ``inputs`` it makes the run's fingerprint.
+        ``extra_items`` ({folder: suffix}) are further per-item folders (refine's
+        ``cams/``), cleared like ``item_dir`` on overwrite.
+
+        ``overwrite`` with other settings removes every item of the old run, whatever
+        the shard: a run never holds items of two fingerprints. With the same settings
+        it removes only this shard's items (the others are of the same run).
         """
         root = Path(root)
         upstream = dict(upstream or {})
@@ -136,40 +205,24 @@ class RunFolder:
             "notices": list(notices),
             "timing": {},
         }
-        if root.exists() and not root.is_dir():
+        known = [item_dir, *(extra_items or {}), *KNOWN_EXTRAS]
+        old = read_old_manifest(root, stage=stage, overwrite=overwrite, known=known)
+        if old is not None and old.get("fingerprint") != fp and not overwrite:
+            changed = _changed_keys(old.get("fingerprint_basis", {}), basis)
             raise ArtefactError(
-                "output path exists and is not a folder",
-                path=root,
-                hint="choose a folder path for the output",
+                f"holds a {stage} run made with different settings or inputs "
+                f"(changed: {', '.join(changed[:6]) or 'unknown'})",
+                path=root / MANIFEST,
+                hint="pass --overwrite to replace it, or choose a new output folder",
             )
-        old: dict[str, Any] | None = None
-        if (root / MANIFEST).exists():
-            old = read_manifest(root)
-            if old.get("stage") != stage:
-                raise ArtefactError(
-                    f"this folder holds a '{old.get('stage')}' run, not '{stage}'",
-                    path=root,
-                    hint="choose another output folder",
-                )
-        elif root.exists() and any(root.iterdir()):
-            raise ArtefactError(
-                "output folder is not empty and is not an ssr run folder",
-                path=root,
-                hint="choose a new or empty folder; nothing in it was touched",
-            )
-        if old is not None and old.get("fingerprint") != fp:
-            if not overwrite:
-                changed = _changed_keys(old.get("fingerprint_basis", {}), basis)
-                raise ArtefactError(
-                    f"holds a {stage} run made with different settings or inputs "
-                    f"(changed: {', '.join(changed[:6]) or 'unknown'})",
-                    path=root / MANIFEST,
-                    hint="pass --overwrite to replace it, or choose a new output folder",
-                )
-            cls._clear(root / item_dir, shard, ids, item_suffix)
-            old = None
-        elif old is not None and overwrite:
-            cls._clear(root / item_dir, shard, ids, item_suffix)
+        folders = {item_dir: item_suffix, **(extra_items or {})}
+        if old is not None and overwrite:
+            same_run = old.get("fingerprint") == fp
+            for name, suffix in folders.items():
+                if same_run and not shard.is_whole:
+                    cls._clear_shard(root / name, shard, ids, suffix)
+                else:
+                    _remove_folder(root, name)
             old = None
         if old is not None:
             manifest["created"] = old.get("created", manifest["created"])
@@ -177,17 +230,13 @@ class RunFolder:
         root.mkdir(parents=True, exist_ok=True)
         (root / item_dir).mkdir(parents=True, exist_ok=True)
         remove_stale_temps(root)
+        _remove_replaced(root)
         run = cls(root, manifest, shard)
         run._write_manifest()
         return run
 
     @staticmethod
-    def _clear(item_root: Path, shard: Shard, ids: Sequence[str], suffix: str) -> None:
-        if not item_root.exists():
-            return
-        if shard.is_whole:
-            shutil.rmtree(item_root)
-            return
+    def _clear_shard(item_root: Path, shard: Shard, ids: Sequence[str], suffix: str) -> None:
         for item_id in shard.select(ids):
             (item_root / f"{item_id}{suffix}").unlink(missing_ok=True)
 
@@ -203,10 +252,40 @@ class RunFolder:
         return [i for i in self.shard.select(ids) if not self.is_done(i)]
 
     def write_item(self, item_id: str, write: Callable[[Path], object]) -> Path:
-        """Write one item atomically; ``write(tmp_path)`` must create the file."""
-        path = atomic_write(self.item_path(item_id), write)
+        """Write one item atomically; ``write(tmp_path)`` must create the file.
+
+        Refuses (ArtefactError) when another run with other settings has replaced this
+        folder (``--overwrite``) since it was opened: the item is not put in place."""
+
+        def write_checked(tmp: Path) -> None:
+            write(tmp)
+            self.check_still_ours()
+
+        path = atomic_write(self.item_path(item_id), write_checked)
         self._done_here += 1
         return path
+
+    def check_still_ours(self) -> None:
+        """ArtefactError when the folder's manifest now claims another fingerprint."""
+        try:
+            stat = (self.root / MANIFEST).stat()
+            key: tuple[int, ...] = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = ()
+        if key == self._manifest_key:
+            return
+        try:
+            current = read_manifest(self.root).get("fingerprint")
+        except ArtefactError:
+            current = None
+        if current != self.manifest["fingerprint"]:
+            raise ArtefactError(
+                "another run with other settings replaced this run folder (--overwrite) while this one "
+                "was running; stopped without writing more",
+                path=self.root,
+                hint="rerun with the settings you want (the folder now holds the other run)",
+            )
+        self._manifest_key = key
 
     def extra_path(self, name: str) -> Path:
         return self.root / name
@@ -215,6 +294,7 @@ class RunFolder:
     def _write_manifest(self) -> None:
         self.manifest["updated"] = _now()
         atomic_write_json(self.root / MANIFEST, self.manifest)
+        self._manifest_key = ()  # re-read at the next check
 
     def count_done(self, ids: Sequence[str]) -> int:
         return sum(1 for i in ids if self.is_done(i))
@@ -227,10 +307,10 @@ class RunFolder:
         ``loop_seconds``: time spent on the items themselves (without start-up such as
         model loading), recorded beside the run's total seconds."""
         # re-read: another shard may have finished in the meantime
+        self._manifest_key = ()
+        self.check_still_ours()
         try:
-            current = read_manifest(self.root)
-            if current.get("fingerprint") == self.manifest["fingerprint"]:
-                self.manifest["timing"] = current.get("timing", {})
+            self.manifest["timing"] = read_manifest(self.root).get("timing", {})
         except ArtefactError:
             pass
         seconds = time.perf_counter() - self._started
@@ -251,6 +331,29 @@ class RunFolder:
             self.manifest.update(extra)
         self._write_manifest()
         return self.manifest
+
+
+_REPLACED_MARK = ".replaced-"
+
+
+def _remove_folder(root: Path, name: str) -> None:
+    """Remove ``root/name`` at once: renamed to a hidden name first, so no old item stays visible."""
+    folder = root / name
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        folder.unlink()
+        return
+    hidden = root / f".{name.replace('/', '_')}{_REPLACED_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    folder.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _remove_replaced(root: Path) -> None:
+    """Finish removing item folders that an interrupted overwrite renamed away."""
+    for leftover in root.glob(f".*{_REPLACED_MARK}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def list_item_files(folder: Path, suffix: str) -> list[Path]:

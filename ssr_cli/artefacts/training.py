@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ssr_cli.artefacts.fingerprint import fingerprint
-from ssr_cli.artefacts.run import MANIFEST, _changed_keys, read_manifest
+from ssr_cli.artefacts.run import KNOWN_EXTRAS, MANIFEST, _changed_keys, read_old_manifest
 from ssr_cli.errors import ArtefactError, ConfigError
 
 
@@ -37,15 +37,7 @@ def prepare_training_run(
     interrupted run without ``resume``, and ``resume`` with a different ``--iters``.
     """
     fp = fingerprint(basis)
-    old = None
-    if (out / MANIFEST).is_file():
-        old = read_manifest(out)
-        if old.get("stage") != stage:
-            raise ArtefactError(f"this folder holds a '{old.get('stage')}' run, not '{stage}'", path=out,
-                                hint="choose another output folder")  # fmt: skip
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ArtefactError("output folder is not empty and is not an ssr run folder", path=out,
-                            hint="choose a new or empty folder; nothing in it was touched")  # fmt: skip
+    old = read_old_manifest(out, stage=stage, overwrite=overwrite, known=[*outputs, *KNOWN_EXTRAS])
     if old is not None and not overwrite and old.get("fingerprint") != fp:
         old_iters = old.get("fingerprint_basis", {}).get("config", {}).get("train", {}).get("iters")
         new_iters = basis["config"]["train"]["iters"]

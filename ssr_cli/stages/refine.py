@@ -31,7 +31,6 @@ Imports torch: only import inside command bodies.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -360,14 +359,9 @@ def run(
         shard=shard,
         overwrite=overwrite,
         notices=notices,
+        extra_items={CAMS_DIR: ".npz"},
     )
     cams_dir = run_folder.extra_path(CAMS_DIR)
-    if overwrite and cams_dir.exists():  # RunFolder clears only the labels
-        if shard.is_whole:
-            shutil.rmtree(cams_dir)
-        else:
-            for item_id in mine:
-                (cams_dir / f"{item_id}.npz").unlink(missing_ok=True)
     for notice in notices:
         warn(notice)
 
@@ -385,6 +379,7 @@ def run(
     def write(result: Any) -> None:
         start = time.perf_counter()
         if result.cams_npz is not None:  # before the label: the label file marks the item done
+            run_folder.check_still_ours()
             atomic_write_bytes(cams_dir / f"{result.item_id}.npz", result.cams_npz)
         run_folder.write_item(result.item_id, lambda p: p.write_bytes(result.png))
         for key, value in result.seconds.items():
