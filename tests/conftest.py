@@ -12,7 +12,7 @@ os.environ.setdefault("SSR_CACHE", str(Path(__file__).resolve().parent / ".cache
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES_VOC = REPO / "examples" / "voc"
-SHARED_MASKS = REPO.parent / "shared" / "data" / "voc2012_val_masks"
+SHARED_MASKS = REPO / "tests" / "data" / "voc2012_val_masks"  # copied from shared/ (PROVENANCE.md)
 
 
 @pytest.fixture
@@ -23,5 +23,5 @@ def examples_voc() -> Path:
 @pytest.fixture
 def shared_masks() -> Path:
     if not SHARED_MASKS.is_dir():
-        pytest.fail(f"the real VOC masks are expected at {SHARED_MASKS} (shared/ beside the repo)")
+        pytest.fail(f"the real VOC masks are expected at {SHARED_MASKS}")
     return SHARED_MASKS

@@ -25,7 +25,7 @@ from ssr_cli.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.timeout(60)
 
-MASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012_val_masks"
+MASKS = Path(__file__).resolve().parent / "data" / "voc2012_val_masks"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 
 

@@ -19,7 +19,7 @@ from ssr_cli.data import open_dataset
 
 pytestmark = pytest.mark.timeout(120)
 
-MASKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012_val_masks"
+MASKS = Path(__file__).resolve().parent / "data" / "voc2012_val_masks"
 
 
 def make_voc(root: Path, n: int = 4) -> tuple[Path, list[Path]]:

@@ -17,7 +17,7 @@ from ssr_cli.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 
-VOC_MASKS = Path("/work/shared/data/voc2012_val_masks")
+VOC_MASKS = Path(__file__).resolve().parent / "data" / "voc2012_val_masks"
 VOC_NAMES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",

@@ -148,8 +148,8 @@ def eval_command(
         bool,
         typer.Option(
             "--search-bg",
-            help="Seeds: try alpha in {1, 2} and thresholds 0.05..0.60 against the ground truth; "
-            "report the best and the table of all.",
+            help="Seeds, or a refine run's refined CAMs (refine --save-cams): try alpha in {1, 2} and "
+            "thresholds 0.05..0.60 against the ground truth; report the best and the table of all.",
         ),
     ] = False,
     quiet: Quiet = False,
@@ -217,6 +217,7 @@ def eval_command(
         pred_ignore=pred_ignore.value,
         allow_missing=allow_missing,
         bg_rules=bg_candidates(search_bg, bg_alpha, bg_threshold),
+        refined_cams=search_bg or bg_threshold is not None,
     )
     target = out if out is not None else pred / "metrics.json"
     try:

@@ -109,8 +109,14 @@ def _seed_source(pred: Path, manifest: dict[str, Any], candidates: list[dict[str
     )
 
 
-def open_predictions(pred: str | Path, candidates: list[dict[str, float]] | None = None) -> PredSource:
-    """Resolve ``pred`` (a run folder or a plain folder of PNGs) to a :class:`PredSource`."""
+def open_predictions(
+    pred: str | Path, candidates: list[dict[str, float]] | None = None, *, refined_cams: bool = False
+) -> PredSource:
+    """Resolve ``pred`` (a run folder or a plain folder of PNGs) to a :class:`PredSource`.
+
+    ``refined_cams``: for a refine run saved with ``--save-cams``, score its refined CAMs
+    (``cams/``, seed format) with the background rules ``candidates`` instead of its PNGs.
+    """
     pred = Path(pred)
     if not pred.is_dir():
         what = "prediction folder does not exist" if not pred.exists() else "predictions must be a folder"
@@ -121,6 +127,15 @@ def open_predictions(pred: str | Path, candidates: list[dict[str, float]] | None
     stage = manifest.get("stage")
     if stage == "seeds":
         return _seed_source(pred, manifest, candidates or bg_candidates(False, None, None))
+    if refined_cams and stage == "refine":
+        if not (manifest.get("config") or {}).get("save_cams"):
+            raise ArtefactError(
+                "this refine run holds no refined CAMs to search a background rule on",
+                path=pred / MANIFEST,
+                hint="rerun refine with --save-cams, or drop --search-bg/--bg-threshold to score its labels",
+            )
+        cams = dict(manifest, item_dir="cams", item_suffix=".npz")
+        return _seed_source(pred, cams, candidates or bg_candidates(False, None, None))
     item_dir = manifest.get("item_dir")
     if not isinstance(item_dir, str) or manifest.get("item_suffix") != ".png":
         raise ArtefactError(
@@ -198,6 +213,7 @@ def evaluate(
     pred_ignore: str = "background",
     allow_missing: bool = False,
     bg_rules: list[dict[str, float]] | None = None,
+    refined_cams: bool = False,
 ) -> dict[str, Any]:
     """Score the label maps in ``pred`` against ground truth; returns a JSON-able report.
 
@@ -215,10 +231,11 @@ def evaluate(
     For a ``seeds`` run, ``bg_rules`` are the background rules to try (see
     ``bg_candidates``); each is scored with its own matrix over the whole split,
     the report is that of the best mIoU, and ``bg_search`` lists them all.
+    ``refined_cams``: score a refine run's ``--save-cams`` CAMs that way too.
     """
     if pred_ignore not in PRED_IGNORE_MODES:
         raise ConfigError(f"--pred-ignore {pred_ignore!r} is not understood", hint="use background or wrong")
-    source = open_predictions(pred, bg_rules)
+    source = open_predictions(pred, bg_rules, refined_cams=refined_cams)
     gt_root = Path(gt_dir) if gt_dir is not None else None
 
     if dataset is not None:
