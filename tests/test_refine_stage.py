@@ -531,3 +531,73 @@ def test_overwrite_one_shard_with_other_settings_never_mixes_runs(tmp_path, caps
     assert code == 0, err
     assert pngs(out) == runs["ref-new"]
     assert json.loads((out / "manifest.json").read_text())["completed"] is True
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), zombies excluded."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, parent in parents.items() if parent == current]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
+def test_sigkill_of_refine_leaves_no_worker_behind(tmp_path, models, seeds_train):
+    """Issue 10: after kill -9 of refine, its fork server, pool workers and resource tracker exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = refine_args(seeds_train, tmp_path / "out", models, "--affinity", "none", "--mask", "sgc")
+    args += ["--crf-iters", "100000", "--workers", "2"]  # slow on purpose: killed long before the end
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ssr_cli", *args], env=env, stderr=subprocess.PIPE)
+    helpers: list[int] = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and proc.poll() is None:
+            helpers = _children(proc.pid)
+            if len(helpers) >= 4:  # resource tracker, fork server, 2 workers
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(helpers) >= 4, f"no workers started: {helpers}"
+        time.sleep(1.0)  # the workers are busy with an image
+        helpers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in helpers):
+            time.sleep(0.2)
+        assert not [p for p in helpers if _alive(p)], "helpers outlived the killed main process"
+    finally:
+        for pid in helpers:  # do not leave them running if the test failed
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        if proc.stderr is not None:
+            proc.stderr.close()

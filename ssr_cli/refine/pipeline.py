@@ -261,6 +261,7 @@ def single_threaded() -> Iterator[None]:
 
 #: Imported once by the fork server, so each worker starts without importing them again.
 WORKER_PRELOAD = [
+    "ssr_cli.refine.forkserver_guard",  # first: the fork server dies with the main process
     "ssr_cli.refine.pipeline",
     "numpy",
     "torch",
@@ -270,8 +271,12 @@ WORKER_PRELOAD = [
 ]
 
 
-def worker_init() -> None:
-    """Process-pool initializer: one thread for torch, OpenCV and every OpenMP/BLAS library here."""
+def worker_init(main_pid: int | None = None) -> None:
+    """Process-pool initializer: the worker dies with the main process ``main_pid``
+    (``ssr_cli.procs``); one thread for torch, OpenCV and every OpenMP/BLAS library here."""
+    from ssr_cli.procs import guard_helper
+
+    guard_helper(main_pid)
     for var in _THREAD_VARS:
         os.environ[var] = "1"
     import cv2
@@ -331,8 +336,14 @@ class WorkerPool:
         self._inflight: dict[Future[ItemResult], str] = {}
         self._pool: ProcessPoolExecutor | None = None
         if self.workers > 0:
+            from ssr_cli.procs import export_main_pid
+
+            main_pid = export_main_pid()  # before the fork server starts: it reads it
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=worker_context(), initializer=worker_init
+                max_workers=self.workers,
+                mp_context=worker_context(),
+                initializer=worker_init,
+                initargs=(main_pid,),
             )
 
     @property

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from ssr_cli.console import ProgressBar, info, progress_enabled
 from ssr_cli.errors import ConfigError, SSRError
 from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
+from ssr_cli.procs import worker_guard
 from ssr_cli.runtime import autocast
 from ssr_cli.seg import distributed as D
 from ssr_cli.seg.checkpoint import MODEL_FILE, rng_states, save_checkpoint, save_model_file, set_rng_states
@@ -207,6 +208,7 @@ def train(
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.workers else None,
+        worker_init_fn=worker_guard(),
     )
     batches = iter(loader)
     log_path = out / LOG_FILE

@@ -115,6 +115,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from ssr_cli.models.weights import file_sha256_cached
+    from ssr_cli.procs import worker_guard
     from ssr_cli.runtime import resolve_device, resolve_precision
     from ssr_cli.seg.checkpoint import load_segmenter
     from ssr_cli.seg.crf import CRFParams, dense_crf
@@ -161,7 +162,9 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     pending = set(run_folder.pending(ids))
     todo = [pair for pair in pairs if pair[0] in pending]
     info(f"predict: {len(todo)} of {len(shard.select(ids))} images to do (shard {shard}) on {device}")
-    loader: DataLoader[Any] = DataLoader(_Images(todo), batch_size=None, num_workers=opts.workers)
+    loader: DataLoader[Any] = DataLoader(
+        _Images(todo), batch_size=None, num_workers=opts.workers, worker_init_fn=worker_guard()
+    )
     started = time.perf_counter()
     done = 0
     with ProgressBar("predict", total=len(todo)) as bar:
