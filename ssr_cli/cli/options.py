@@ -65,6 +65,24 @@ Vocab = Annotated[
     Optional[str],
     typer.Option("--vocab", help="Class vocabulary: voc | coco | PATH to a vocabulary JSON file."),
 ]
+MaxSide = Annotated[
+    int,
+    typer.Option(
+        "--max-side",
+        min=32,
+        help="Largest image side in pixels (default 2048; VOC and COCO images are at most 640). "
+        "Sizes are read from the headers before any work; see --oversize.",
+    ),
+]
+Oversize = Annotated[
+    str,
+    typer.Option(
+        "--oversize",
+        help="Images larger than --max-side: error (stop with the file's name, before any work) | "
+        "skip (leave them out, with a notice) | downscale (work at --max-side; outputs keep the "
+        "original size).",
+    ),
+]
 GtDir = Annotated[
     Optional[Path], typer.Option("--gt", help="Folder of ground-truth label PNGs (overrides the layout's).")
 ]

@@ -221,6 +221,22 @@ def refine_command(
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="Images of one size per attention forward.")
     ] = 1,
+    max_side: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-side",
+            min=32,
+            help="Largest image side in pixels; default: the seeds run's (make-seeds --max-side, 2048).",
+        ),
+    ] = None,
+    oversize: Annotated[
+        Optional[str],
+        typer.Option(
+            "--oversize",
+            help="Images larger than --max-side: error | skip | downscale (work at --max-side, labels "
+            "scaled back to the image size); default: the seeds run's.",
+        ),
+    ] = None,
     device: Device = "auto",
     workers: Workers = 2,
     seed: Seed = 0,
@@ -243,11 +259,13 @@ def refine_command(
     from ssr_cli.artefacts import parse_shard
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
+    from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
     from ssr_cli.refine.sgc import SGCParams
     from ssr_cli.stages import refine as stage
 
     seeds_run = stage.open_seeds(seeds)
     recorded = seeds_run.dataset
+    recorded_cfg = seeds_run.manifest.get("config", {})
     root = data if data is not None else Path(str(recorded.get("root", ".")))
     cfg = stage.RefineConfig(
         affinity=affinity.strip().lower(),
@@ -291,6 +309,8 @@ def refine_command(
         device=check_device(device),
         workers=workers,
         seed=seed,
+        max_side=max_side if max_side is not None else int(recorded_cfg.get("max_side", DEFAULT_MAX_SIDE)),
+        oversize=oversize if oversize is not None else str(recorded_cfg.get("oversize", "error")),
     )
     cfg.check()
     shard_ = parse_shard(shard)

@@ -14,6 +14,8 @@ from ssr_cli.cli.options import (
     GtDir,
     LabelSource,
     Layout,
+    MaxSide,
+    Oversize,
     Overwrite,
     Quiet,
     Seed,
@@ -87,6 +89,8 @@ def make_seeds(
         ),
     ] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
+    max_side: MaxSide = 2048,
+    oversize: Oversize = "error",
     device: Device = "auto",
     workers: Workers = 2,
     seed: Seed = 0,
@@ -122,6 +126,8 @@ def make_seeds(
         cmpa=None if cmpa is None else str(cmpa),
         save_attn=save_attn,
         attn_blocks=attn_blocks,
+        max_side=max_side,
+        oversize=oversize,
     )
     shard_ = parse_shard(shard)
     dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)

@@ -20,6 +20,7 @@ is left off, so PIL refuses incomplete data).
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,8 +58,10 @@ def voc_palette() -> list[int]:
 def _decode(path: Path) -> tuple[Path, Image.Image]:
     image: Image.Image | None = None
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():  # stages check sizes themselves (--max-side) with one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
     except BaseException:
         if image is not None:
             image.close()

@@ -33,6 +33,14 @@ import torch
 from ssr_cli.artefacts import RunFolder, Shard
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
+from ssr_cli.data.size_limit import (
+    DEFAULT_MAX_SIDE,
+    SizeLimit,
+    SizePlan,
+    image_size,
+    plan_sizes,
+    read_downscaled,
+)
 from ssr_cli.errors import ArtefactError, DataError
 
 STAGE = "seeds"
@@ -55,6 +63,8 @@ class SeedsConfig:
     cmpa: str | None = None
     save_attn: bool = True
     attn_blocks: int = 8  # CLIP-ES: the last 8 blocks
+    max_side: int = DEFAULT_MAX_SIDE  # longer image side; larger images: see oversize
+    oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,22 +159,15 @@ def register_arch(arch: str) -> str:
     return path.stem
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.height, im.width
-    except Exception as exc:
-        raise DataError(
-            f"unreadable image ({type(exc).__name__})",
-            path=path,
-            hint="replace the file or remove its id from the split",
-        ) from None
+def _read(dataset: Dataset, item_id: str, plan: SizePlan | None) -> np.ndarray:
+    """The image, downscaled when ``plan`` says so."""
+    target = None if plan is None else plan.target_hw(item_id)
+    path = dataset.get(item_id).image
+    return read_image(path) if target is None else read_downscaled(path, target)
 
 
 def _prefetch(
-    dataset: Dataset, batches: list[list[str]], workers: int
+    dataset: Dataset, batches: list[list[str]], workers: int, plan: SizePlan | None = None
 ) -> Iterator[tuple[list[str], list[np.ndarray]]]:
     """Decode the images of upcoming batches in a thread pool (bounded look-ahead)."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -175,7 +178,7 @@ def _prefetch(
         def submit() -> None:
             batch = next(it, None)
             if batch is not None:
-                futures.append((batch, [pool.submit(read_image, dataset.get(i).image) for i in batch]))
+                futures.append((batch, [pool.submit(_read, dataset, i, plan) for i in batch]))
 
         for _ in range(ahead):
             submit()
@@ -297,6 +300,8 @@ def run(
         raise DataError("--batch-size must be at least 1")
     if cfg.save_attn and cfg.attn_blocks < 1:
         raise DataError("--attn-blocks must be at least 1")
+    paths = [dataset.get(i).image for i in dataset.ids]
+    plan = plan_sizes(dataset.ids, paths, SizeLimit(cfg.max_side, cfg.oversize), stage="make-seeds")
     arch = register_arch(cfg.arch)
     model = load_clip(arch, cfg.weights, device, seed=cfg.seed)
     heads, cmpa_fp = None, None
@@ -319,6 +324,8 @@ def run(
         "precision": precision,
         "save_attn": cfg.save_attn,
     }
+    if plan.record() is not None:
+        result_config["oversize"] = plan.record()
     attn_indices: list[int] = []
     if cfg.save_attn:
         depth = len(model.blocks)  # the last n blocks, as ClipModel.attention(x, blocks=n)
@@ -331,7 +338,7 @@ def run(
             "use them only to smoke-test the pipeline"
         )
     config = {**asdict(cfg), "precision_resolved": precision, "device_resolved": str(device)}
-    ids = dataset.ids
+    ids = [i for i in dataset.ids if i not in plan.skipped]
     run_folder = RunFolder.open(
         out,
         stage=STAGE,
@@ -360,11 +367,11 @@ def run(
         f"make-seeds: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done, "
         f"precision {precision} on {device}"
     )
-    sizes = {i: model.resized_size(*_image_size(dataset.get(i).image)) for i in mine}
+    sizes = {i: model.resized_size(*(plan.target_hw(i) or image_size(dataset.get(i).image))) for i in mine}
     batches = [b for b in _batches(mine, sizes, cfg.batch_size) if any(i in pending for i in b)]
     loop_started = time.perf_counter()
     with ProgressBar("make-seeds", total=len(pending)) as bar:
-        for batch, images in _prefetch(dataset, batches, cfg.workers):
+        for batch, images in _prefetch(dataset, batches, cfg.workers, plan):
             present = [[c - 1 for c in dataset.get(i).labels] for i in batch]
             cams, attn = cams_and_attention(
                 model,
@@ -389,7 +396,7 @@ def run(
                     path: Path,
                     cam: torch.Tensor = cam,
                     labels: Any = labels,
-                    hw: Any = image.shape[:2],
+                    hw: Any = plan.downscaled.get(item_id, image.shape[:2]),  # the original size
                     item_attn: np.ndarray | None = item_attn,
                 ) -> None:
                     save_seed(

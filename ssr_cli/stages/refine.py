@@ -43,6 +43,15 @@ import numpy as np
 from ssr_cli.artefacts import RunFolder, Shard, atomic_write_bytes
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
+from ssr_cli.data.size_limit import (
+    DEFAULT_MAX_SIDE,
+    SizeLimit,
+    SizePlan,
+    image_size,
+    plan_sizes,
+    read_downscaled,
+    upscale_labels,
+)
 from ssr_cli.errors import ArtefactError, ConfigError
 from ssr_cli.refine.crf import CRF_DEFAULTS
 from ssr_cli.refine.pipeline import (
@@ -106,6 +115,8 @@ class RefineConfig:
     device: str = "auto"
     workers: int = 2
     seed: int = 0
+    max_side: int = DEFAULT_MAX_SIDE  # longer image side; larger images: see oversize
+    oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
 
     def sources(self) -> list[str]:
         if self.affinity not in AFFINITIES:
@@ -114,6 +125,7 @@ class RefineConfig:
 
     def check(self) -> None:
         self.sources()
+        SizeLimit(self.max_side, self.oversize).check()
         if self.mask not in MASKS:
             raise ConfigError(f"--mask {self.mask!r} is not one of {', '.join(MASKS)}")
         if self.clip_attention not in CLIP_ATTENTION:
@@ -140,17 +152,18 @@ class RefineConfig:
         self.sgc.check()
 
 
-def _batches(dataset: Dataset, ids: Sequence[str], batch_size: int) -> list[list[str]]:
-    """Consecutive ids of one image size, at most ``batch_size`` each (fixed by the id order,
-    so a resumed run forms the same batches and computes the same numbers)."""
+def _batches(
+    dataset: Dataset, ids: Sequence[str], batch_size: int, plan: SizePlan | None = None
+) -> list[list[str]]:
+    """Consecutive ids of one (working) image size, at most ``batch_size`` each (fixed by the id
+    order, so a resumed run forms the same batches and computes the same numbers)."""
     if batch_size == 1:
         return [[i] for i in ids]
-    from ssr_cli.stages.make_seeds import _image_size
-
     batches: list[list[str]] = []
     last: tuple[int, int] | None = None
     for item_id in ids:
-        size = _image_size(dataset.get(item_id).image)
+        target = None if plan is None else plan.target_hw(item_id)
+        size = target or image_size(dataset.get(item_id).image)
         if batches and len(batches[-1]) < batch_size and size == last:
             batches[-1].append(item_id)
         else:
@@ -160,12 +173,17 @@ def _batches(dataset: Dataset, ids: Sequence[str], batch_size: int) -> list[list
 
 
 def _read(
-    dataset: Dataset, seeds: SeedsRun, item_id: str, attn: bool = False
+    dataset: Dataset, seeds: SeedsRun, item_id: str, attn: bool = False, plan: SizePlan | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The image and its seed; with ``attn`` the seed must hold the stored CLIP attention ``[hw, hw]``."""
-    image, path = read_image(dataset.get(item_id).image), seeds.item_path(item_id)
+    """The image and its seed; with ``attn`` the seed must hold the stored CLIP attention ``[hw, hw]``.
+
+    An image that ``plan`` downscales comes at its working size, and so does the seed's ``image_hw``."""
+    target = None if plan is None else plan.target_hw(item_id)
+    image_path, path = dataset.get(item_id).image, seeds.item_path(item_id)
+    image = read_image(image_path) if target is None else read_downscaled(image_path, target)
+    original = image.shape[:2] if plan is None or target is None else plan.downscaled[item_id]
     seed = load_seed(path, with_attn=attn)
-    if tuple(int(v) for v in seed["image_hw"]) != image.shape[:2] or seed["cams"].ndim != 3:
+    if tuple(int(v) for v in seed["image_hw"]) != tuple(original) or seed["cams"].ndim != 3:
         raise ArtefactError(
             f"this seed was made from an image of size {tuple(seed['image_hw'])}, "
             f"the image now has {image.shape[:2]}",
@@ -179,23 +197,55 @@ def _read(
             path=path,
             hint="rerun make-seeds into that folder with --overwrite, or pass --clip-attention recompute",
         )
+    if target is not None:
+        seed["image_hw"] = np.asarray(target, dtype=np.int32)
     return image, seed
 
 
 def _prefetch(
-    dataset: Dataset, seeds: SeedsRun, batches: list[list[str]], attn: bool = False
+    dataset: Dataset,
+    seeds: SeedsRun,
+    batches: list[list[str]],
+    attn: bool = False,
+    plan: SizePlan | None = None,
 ) -> Iterator[tuple[list[str], list]]:
     """Read the images and seeds of upcoming batches on a thread (two batches ahead)."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ssr-refine-read") as pool:
         queue: list = []
         it = iter(batches)
         for batch in it:
-            queue.append((batch, [pool.submit(_read, dataset, seeds, i, attn) for i in batch]))
+            queue.append((batch, [pool.submit(_read, dataset, seeds, i, attn, plan) for i in batch]))
             if len(queue) > 2:
                 head, futures = queue.pop(0)
                 yield head, [f.result() for f in futures]
         for head, futures in queue:
             yield head, [f.result() for f in futures]
+
+
+def _at_original_size(result: Any, original: tuple[int, int] | None) -> Any:
+    """A result computed on a downscaled image, with its label (nearest) and CAMs' ``image_hw``
+    brought back to the image's original size."""
+    if original is None:
+        return result
+    import dataclasses
+    import io
+
+    from PIL import Image
+
+    from ssr_cli.refine.pipeline import encode_label_png
+
+    with Image.open(io.BytesIO(result.png)) as im:
+        labels = np.asarray(im)
+    png = encode_label_png(upscale_labels(labels, original))
+    cams_npz = result.cams_npz
+    if cams_npz is not None:
+        with np.load(io.BytesIO(cams_npz)) as data:
+            arrays = {k: data[k] for k in data.files}
+        arrays["image_hw"] = np.asarray(original, dtype=np.int32)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        cams_npz = buf.getvalue()
+    return dataclasses.replace(result, png=png, cams_npz=cams_npz)
 
 
 def main_threads(device: Any, workers: int) -> int | None:
@@ -301,7 +351,10 @@ def run(
     cfg.check()
     seeds = open_seeds(seeds_dir)
     check_dataset(seeds, dataset)
-    ids, mine = dataset.ids, shard.select(dataset.ids)
+    paths = [dataset.get(i).image for i in dataset.ids]
+    plan = plan_sizes(dataset.ids, paths, SizeLimit(cfg.max_side, cfg.oversize), stage="refine")
+    ids = [i for i in dataset.ids if i not in plan.skipped]
+    mine = shard.select(ids)
     missing = [i for i in mine if not seeds.item_path(i).is_file()]
     if missing:
         raise ArtefactError(
@@ -330,6 +383,8 @@ def run(
     result_config, notices = _result_config(
         cfg, params, precision, clip_attention, clip_random, dino, dino_record
     )
+    if plan.record() is not None:
+        result_config["oversize"] = plan.record()
     inputs: dict[str, Any] = {
         "dataset": dataset.describe(),
         "seeds": {"path": str(seeds.root), "fingerprint": seeds.fingerprint},
@@ -373,11 +428,12 @@ def run(
         + f", mask {cfg.mask}, CRF {'on' if cfg.crf else 'off'}, "
         f"{cfg.workers} worker(s), {precision} on {device}"
     )
-    batches = [b for b in _batches(dataset, mine, cfg.batch_size) if any(i in pending for i in b)]
+    batches = [b for b in _batches(dataset, mine, cfg.batch_size, plan) if any(i in pending for i in b)]
     seconds: dict[str, float] = {}
 
     def write(result: Any) -> None:
         start = time.perf_counter()
+        result = _at_original_size(result, plan.downscaled.get(result.item_id))
         if result.cams_npz is not None:  # before the label: the label file marks the item done
             run_folder.check_still_ours()
             atomic_write_bytes(cams_dir / f"{result.item_id}.npz", result.cams_npz)
@@ -395,7 +451,7 @@ def run(
     ):
         try:
             stored = clip_attention == "seeds"
-            for batch, read in _prefetch(dataset, seeds, batches, stored):
+            for batch, read in _prefetch(dataset, seeds, batches, stored, plan):
                 if pool.failed:
                     break
                 images = [image for image, _ in read]
