@@ -54,3 +54,48 @@ class ArtefactError(SSRError):
 
 class WeightsError(SSRError):
     """Model weights that cannot be found or loaded."""
+
+
+_OS_ADVICE: dict[str, tuple[str, str]] = {
+    "ENOSPC": ("no space left on the device", "free disk space or choose another output folder"),
+    "EDQUOT": ("disk quota exceeded", "free space in your quota or choose another output folder"),
+    "EFBIG": (
+        "file too large for this file system or the process's file size limit",
+        "choose another output folder or raise the limit (ulimit -f)",
+    ),  # fmt: skip
+    "EROFS": ("read-only file system", "choose an output folder on a writable disk"),
+    "EACCES": ("permission denied", "choose a folder you may write to, or fix its permissions"),
+    "EPERM": ("operation not permitted", "choose a folder you may write to, or fix its permissions"),
+    "ENOENT": ("no such file or folder", "check the path"),
+    "ENOTDIR": ("a part of the path is not a folder", "check the path"),
+    "EISDIR": ("is a folder, not a file", "check the path"),
+    "EIO": ("input/output error (a failing disk or network file system)", "check the disk"),
+}
+_KEPT = (
+    "finished items and checkpoints are kept: rerun the same command to resume "
+    "(train-cmpa and fit-seg: add --resume)"
+)
+
+
+def os_error(exc: OSError, path: str | Path | None = None) -> SSRError:
+    """An ``OSError`` (full disk, read-only folder, permissions, ...) as one line naming the path."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or -1, "")
+    what, hint = _OS_ADVICE.get(name, (exc.strerror or type(exc).__name__, "check the path and the disk"))
+    where = exc.filename if exc.filename is not None else path
+    writing = name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO")
+    return ArtefactError(what, path=where, hint=f"{hint}; {_KEPT}" if writing else hint)
+
+
+def torch_write_error(exc: BaseException, path: str | Path | None) -> SSRError | None:
+    """torch.save's C++ writer errors ("PytorchStreamWriter failed writing file ... inline_container")
+    as one line naming the file; None for other exceptions."""
+    text = str(exc)
+    if "PytorchStreamWriter" not in text and "inline_container" not in text:
+        return None
+    return ArtefactError(
+        "writing failed (the disk is full or not writable)",
+        path=path,
+        hint=f"free disk space or choose another output folder; {_KEPT}",
+    )

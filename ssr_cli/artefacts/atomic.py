@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ssr_cli.errors import os_error, torch_write_error
+
 TMP_MARK = ".tmp-"
 _HOST = socket.gethostname().replace("-", "_")
 
@@ -27,16 +29,29 @@ def atomic_write(final: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``final``.
 
     ``write`` must create the file at the path it is given. On any exception the
-    temporary file is removed and the final file is left untouched.
+    temporary file is removed and the final file is left untouched; OS errors (full
+    disk, read-only folder) and torch's writer errors become one-line ``SSRError``s.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, final.parent) from None
     tmp = temp_path_for(final)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+    except OSError as exc:  # a full disk, a read-only folder: one line naming the file
+        tmp.unlink(missing_ok=True)
+        raise os_error(exc, final) from None
+    except RuntimeError as exc:
+        tmp.unlink(missing_ok=True)
+        mapped = torch_write_error(exc, final)
+        if mapped is None:
+            raise
+        raise mapped from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

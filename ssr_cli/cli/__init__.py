@@ -78,9 +78,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as exc:  # a full disk, a read-only or missing folder: the user's to fix
+        if debug:
+            raise
+        from ssr_cli.errors import os_error
+
+        print(f"ssr: error: {os_error(exc).one_line()}", file=sys.stderr)
+        sys.exit(1)
     except Exception as exc:  # a bug, or an environment problem we did not anticipate
         if debug:
             raise
+        from ssr_cli.errors import torch_write_error
+
+        mapped = torch_write_error(exc, None)
+        if mapped is not None:
+            print(f"ssr: error: {mapped.one_line()}", file=sys.stderr)
+            sys.exit(1)
         text = " ".join(f"{type(exc).__name__}: {exc}".split())
         print(
             f"ssr: internal error: {text} (set SSR_DEBUG=1 for the traceback and report it)", file=sys.stderr
