@@ -28,6 +28,7 @@ from typing import Any
 from ssr_cli import __version__
 from ssr_cli.artefacts.atomic import atomic_write, atomic_write_json, is_temp, remove_stale_temps
 from ssr_cli.artefacts.fingerprint import fingerprint
+from ssr_cli.artefacts.item_checks import ItemCheck
 from ssr_cli.artefacts.shard import Shard
 from ssr_cli.errors import ArtefactError
 
@@ -145,6 +146,7 @@ class RunFolder:
         self._started = time.perf_counter()
         self._done_here = 0
         self._manifest_key: tuple[int, ...] = ()
+        self._check_item: ItemCheck | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -164,6 +166,7 @@ class RunFolder:
         overwrite: bool = False,
         notices: Iterable[str] = (),
         extra_items: dict[str, str] | None = None,
+        check_item: ItemCheck | None = None,
     ) -> RunFolder:
         """Create or resume the run folder ``root``.
 
@@ -172,7 +175,8 @@ class RunFolder:
         ``upstream`` (fingerprints of the runs this one reads) and the input
         fingerprints in ``inputs`` it makes the run's fingerprint.
         ``extra_items`` ({folder: suffix}) are further per-item folders (refine's
-        ``cams/``), cleared like ``item_dir`` on overwrite.
+        ``cams/``), cleared like ``item_dir`` on overwrite. ``check_item(path)`` tells
+        whether a finished item file can be read: ``pending`` redoes those that cannot.
 
         ``overwrite`` with other settings removes every item of the old run, whatever
         the shard: a run never holds items of two fingerprints. With the same settings
@@ -232,6 +236,7 @@ class RunFolder:
         remove_stale_temps(root)
         _remove_replaced(root)
         run = cls(root, manifest, shard)
+        run._check_item = check_item
         run._write_manifest()
         return run
 
@@ -248,8 +253,21 @@ class RunFolder:
         return self.item_path(item_id).is_file()
 
     def pending(self, ids: Sequence[str]) -> list[str]:
-        """This shard's items that have no finished file yet, in order."""
-        return [i for i in self.shard.select(ids) if not self.is_done(i)]
+        """This shard's items that have no finished, readable file yet, in order.
+
+        With ``check_item``, finished files that cannot be read are redone (with a notice)."""
+        mine = self.shard.select(ids)
+        todo = [i for i in mine if not self.is_done(i)]
+        if self._check_item is None:
+            return todo
+        check = self._check_item
+        broken = {i for i in mine if self.is_done(i) and not check(self.item_path(i))}
+        if broken:
+            from ssr_cli.console import warn
+
+            example = self.item_path(sorted(broken)[0])
+            warn(f"{len(broken)} finished item file(s) cannot be read and will be redone (e.g. {example})")
+        return [i for i in mine if i in broken or not self.is_done(i)]
 
     def write_item(self, item_id: str, write: Callable[[Path], object]) -> Path:
         """Write one item atomically; ``write(tmp_path)`` must create the file.

@@ -119,17 +119,19 @@ class Dataset:
         return counts
 
     def fingerprint(self) -> str:
-        """Hash of ids, labels, image file sizes and the vocabulary (not paths)."""
+        """Hash of ids, labels, each image file's size and modification time, and the vocabulary
+        (not paths). An image replaced by another of the same size changes it (its mtime);
+        so does copying the dataset without keeping modification times (``cp -p``/``rsync -a`` keep them)."""
         from ssr_cli.artefacts import fingerprint
 
         key = hash((tuple(self.items), self.vocab))
         if self._fingerprint is None or self._fingerprint[0] != key:
-            sizes = parallel_map(_file_size, [item.image for item in self.items])
+            stamps = parallel_map(_file_stamp, [item.image for item in self.items])
             value = fingerprint(
                 {
                     "ids": self.ids,
                     "labels": [list(item.labels) for item in self.items],
-                    "sizes": sizes,
+                    "files": stamps,
                     "vocab": self.vocab.fingerprint(),
                 }
             )
@@ -152,9 +154,11 @@ class Dataset:
         }
 
 
-def _file_size(path: Path) -> int:
+def _file_stamp(path: Path) -> list[int]:
+    """[size, modification time in ns] of an image file."""
     try:
-        return path.stat().st_size
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
     except OSError as exc:
         raise DataError(f"cannot read image file: {exc.strerror or exc}", path=path) from None
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ssr_cli.artefacts import RunFolder, Shard
+from ssr_cli.artefacts.item_checks import npz_check
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
@@ -352,6 +353,7 @@ def run(
         shard=shard,
         overwrite=overwrite,
         notices=notices,
+        check_item=npz_check(("cams", "class_ids", "image_hw"), load=("cams", "class_ids", "image_hw")),
     )
     for notice in notices:
         warn(notice)

@@ -22,6 +22,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ssr_cli.artefacts import RunFolder, fingerprint, parse_shard, read_manifest
+from ssr_cli.artefacts.item_checks import png_check
 from ssr_cli.console import ProgressBar, info
 from ssr_cli.errors import ConfigError, DataError
 
@@ -74,11 +75,11 @@ def _inputs(opts: PredictOptions) -> tuple[list[tuple[str, Path]], dict[str, Any
     if (opts.images is None) == (opts.data is None):
         raise ConfigError("pass either --data (with --split) or --images DIR", hint="one source of images")
     if opts.images is not None:
-        from ssr_cli.data.datasets import parallel_map
+        from ssr_cli.data.datasets import _file_stamp, parallel_map
 
         pairs = list_images(Path(opts.images))
-        sizes = parallel_map(lambda p: p.stat().st_size, [p for _, p in pairs])
-        fp = fingerprint({"ids": [i for i, _ in pairs], "sizes": sizes})
+        stamps = parallel_map(_file_stamp, [p for _, p in pairs])  # size and mtime, as datasets
+        fp = fingerprint({"ids": [i for i, _ in pairs], "files": stamps})
         return pairs, {"kind": "folder", "root": str(opts.images), "count": len(pairs), "fingerprint": fp}
     from ssr_cli.data import open_dataset
 
@@ -157,7 +158,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     run_folder = RunFolder.open(
         opts.out, stage=STAGE, item_dir="labels", item_suffix=".png", config=config,
         result_config=result_config, upstream=upstream, inputs={"images": inputs}, ids=ids,
-        shard=shard, overwrite=opts.overwrite,
+        shard=shard, overwrite=opts.overwrite, check_item=png_check,
     )  # fmt: skip
     pending = set(run_folder.pending(ids))
     todo = [pair for pair in pairs if pair[0] in pending]

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ssr_cli.artefacts import RunFolder, Shard, atomic_write_bytes
+from ssr_cli.artefacts.item_checks import png_check
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
@@ -415,6 +416,7 @@ def run(
         overwrite=overwrite,
         notices=notices,
         extra_items={CAMS_DIR: ".npz"},
+        check_item=png_check,
     )
     cams_dir = run_folder.extra_path(CAMS_DIR)
     for notice in notices:

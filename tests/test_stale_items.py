@@ -1,0 +1,111 @@
+"""Stale inputs and broken items on resume (issue 10): an image replaced by another of the same
+size changes the dataset fingerprint; a garbage item file is redone, not counted as done."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+
+import ssr_cli.cli.refine_cmd  # noqa: F401  (registers `refine`)
+from ssr_cli.cli import main
+from ssr_cli.data import open_dataset
+
+pytestmark = pytest.mark.timeout(300)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "voc" / "JPEGImages"
+
+
+def make_data(root: Path) -> Path:
+    """A custom dataset of two uncompressed BMP photos: same-size replacements are easy to make."""
+    (root / "images").mkdir(parents=True)
+    for name in ("chelsea", "astronaut"):
+        with Image.open(EXAMPLES / f"{name}.jpg") as im:
+            im.convert("RGB").resize((96, 64)).save(root / "images" / f"{name}.bmp")
+    (root / "labels.txt").write_text("chelsea cat\nastronaut person\n")
+    return root
+
+
+def replace_same_size(path: Path) -> None:
+    """Another picture in the same number of bytes (BMP pixels inverted), with a new mtime."""
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    data[54:] = bytes(255 - b for b in data[54:])  # the pixel array after the 54-byte header
+    path.write_bytes(bytes(data))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+    assert path.stat().st_size == size
+
+
+def ssr(capsys, *args: object) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> list[object]:
+    folder = tmp_path_factory.mktemp("clip")
+    config = folder / "ssr-tiny-stale.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    weights = save_tiny_clip(make_tiny_clip(seed=7), folder / "clip.safetensors", "safetensors")
+    return ["--clip-arch", config, "--clip-weights", weights, "--workers", "1", "--vocab", "voc"]
+
+
+def test_fingerprint_sees_a_same_size_replacement(tmp_path):
+    data = make_data(tmp_path / "data")
+    before = open_dataset(data, vocab="voc").fingerprint()
+    assert open_dataset(data, vocab="voc").fingerprint() == before  # stable
+    replace_same_size(data / "images" / "chelsea.bmp")
+    assert open_dataset(data, vocab="voc").fingerprint() != before
+
+
+def test_make_seeds_refuses_to_resume_over_a_replaced_image(tmp_path, capsys, clip):
+    data = make_data(tmp_path / "data")
+    args = ["make-seeds", "--data", data, "--out", tmp_path / "seeds", *clip]
+    code, _, err = ssr(capsys, *args)
+    assert code == 0, err
+    replace_same_size(data / "images" / "astronaut.bmp")
+    code, _, err = ssr(capsys, *args)
+    assert code == 1 and "inputs.dataset" in err and "--overwrite" in err, err
+
+
+def test_garbage_items_are_redone_on_resume(tmp_path, capsys, clip):
+    data = make_data(tmp_path / "data")
+    seeds = tmp_path / "seeds"
+    args = ["make-seeds", "--data", data, "--out", seeds, *clip]
+    assert ssr(capsys, *args)[0] == 0
+    good = (seeds / "cams" / "chelsea.npz").read_bytes()
+    for garbage in (b"not a zip at all", good[: len(good) // 2]):
+        (seeds / "cams" / "chelsea.npz").write_bytes(garbage)
+        code, _, err = ssr(capsys, *args)
+        assert code == 0 and "cannot be read and will be redone" in err, err
+        with np.load(seeds / "cams" / "chelsea.npz") as seed, np.load(good_file(tmp_path, good)) as ref:
+            assert all(np.array_equal(seed[k], ref[k]) for k in ref.files)
+
+    out = tmp_path / "refine"
+    refine = ["refine", "--seeds", seeds, "--out", out, "--affinity", "none", "--mask", "box"]
+    refine += ["--no-crf", "--workers", "0"]
+    assert ssr(capsys, *refine)[0] == 0
+    label = (out / "labels" / "astronaut.png").read_bytes()
+    for garbage in (b"\x89PNG\r\n\x1a\n garbage", label[:-20]):
+        (out / "labels" / "astronaut.png").write_bytes(garbage)
+        code, _, err = ssr(capsys, *refine)
+        assert code == 0 and "will be redone" in err, err
+        assert (out / "labels" / "astronaut.png").read_bytes() == label
+    assert json.loads((out / "manifest.json").read_text())["completed"] is True
+
+
+def good_file(tmp_path: Path, data: bytes) -> Path:
+    path = tmp_path / "reference.npz"
+    path.write_bytes(data)
+    return path
