@@ -227,3 +227,59 @@ def test_training_run_with_unreadable_manifest(tmp_path):
         prepare_training_run(out, overwrite=False, **kw)
     assert prepare_training_run(out, overwrite=True, **kw) == "fresh"
     assert not (out / "checkpoints").exists() and not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "rank, world",
+    [("5", "2"), ("0", "0"), ("-1", "2"), ("a", "2"), ("1", None), (None, "2"), ("2", "2"), ("0", "-3")],
+)
+def test_shard_from_the_environment_is_checked(monkeypatch, rank, world):
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="RANK"):
+        parse_shard(None)
+
+
+def test_bad_shards_through_the_cli(tmp_path, monkeypatch, capsys):
+    """A malformed --shard is a usage error (exit 2); bad RANK/WORLD_SIZE one line, exit 1."""
+    import ssr_cli.cli.refine_cmd  # noqa: F401
+    from ssr_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        return code, capsys.readouterr().err
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for command in (["make-seeds", "--data", "x", "--out", str(tmp_path / "o")], ["refine", "--seeds", "x"]):
+        for bad in ("2/2", "a/b", "1", "0/0"):
+            code, err = run(*command, "--shard", bad)
+            assert code == 2 and "--shard" in err, (command, bad, err)
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run(
+        "make-seeds", "--data", "examples/voc", "--out", str(tmp_path / "o"), "--clip-weights", "random"
+    )
+    assert code == 1 and err.startswith("ssr: error:") and "RANK" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "0"}, {"WORLD_SIZE": "x"}, {"WORLD_SIZE": "2", "RANK": "7"}])
+def test_training_checks_torchrun_variables(monkeypatch, env):
+    import torch
+
+    from ssr_cli.seg.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError):
+        init_distributed(torch.device("cpu"))

@@ -54,13 +54,19 @@ def parse_shard(text: str | None) -> Shard:
 
 
 def shard_from_env() -> Shard:
+    """torchrun's ``RANK``/``WORLD_SIZE``, checked like ``--shard`` (ConfigError when unusable)."""
     rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-    if rank is None or world is None:
+    if rank is None and world is None:
         return Shard()
+    hint = "unset RANK and WORLD_SIZE, launch with torchrun, or pass --shard i/n"
+    if rank is None or world is None:
+        raise ConfigError(f"only one of RANK={rank!r} and WORLD_SIZE={world!r} is set", hint=hint)
     try:
-        return Shard(int(rank), int(world))
+        index, count = int(rank), int(world)
     except ValueError:
+        raise ConfigError(f"RANK={rank!r} / WORLD_SIZE={world!r} are not integers", hint=hint) from None
+    if count < 1 or not 0 <= index < count:
         raise ConfigError(
-            f"RANK={rank!r} / WORLD_SIZE={world!r} are not integers",
-            hint="unset them or launch with torchrun",
-        ) from None
+            f"RANK={rank} / WORLD_SIZE={world} is out of range (RANK must be in 0..WORLD_SIZE-1)", hint=hint
+        )
+    return Shard(index, count)

@@ -30,11 +30,27 @@ Overwrite = Annotated[
         "Without it, a matching run is resumed and a different one is refused.",
     ),
 ]
+
+
+def _check_shard(value: Optional[str]) -> Optional[str]:
+    """A malformed --shard is a usage error (exit code 2), like any bad flag."""
+    if value:
+        from ssr_cli.artefacts.shard import parse_shard
+        from ssr_cli.errors import ConfigError
+
+        try:
+            parse_shard(value)
+        except ConfigError as exc:
+            raise typer.BadParameter(f"{exc.what} ({exc.hint})" if exc.hint else exc.what) from None
+    return value
+
+
 ShardOpt = Annotated[
     Optional[str],
     typer.Option(
         "--shard",
         metavar="i/n",
+        callback=_check_shard,
         help="Process only shard i of n (0-based). Default: from torchrun's RANK/WORLD_SIZE, else all.",
     ),
 ]

@@ -40,17 +40,33 @@ class DistEnv:
         return self.world > 1
 
 
+_ENV_HINT = "launch with torchrun, or unset RANK/WORLD_SIZE/LOCAL_RANK for a single process"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not an integer", hint=_ENV_HINT) from None
+
+
 def init_distributed(device: torch.device) -> DistEnv:
     """Join torchrun's process group when ``WORLD_SIZE`` > 1; returns this process's :class:`DistEnv`.
 
     ``device`` is the resolved ``--device`` (``runtime.resolve_device`` already maps
     ``auto``/``cuda`` to ``cuda:LOCAL_RANK`` under torchrun).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    world = _env_int("WORLD_SIZE", 1)
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE={world} is not a process count", hint=_ENV_HINT)
+    if world == 1:
         return DistEnv(device=device)
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world or local_rank < 0:
+        raise ConfigError(f"RANK={rank} is outside 0..WORLD_SIZE-1 ({world - 1})", hint=_ENV_HINT)
     if "MASTER_ADDR" not in os.environ:
         raise ConfigError(
             f"WORLD_SIZE={world} is set but MASTER_ADDR is not",
