@@ -121,3 +121,32 @@ def test_missing_split_lists_the_existing_ones(tmp_path, capsys):
     code, _, stderr = run_main(["data", "check", "--data", str(root), "--split", "val"], capsys)
     assert code == 1
     assert "split 'val' not found" in stderr and "available splits: train" in stderr
+
+
+def test_decode_reports_mask_values_that_eval_rejects(tmp_path, capsys):
+    """Issue 10: values outside the vocabulary (and not 255) make `ssr eval` fail; the check says so."""
+    from ssr_cli.data.images import write_label_png
+
+    root = make_custom(tmp_path / "home")
+    (root / "masks").mkdir()
+    preds = tmp_path / "preds"
+    for name, photo in (("cat1", skimage.data.chelsea()), ("person1", skimage.data.astronaut())):
+        mask = np.zeros(photo.shape[:2], np.uint8)
+        mask[10:40, 10:40] = 1
+        mask[50:60, 50:60] = 255
+        write_label_png(root / "masks" / f"{name}.png", mask)
+        write_label_png(preds / f"{name}.png", np.zeros_like(mask))
+    write_label_png(root / "masks" / "cup1.png", np.zeros(skimage.data.coffee().shape[:2], np.uint8))
+    write_label_png(preds / "cup1.png", np.zeros(skimage.data.coffee().shape[:2], np.uint8))
+    code, _, stderr = run_main(["eval", str(preds), "--data", str(root)], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run_main(["data", "check", "--data", str(root), "--decode"], capsys)
+    assert code == 0 and "all fine" in stderr, stderr  # 255 is fine
+    bad = np.array(Image.open(root / "masks" / "cat1.png"))
+    bad[100:110, 100:110] = 30  # the vocabulary has ids 0..3
+    write_label_png(root / "masks" / "cat1.png", bad)
+    code, _, stderr = run_main(["data", "check", "--data", str(root), "--decode"], capsys)
+    assert code == 1 and "all fine" not in stderr
+    assert str(root / "masks" / "cat1.png") in stderr and "value(s) 30" in stderr and "0..3" in stderr
+    code, _, stderr = run_main(["eval", str(preds), "--data", str(root)], capsys)
+    assert code == 1 and "cat1.png" in stderr  # what eval refuses, the check reports

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ssr_cli.artefacts import atomic_write_text
 from ssr_cli.data.datasets import Dataset, Item, parallel_map
@@ -36,8 +39,26 @@ def summarize(dataset: Dataset) -> dict[str, Any]:
     return summary
 
 
-def _decode_one(item: Item) -> str | None:
-    """Decode an item's image (and mask); the problem as one line, or None."""
+IGNORE_INDEX = 255
+
+
+def _check_mask_values(mask: np.ndarray, path: Path, num_classes: int) -> None:
+    """DataError when the mask holds ids that are neither classes of the vocabulary nor 255,
+    the values ``ssr eval`` refuses."""
+    values = np.unique(mask)
+    bad = [int(v) for v in values if v >= num_classes and v != IGNORE_INDEX]
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise DataError(
+            f"mask has value(s) {shown} outside the class ids 0..{num_classes - 1} of the vocabulary "
+            "(255 = ignore)",
+            path=path,
+            hint="fix the mask, or pass the vocabulary it was made with (--vocab)",
+        )
+
+
+def _decode_one(item: Item, num_classes: int) -> str | None:
+    """Decode an item's image (and mask, checking its values); the problem as one line, or None."""
     try:
         image = read_image(item.image)
         if item.gt is not None:
@@ -45,14 +66,18 @@ def _decode_one(item: Item) -> str | None:
             if mask.shape != image.shape[:2]:
                 (mh, mw), (ih, iw) = mask.shape, image.shape[:2]
                 raise DataError(f"mask is {mw}x{mh} but its image is {iw}x{ih}", path=item.gt)
+            _check_mask_values(mask, item.gt, num_classes)
     except DataError as exc:
         return exc.one_line()
     return None
 
 
 def decode_all(dataset: Dataset, workers: int = 0) -> list[str]:
-    """Decode every image and mask (thread pool); the problems found, one line each."""
-    problems = parallel_map(_decode_one, dataset.items, "decoding images", workers=workers)
+    """Decode every image and mask (thread pool); the problems found, one line each.
+
+    Masks must also hold only what ``ssr eval`` accepts: class ids of the vocabulary or 255."""
+    check = functools.partial(_decode_one, num_classes=dataset.vocab.num_classes)
+    problems = parallel_map(check, dataset.items, "decoding images", workers=workers)
     return [p for p in problems if p is not None]
 
 
