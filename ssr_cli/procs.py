@@ -91,8 +91,12 @@ def export_main_pid() -> int:
 
 
 def dataloader_worker_init(main_pid: int, _worker_id: int = 0) -> None:
-    """Body of :func:`worker_guard`'s ``worker_init_fn``."""
+    """Body of :func:`worker_guard`'s ``worker_init_fn`` (also silences library warnings there:
+    errors come back to the main process, which reports them in one line)."""
+    import warnings
+
     guard_helper(main_pid)
+    warnings.simplefilter("ignore")
 
 
 def worker_guard() -> Callable[[int], None]:

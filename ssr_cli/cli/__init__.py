@@ -7,8 +7,11 @@ inside command bodies so ``ssr --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Annotated, Optional
 
 import typer
@@ -51,6 +54,35 @@ def _root(
 from ssr_cli.cli import commands  # noqa: E402,F401
 
 
+@contextlib.contextmanager
+def _library_warnings(caught: list[warnings.WarningMessage], debug: bool) -> Iterator[None]:
+    """Hold back Python warnings of libraries (PIL, torch, ...) while a command runs: an error
+    then prints as its one line only; a success shows them afterwards, one line each."""
+    if debug:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        try:
+            yield
+        finally:
+            caught.extend(record)
+
+
+def _replay(caught: list[warnings.WarningMessage]) -> None:
+    from rich.markup import escape
+
+    from ssr_cli.console import warn
+
+    seen: set[str] = set()
+    for item in caught:
+        text = " ".join(str(item.message).split())[:300]
+        line = f"{item.category.__name__}: {text}"
+        if line not in seen:
+            seen.add(line)
+            warn(escape(line))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, mapping user errors to one line and exit code 1.
 
@@ -61,9 +93,15 @@ def main(argv: list[str] | None = None) -> None:
 
     debug = os.environ.get("SSR_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    caught: list[warnings.WarningMessage] = []
     try:
         # standalone mode: click handles --help, usage errors (exit 2) and Ctrl-C itself
-        command.main(args=argv, prog_name="ssr", standalone_mode=True)
+        with _library_warnings(caught, debug):
+            command.main(args=argv, prog_name="ssr", standalone_mode=True)
+    except SystemExit as exc:
+        if not exc.code:
+            _replay(caught)
+        raise
     except SSRError as exc:
         if debug:
             raise

@@ -11,11 +11,18 @@ refused with the keys that are missing, never loaded half-way.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ssr_cli.errors import WeightsError
-from ssr_cli.models.weights import WeightsSource, hf_hub_cached_files, resolve_weights, weights_cache_dir
+from ssr_cli.models.weights import (
+    WeightsSource,
+    hf_hub_cached_files,
+    load_failure,
+    resolve_weights,
+    weights_cache_dir,
+)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -28,14 +35,12 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             "backbone weights file not found", path=path, hint="check the --backbone-weights path"
         )
     try:
-        state = load_state_dict(str(path), use_ema=False, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user problem
-        text = " ".join(str(exc).split())[:200]
-        raise WeightsError(
-            f"cannot read backbone weights ({type(exc).__name__}: {text})",
-            path=path,
-            hint="pass a timm state dict saved with torch.save or safetensors",
-        ) from None
+        what, hint = load_failure(exc, "backbone weights")
+        raise WeightsError(what, path=path, hint=hint) from None
     if not isinstance(state, dict) or not state:
         raise WeightsError("the file holds no state dict", path=path, hint="pass timm backbone weights")
     return dict(state)

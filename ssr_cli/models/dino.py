@@ -42,8 +42,10 @@ from ssr_cli.errors import ConfigError, WeightsError
 from ssr_cli.models.weights import (
     WeightsSource,
     hf_hub_cached_files,
+    load_failure,
     resolve_weights,
     state_dict_mismatch,
+    torch_load,
     weights_cache_dir,
 )
 
@@ -121,14 +123,12 @@ def read_dino_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             raw: Any = load_file(str(path), device="cpu")
         else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            raw = torch_load(path, "DINO weights")
+    except WeightsError:
+        raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise WeightsError(
-            f"cannot read DINO weights ({first})",
-            path=path,
-            hint="the file is truncated, corrupted or not a weights file: download it again",
-        ) from exc
+        what, hint = load_failure(exc, "DINO weights")
+        raise WeightsError(what, path=path, hint=hint) from None
     for key in _WRAPPERS:
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             raw = raw[key]

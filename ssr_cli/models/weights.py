@@ -19,8 +19,10 @@ torch is imported only inside ``read_state_dict``.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -237,6 +239,56 @@ def sniff_format(path: str | Path) -> str:
     return "torch"
 
 
+_REFUSED_MARKS = ("Weights only load failed", "weights_only", "Unsupported global", "UnpicklingError")
+_SAVE_TENSORS_HINT = (
+    "in an environment you trust, load it and save only its tensors: "
+    "torch.save(state_dict, 'OUT.pt') or safetensors; then pass OUT.pt"
+)
+
+
+def load_failure(exc: BaseException, kind: str) -> tuple[str, str]:
+    """(what, hint) for a file that ``torch.load(weights_only=True)`` refused or could not read.
+
+    torch's own text for refused files is long and ends with advice to set
+    ``weights_only=False`` (which would run code from the file): this replaces it."""
+    import pickle
+
+    text = " ".join(str(exc).split())
+    if "TorchScript archive" in text:
+        return (
+            f"cannot read {kind}: the file is a TorchScript archive (ssr reads those only as CLIP weights)",
+            "in an environment you trust: torch.save(torch.jit.load('IN.pt').state_dict(), 'OUT.pt'); "
+            "then pass OUT.pt",
+        )
+    if isinstance(exc, pickle.UnpicklingError) or any(mark in text for mark in _REFUSED_MARKS):
+        found = re.search(r"(?:GLOBAL|[Gg]lobals?:)\s*([\w.]+)", text)
+        detail = f" (e.g. {found.group(1).rstrip('.')})" if found else ""
+        return (
+            f"cannot read {kind}: the file holds Python objects besides tensors{detail}, which ssr "
+            "never unpickles (that could run code from the file)",
+            _SAVE_TENSORS_HINT,
+        )
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (
+        f"cannot read {kind} ({first})",
+        "the file is truncated, corrupted or not a weights file: download it again",
+    )
+
+
+def torch_load(path: Path, kind: str) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, with torch's warnings silenced and every
+    failure a one-line ``WeightsError`` naming the file (``load_failure``)."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the user's to replace
+        what, hint = load_failure(exc, kind)
+        raise WeightsError(what, path=path, hint=hint) from None
+
+
 def _read_torchscript(path: Path, kind: str) -> dict[str, Any]:
     """The tensors of a TorchScript archive, read without running any of its code."""
     from ssr_cli.models.torchscript_archive import CONVERT_HINT, ArchiveError, read_torchscript_state_dict
@@ -272,16 +324,12 @@ def read_state_dict(path: str | Path, kind: str = "model") -> tuple[dict[str, An
         elif fmt == "torchscript":
             raw = _read_torchscript(path, kind)
         else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            raw = torch_load(path, f"{kind} weights")
     except WeightsError:
         raise
     except Exception as exc:  # any unreadable file is the user's to replace
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise WeightsError(
-            f"cannot read {kind} weights ({first})",
-            path=path,
-            hint="the file is truncated, corrupted or not a weights file: download it again",
-        ) from exc
+        what, hint = load_failure(exc, f"{kind} weights")
+        raise WeightsError(what, path=path, hint=hint) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]

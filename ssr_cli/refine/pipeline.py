@@ -274,9 +274,12 @@ WORKER_PRELOAD = [
 def worker_init(main_pid: int | None = None) -> None:
     """Process-pool initializer: the worker dies with the main process ``main_pid``
     (``ssr_cli.procs``); one thread for torch, OpenCV and every OpenMP/BLAS library here."""
+    import warnings
+
     from ssr_cli.procs import guard_helper
 
     guard_helper(main_pid)
+    warnings.simplefilter("ignore")  # library noise; a failing image comes back as ItemFailure
     for var in _THREAD_VARS:
         os.environ[var] = "1"
     import cv2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` onto the CPU."""
+    from ssr_cli.models.weights import load_failure
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        text = " ".join(str(exc).split())[:200]
+        what, _hint = load_failure(exc, "checkpoint")
         raise WeightsError(
-            f"cannot read checkpoint ({type(exc).__name__}: {text})",
-            path=path,
-            hint="pass a checkpoint written by ssr fit-seg, or start again with --overwrite",
+            what, path=path, hint="pass a checkpoint written by ssr fit-seg, or start again with --overwrite"
         ) from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise WeightsError("not an ssr fit-seg checkpoint", path=path, hint="pass RUN/checkpoints/last.pt")

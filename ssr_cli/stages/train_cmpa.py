@@ -80,14 +80,19 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A ``last.pt`` written by train-cmpa, on the CPU (``weights_only``)."""
+    import warnings
+
     import torch
 
+    from ssr_cli.models.weights import load_failure
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        text = " ".join(str(exc).split())[:200]
-        raise WeightsError(f"cannot read checkpoint ({type(exc).__name__}: {text})", path=path,
-                           hint="start again with --overwrite") from None  # fmt: skip
+        what, _hint = load_failure(exc, "checkpoint")
+        raise WeightsError(what, path=path, hint="start again with --overwrite") from None
     if not isinstance(state, dict) or "heads" not in state or "prototypes" not in state:
         raise WeightsError("not a train-cmpa checkpoint", path=path, hint="start again with --overwrite")
     return state
