@@ -184,3 +184,25 @@ def test_dense_crf_snaps_noisy_probabilities_to_image_edges() -> None:
     assert np.allclose(refined.sum(0), 1.0, atol=1e-3)
     after = (refined.argmax(0) == truth).mean()
     assert before < 0.8 and after > 0.99
+
+
+def test_oversize_images(model_file: Path, examples_voc: Path, tmp_path: Path, capsys):
+    """--max-side: error (one line, before any work), skip, downscale (labels at the image's size)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("astronaut", "chelsea"):
+        shutil.copy(examples_voc / "JPEGImages" / f"{name}.jpg", images / f"{name}.jpg")
+    base = ["predict", "--model", model_file, "--images", images, "--device", "cpu", "-j", "0"]
+    code, _, err = run_cli([*base, "--out", tmp_path / "a", "--max-side", "400"], capsys)
+    assert code == 1 and "astronaut.jpg" in error_line(err) and "--max-side 400" in err
+    assert not (tmp_path / "a").exists()
+    code, _, err = run_cli(
+        [*base, "--out", tmp_path / "b", "--max-side", "480", "--oversize", "skip"], capsys
+    )
+    assert code == 0 and "skipping 1 image" in err, err
+    assert sorted(p.name for p in (tmp_path / "b" / "labels").iterdir()) == ["chelsea.png"]
+    out = tmp_path / "c"
+    code, _, err = run_cli([*base, "--out", out, "--max-side", "256", "--oversize", "downscale"], capsys)
+    assert code == 0, err
+    for name in ("astronaut", "chelsea"):
+        assert read_mask(out / "labels" / f"{name}.png").shape == read_image(images / f"{name}.jpg").shape[:2]

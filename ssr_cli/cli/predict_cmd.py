@@ -8,7 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from ssr_cli.cli import app
-from ssr_cli.cli.options import Device, Layout, Overwrite, Quiet, ShardOpt, Split, Vocab, Workers
+from ssr_cli.cli.options import (
+    Device,
+    Layout,
+    MaxSide,
+    Oversize,
+    Overwrite,
+    Quiet,
+    ShardOpt,
+    Split,
+    Vocab,
+    Workers,
+)
 from ssr_cli.console import set_quiet
 
 
@@ -53,6 +64,8 @@ def predict(
         str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
     ] = "auto",
     device: Device = "auto",
+    max_side: MaxSide = 2048,
+    oversize: Oversize = "error",
     workers: Workers = 2,
     overwrite: Overwrite = False,
     shard: ShardOpt = None,
@@ -87,6 +100,8 @@ def predict(
         precision=precision,
         device=check_device(device),
         workers=workers,
+        max_side=max_side,
+        oversize=oversize,
         shard=shard,
         overwrite=overwrite,
     )

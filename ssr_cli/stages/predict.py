@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from ssr_cli.artefacts import RunFolder, fingerprint, parse_shard, read_manifest
 from ssr_cli.artefacts.item_checks import png_check
 from ssr_cli.console import ProgressBar, info
+from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE, SizeLimit, plan_sizes, upscale_labels
 from ssr_cli.errors import ConfigError, DataError
 
 STAGE = "predict"
@@ -48,6 +49,8 @@ class PredictOptions:
     workers: int = 2
     shard: str | None = None
     overwrite: bool = False
+    max_side: int = DEFAULT_MAX_SIDE  # longer image side; larger images: see oversize
+    oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
 
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
@@ -91,17 +94,20 @@ def _inputs(opts: PredictOptions) -> tuple[list[tuple[str, Path]], dict[str, Any
 class _Images(Dataset):
     """Map-style dataset: index -> (id, HxWx3 uint8 image) for a DataLoader (decoding in workers)."""
 
-    def __init__(self, pairs: list[tuple[str, Path]]) -> None:
+    def __init__(self, pairs: list[tuple[str, Path]], targets: dict[str, tuple[int, int]]) -> None:
         self.pairs = pairs
+        self.targets = targets  # id -> working size of the images to downscale
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[str, Any]:
         from ssr_cli.data import read_image
+        from ssr_cli.data.size_limit import read_downscaled
 
         image_id, path = self.pairs[index]
-        return image_id, read_image(path)
+        target = self.targets.get(image_id)
+        return image_id, read_image(path) if target is None else read_downscaled(path, target)
 
 
 def _write_png(path: Path, labels: Any) -> None:
@@ -127,6 +133,9 @@ def run(opts: PredictOptions) -> dict[str, Any]:
         raise ConfigError(f"--scales {opts.scales} must be positive numbers")
     shard = parse_shard(opts.shard)
     pairs, inputs = _inputs(opts)
+    limit = SizeLimit(opts.max_side, opts.oversize)
+    plan = plan_sizes([i for i, _ in pairs], [p for _, p in pairs], limit, stage="predict")
+    pairs = [pair for pair in pairs if pair[0] not in plan.skipped]
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     model, model_cfg, model_file = load_segmenter(opts.model, device)
@@ -144,6 +153,8 @@ def run(opts: PredictOptions) -> dict[str, Any]:
         "crf": None if crf is None else crf.to_dict(),
         "precision": precision,
     }
+    if plan.record() is not None:
+        result_config["oversize"] = plan.record()
     config = {
         **result_config,
         "model": str(opts.model),
@@ -164,7 +175,10 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     todo = [pair for pair in pairs if pair[0] in pending]
     info(f"predict: {len(todo)} of {len(shard.select(ids))} images to do (shard {shard}) on {device}")
     loader: DataLoader[Any] = DataLoader(
-        _Images(todo), batch_size=None, num_workers=opts.workers, worker_init_fn=worker_guard()
+        _Images(todo, {i: hw for i in plan.downscaled if (hw := plan.target_hw(i))}),
+        batch_size=None,
+        num_workers=opts.workers,
+        worker_init_fn=worker_guard(),
     )
     started = time.perf_counter()
     done = 0
@@ -186,6 +200,8 @@ def run(opts: PredictOptions) -> dict[str, Any]:
             else:
                 labels = probs.argmax(0).numpy()
             labels = labels.astype(np.uint8)
+            if image_id in plan.downscaled:
+                labels = upscale_labels(labels, plan.downscaled[image_id])
             run_folder.write_item(image_id, partial(_write_png, labels=labels))
             done += 1
             seconds = time.perf_counter() - started
