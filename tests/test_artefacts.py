@@ -283,3 +283,16 @@ def test_training_checks_torchrun_variables(monkeypatch, env):
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError):
         init_distributed(torch.device("cpu"))
+
+
+def test_a_shard_whose_item_folder_was_replaced_says_so(tmp_path):
+    """A shard still running with the old settings when another one overwrites the run with new ones:
+    its next write fails with the reason, not with a bare "no such file"."""
+    root = tmp_path / "run"
+    old = _open(root, shard=Shard(0, 2))
+    old.write_item(IDS[0], lambda p: p.write_text("old"))
+    _open(root, result_config={"alpha": 2}, shard=Shard(1, 2), overwrite=True)
+    (root / "items").rmdir()  # the new run has not written anything yet
+    with pytest.raises(ArtefactError, match="replaced this run folder"):
+        old.write_item(IDS[2], lambda p: p.write_text("old"))
+    assert not (root / "items").exists() or not any((root / "items").iterdir())

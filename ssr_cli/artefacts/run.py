@@ -30,7 +30,7 @@ from ssr_cli.artefacts.atomic import atomic_write, atomic_write_json, is_temp, r
 from ssr_cli.artefacts.fingerprint import fingerprint
 from ssr_cli.artefacts.item_checks import ItemCheck
 from ssr_cli.artefacts.shard import Shard
-from ssr_cli.errors import ArtefactError
+from ssr_cli.errors import ArtefactError, SSRError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -279,7 +279,12 @@ class RunFolder:
             write(tmp)
             self.check_still_ours()
 
-        path = atomic_write(self.item_path(item_id), write_checked)
+        try:
+            path = atomic_write(self.item_path(item_id), write_checked)
+        except SSRError:
+            self._manifest_key = ()
+            self.check_still_ours()  # the folder was replaced under us: say that, not "no such file"
+            raise
         self._done_here += 1
         return path
 

@@ -26,7 +26,7 @@ import io
 import pickle
 import zipfile
 from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def _rebuild_tensor(
         return torch.empty(size, dtype=storage.dtype)
     if last >= storage.numel():
         raise ArchiveError("a tensor reaches past the end of its storage")
-    return storage.as_strided(size, stride, offset).clone()
+    return storage.as_strided(size, stride, offset)  # shares the storage, as torch.jit.load's tensors do
 
 
 def _typed_list(values: Any) -> list[Any]:
@@ -215,11 +215,16 @@ def read_torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     with zipfile.ZipFile(path) as archive:
         prefix = _prefix(archive)
 
+        budget = max(4 * Path(path).stat().st_size, 1 << 20)  # a compressed record may not explode
+
         def read_record(name: str) -> bytes:
             try:
-                return archive.read(prefix + name)
+                info = archive.getinfo(prefix + name)
             except KeyError:
                 raise ArchiveError(f"the archive has no record {name}") from None
+            if info.file_size > budget:
+                raise ArchiveError(f"record {name} unpacks to {info.file_size} bytes, far more than the file")
+            return archive.read(info)
 
         members = _class_members(archive, prefix)
         root = _Unpickler(read_record("data.pkl"), read_record).load()
