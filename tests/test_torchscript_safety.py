@@ -207,3 +207,12 @@ def test_traced_archive_loads_identically(tmp_path: Path) -> None:
         theirs = torch.jit.load(str(path)).state_dict()
     ours, _fmt = read_state_dict(path)
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("kind", ["dino", "backbone"])
+def test_other_weights_kinds_refuse_it_too(hostile: tuple[Path, Path], env: Path, capsys, kind: str) -> None:
+    """DINO and backbone weights are read with torch.load(weights_only=True), which refuses archives."""
+    archive, target = hostile
+    code, _out, err = run(["weights", "add", kind, str(archive), "--force"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "TorchScript archive" in err, err
+    assert not target.exists()
