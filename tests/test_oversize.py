@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +88,30 @@ def test_downscale_then_refine_keeps_the_original_size(world, capsys, tmp_path):
     args = ["refine", "--seeds", seeds, "--out", out, "--affinity", "none", "--mask", "box", "--no-crf"]
     code, _, err = ssr(capsys, *args, "--workers", "0", "--save-cams")  # --oversize: the seeds' choice
     assert code == 0, err
-    with Image.open(out / "labels" / "big.png") as im:
-        assert im.size == (12000, 9000) and im.mode == "P"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our own label file: PIL warns about its size here, not ssr
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(out / "labels" / "big.png") as im:
+            assert im.size == (12000, 9000) and im.mode == "P"
     assert tuple(load_seed(out / "cams" / "big.npz")["image_hw"]) == (9000, 12000)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fingerprint_basis"]["config"]["oversize"]["oversize"] == "downscale"
     code, _, err = ssr(capsys, *args, "--out", tmp_path / "r2", "--oversize", "error")
     assert code == 1 and "big.jpg" in err and "--max-side 512" in err
+
+
+def test_sizes_past_pils_hard_limit_are_read_from_the_header(tmp_path, recwarn):
+    """15000x12500 (187 MP) makes PIL refuse even to open the file: we still read its size."""
+    from ssr_cli.data.size_limit import SizeLimit, image_size, plan_sizes
+    from ssr_cli.errors import DataError
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (15000, 12500)).save(path)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert image_size(path) == (12500, 15000)
+    with pytest.raises(DataError, match="15000x12500"):
+        plan_sizes(["huge"], [path], SizeLimit(), stage="test")
+    plan = plan_sizes(["huge"], [path], SizeLimit(oversize="downscale"), stage="test")
+    assert plan.target_hw("huge") == (1707, 2048)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

@@ -55,6 +55,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                with Image.open(path) as im:
+                    return int(im.height), int(im.width)
+            except Image.DecompressionBombError:
+                pass
             with _PIL_LIMIT_LOCK:  # PIL refuses to even open very large images: we only want the size
                 saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
                 try:
@@ -102,11 +107,13 @@ def scaled_hw(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def plan_sizes(ids: Sequence[str], paths: Sequence[Path], limit: SizeLimit, *, stage: str) -> SizePlan:
     """Check every image against ``limit`` (headers only); raises or plans per ``limit.oversize``."""
+    from ssr_cli.data.datasets import parallel_map
+
     limit.check()
     over: dict[str, tuple[int, int]] = {}
     first: Path | None = None
-    for item_id, path in zip(ids, paths, strict=True):
-        hw = image_size(path)
+    sizes = parallel_map(image_size, list(paths))
+    for item_id, path, hw in zip(ids, paths, sizes, strict=True):
         if max(hw) > limit.max_side:
             if limit.oversize == "error":
                 raise DataError(
