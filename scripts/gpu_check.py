@@ -76,6 +76,7 @@ VOC_TRAIN_IMAGES = 1464
 CLIP_ES_SPEEDUP_GOAL = 10.0  # x CLIP-ES's batch-1 throughput ~ 1,464 VOC train images in a minute
 BF16_CORR_GOAL = 0.999
 SCHEMA = 1
+OOM = "out of GPU memory"
 
 
 class StepFailed(Exception):
@@ -93,7 +94,7 @@ class Interrupted(Exception):
 @dataclasses.dataclass
 class Options:
     out: Path
-    work: Path
+    work: Path | None  # None: a new temporary folder (main)
     device: str
     time_limit: float
     models: str
@@ -186,7 +187,7 @@ def parse_args(argv: list[str]) -> Options:
     voc = pick(a.voc_images, 512, 8)
     return Options(
         out=a.out.resolve(),
-        work=(a.work or Path(tempfile.mkdtemp(prefix="ssr-gpu-check-"))).resolve(),
+        work=a.work.resolve() if a.work else None,
         device=device,
         time_limit=float(a.time_limit),
         models=a.models,
@@ -228,8 +229,11 @@ class Check:
         self.current: subprocess.Popen | None = None
         self.step_deadline = self.deadline
         self.python = sys.executable
-        self.data = opts.work / "data"
-        self.runs = opts.work / "runs"
+        if opts.work is None:
+            raise ValueError("Options.work must be set before the check starts")
+        self.work: Path = opts.work
+        self.data = self.work / "data"
+        self.runs = self.work / "runs"
         self.log_path = opts.out / "gpu_check.log"
 
     # ---- time
@@ -265,7 +269,7 @@ class Check:
             raise StepFailed("no time left for this command (time limit)")
         shown = " ".join(cmd).replace(self.python, "python")
         self.log(f"\n$ {shown}\n")
-        out_path = self.o.work / "stdout.tmp"
+        out_path = self.work / "stdout.tmp"
         with (
             out_path.open("w+", encoding="utf-8", errors="replace") as out,
             self.log_path.open("a", encoding="utf-8", errors="replace") as err,
@@ -331,12 +335,12 @@ class Check:
             missing = [n for n in step.needs if self.results.get(n, {}).get("status") != "ok"]
             if self.abort:
                 record["error"] = self.abort
-            elif missing:
-                record["error"] = f"needs {', '.join(missing)}"
             elif self.remaining() < step.min_s:
                 record["error"] = (
                     f"time limit: {self.remaining():.0f} s left, the step needs {step.min_s:.0f}"
                 )
+            elif missing:
+                record["error"] = f"needs {', '.join(missing)}"
             else:
                 self._run_step(step, record)
             self.write()
@@ -413,7 +417,7 @@ def dino_big(o: Options) -> list[str]:
 
 
 def step_environment(c: Check) -> dict[str, Any]:
-    path = c.o.work / "environment.json"
+    path = c.work / "environment.json"
     c.run([c.python, __file__, "_env", "--device", c.o.device, "--result", str(path)], timeout=120)
     env = json.loads(path.read_text())
     c.env = env
@@ -502,7 +506,7 @@ def cam_agreement(ref: Path, other: Path) -> dict[str, Any]:
     from ssr_cli.stages.make_seeds import load_seed
 
     corr: list[float] = []
-    constant = 0
+    constant = nonfinite = 0
     maxdiff = 0.0
     agree: list[float] = []
     files = sorted((ref / "cams").glob("*.npz"))
@@ -514,11 +518,14 @@ def cam_agreement(ref: Path, other: Path) -> dict[str, Any]:
         if ca.shape != cb.shape or list(a["class_ids"]) != list(b["class_ids"]):
             raise StepFailed(f"{fa.name}: CAM shapes or classes differ ({ca.shape} vs {cb.shape})")
         for m, n in zip(ca, cb, strict=True):
+            if not (np.isfinite(m).all() and np.isfinite(n).all()):
+                nonfinite += 1  # NaN/inf in a map (fp16 overflow, say): counted, reported
+                continue
             if m.std() == 0 or n.std() == 0:
                 constant += 1  # a flat map has no correlation; counted, not averaged
                 continue
             corr.append(float(np.corrcoef(m.ravel(), n.ravel())[0, 1]))
-        if ca.size:
+        if ca.size and np.isfinite(ca).all() and np.isfinite(cb).all():
             maxdiff = max(maxdiff, float(np.abs(ca - cb).max()))
         hw = (int(a["image_hw"][0]), int(a["image_hw"][1]))
         ids = [int(i) for i in a["class_ids"]]
@@ -531,6 +538,7 @@ def cam_agreement(ref: Path, other: Path) -> dict[str, Any]:
         "images": len(files),
         "maps": len(corr),
         "constant_maps": constant,
+        "nonfinite_maps": nonfinite,
         "pearson_mean": float(np.mean(corr)),
         "pearson_min": float(np.min(corr)),
         "max_abs_diff": maxdiff,
@@ -556,7 +564,7 @@ def step_cam_compare(c: Check) -> dict[str, Any]:
 
 def step_throughput(c: Check) -> dict[str, Any]:
     o = c.o
-    result = c.o.work / "seeds_bench.jsonl"
+    result = c.work / "seeds_bench.jsonl"
     result.unlink(missing_ok=True)
     cmd = [c.python, __file__, "_seeds_bench", "--data", str(c.data / "voc"), "--split", "bench",
            "--out", str(c.runs / "bench"), "--arch", clip_big(o)[1], "--result", str(result),
@@ -582,8 +590,10 @@ def step_throughput(c: Check) -> dict[str, Any]:
         if b1:
             figures["batch1_images_per_s"] = b1["images_per_s"]
             figures["best_vs_batch1"] = round(best["images_per_s"] / b1["images_per_s"], 2)
-    if error or not ok or any("error" in r for r in rows):
-        bad = [f"batch {r['batch_size']}: {r['error']}" for r in rows if "error" in r]
+    oom = [r["batch_size"] for r in rows if r.get("error") == OOM]
+    figures["out_of_memory_at"] = oom[0] if oom else None  # a finding, not a failure
+    bad = [f"batch {r['batch_size']}: {r['error']}" for r in rows if r.get("error", OOM) != OOM]
+    if error or not ok or bad:
         c.results["seeds_throughput"]["figures"] = figures  # keep what was measured
         raise StepFailed("; ".join([e for e in [error, *bad] if e]) or "no batch size was measured")
     return figures
@@ -710,7 +720,7 @@ def step_tiny_eval(c: Check) -> dict[str, Any]:
         ("predict_miou", "pred", "val", []),
     ):
         text = c.ssr("--quiet", "eval", str(c.runs / run), "--data", world, "--split", split,
-                     "--json", *extra, "--out", str(c.o.work / f"eval-{run}"))
+                     "--json", *extra, "--out", str(c.work / f"eval-{run}"))
         miou = json.loads(text)["summary"]["miou"]
         if not finite(miou):
             raise StepFailed(f"eval of {run}: mIoU {miou}")
@@ -737,7 +747,7 @@ def step_torchrun_seg(c: Check) -> dict[str, Any]:
 
 
 def step_torchrun_ddp(c: Check) -> dict[str, Any]:
-    result = c.o.work / "ddp.json"
+    result = c.work / "ddp.json"
     result.unlink(missing_ok=True)
     c.torchrun(__file__, "_ddp", "--device", c.o.device, "--result", str(result))
     figures = json.loads(result.read_text())
@@ -871,12 +881,10 @@ def summarise(c: Check) -> dict[str, Any]:
         "met": None if best is None else bool(best >= VOC_TRAIN_IMAGES / 60),
     }
     goals["make_seeds_best_vs_batch1"] = {
-        "goal": f"our best batch vs our batch 1 (>= {CLIP_ES_SPEEDUP_GOAL:.0f}x when batch 1 runs at "
-        "CLIP-ES's speed)",
+        "goal": "our best batch vs our batch 1 (reported beside the absolute figure; CLIP-ES itself "
+        "was not run here)",
         "measured": thr.get("best_vs_batch1"),
-        "met": None
-        if thr.get("best_vs_batch1") is None
-        else bool(thr["best_vs_batch1"] >= CLIP_ES_SPEEDUP_GOAL),
+        "met": None,
     }
     bf16 = cmp.get("bf16_vs_fp32", {})
     goals["bf16_cam_correlation"] = {
@@ -885,6 +893,10 @@ def summarise(c: Check) -> dict[str, Any]:
         "min": bf16.get("pearson_min"),
         "met": None if bf16.get("pearson_mean") is None else bool(bf16["pearson_mean"] >= BF16_CORR_GOAL),
     }
+    if not c.o.cuda:  # the goals are GPU goals: shown, not judged, on the CPU
+        for goal in goals.values():
+            goal["met"] = None
+            goal["note"] = "GPU goal: not judged on the CPU"
     s["goals"] = goals
     return s
 
@@ -913,7 +925,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"cuDNN {env.get('cudnn', '-')}, "
         f"NCCL {env.get('nccl', '-')}, device {env.get('device_name', '?')} "
         f"({_fmt(env.get('device_memory_gb'), 1)} GB), bf16 supported: {_fmt(env.get('bf16_supported'))}, "
-        f"Python {env.get('python', '?')}, open_clip {env.get('packages', {}).get('open_clip', '?')}, "
+        f"Python {env.get('python', '?')}, open_clip {env.get('packages', {}).get('open_clip_torch', '?')}, "
         f"timm {env.get('packages', {}).get('timm', '?')}",
         "",
         "| step | status | s | figures / error |",
@@ -973,6 +985,7 @@ def child_env_facts(argv: list[str]) -> None:
     p.add_argument("--result", type=Path, required=True)
     a = p.parse_args(argv)
     import importlib
+    import importlib.metadata
     import platform
 
     import torch
@@ -1017,27 +1030,22 @@ def child_env_facts(argv: list[str]) -> None:
         facts.update(device_name=f"CPU ({platform.processor() or platform.machine()})", bf16_supported=None)
     packages: dict[str, str] = {}
     missing = []
-    for name, module in (
-        ("open_clip", "open_clip"),
-        ("timm", "timm"),
-        ("numpy", "numpy"),
-        ("cv2", "cv2"),
-        ("pydensecrf", "pydensecrf.densecrf"),
-        ("sklearn", "sklearn"),
-        ("typer", "typer"),
-        ("rich", "rich"),
-        ("safetensors", "safetensors"),
-        ("PIL", "PIL"),
-        ("torchvision", "torchvision"),
-        ("ftfy", "ftfy"),
-    ):
+    modules = {  # distribution -> module ssr imports
+        "open_clip_torch": "open_clip", "timm": "timm", "torchvision": "torchvision", "numpy": "numpy",
+        "opencv-contrib-python-headless": "cv2", "pydensecrf2": "pydensecrf.densecrf",
+        "scikit-learn": "sklearn", "typer": "typer", "rich": "rich", "safetensors": "safetensors",
+        "pillow": "PIL", "ftfy": "ftfy",
+    }  # fmt: skip
+    for dist, module in modules.items():
         try:
-            mod = importlib.import_module(module)
-            packages[name] = str(
-                getattr(mod, "__version__", getattr(importlib.import_module(name), "__version__", "?"))
-            )
+            importlib.import_module(module)
         except Exception as exc:
-            missing.append(f"{name} ({type(exc).__name__}: {exc})"[:200])
+            missing.append(f"{dist} ({type(exc).__name__}: {exc})"[:200])
+            continue
+        try:
+            packages[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            packages[dist] = "installed (other distribution)"
     try:
         import cv2
 
@@ -1075,10 +1083,13 @@ def child_seeds_bench(argv: list[str]) -> None:
 
     from ssr_cli.artefacts import Shard
     from ssr_cli.data import open_dataset
+    from ssr_cli.runtime import resolve_device
     from ssr_cli.stages import make_seeds
 
     dataset = open_dataset(a.data, layout="custom", split=a.split)
-    cuda = a.device != "cpu"
+    device = resolve_device(a.device)
+    cuda = device.type == "cuda"
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     out = Path(a.out)
     last_total = 0.0
     for bs in a.batch_sizes:
@@ -1101,8 +1112,8 @@ def child_seeds_bench(argv: list[str]) -> None:
             warm = dataclasses.replace(dataset, items=dataset.items[: 2 * bs])
             make_seeds.run(warm, out / f"warm-b{bs}", cfg, shard=Shard(), overwrite=True)
             if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             manifest = make_seeds.run(dataset, out / f"b{bs}", cfg, shard=Shard(), overwrite=True)
             loop = sum(r["loop_seconds"] for r in manifest["timing"]["runs"])
             row.update(
@@ -1112,13 +1123,14 @@ def child_seeds_bench(argv: list[str]) -> None:
                 precision=manifest["config"]["precision_resolved"],
             )
             if cuda:
-                row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                row["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+                row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                row["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        except torch.OutOfMemoryError:
-            row["error"] = "out of GPU memory"
+        except oom:
+            row["error"] = OOM
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            text = f"{type(exc).__name__}: {exc}"
+            row["error"] = OOM if "out of memory" in text.lower() else text[:300]
         finally:
             for folder in (out / f"warm-b{bs}", out / f"b{bs}"):
                 shutil.rmtree(folder, ignore_errors=True)  # ~1.2 MB of attention per image
@@ -1127,7 +1139,7 @@ def child_seeds_bench(argv: list[str]) -> None:
                 torch.cuda.empty_cache()
         last_total = time.monotonic() - started
         _append(a.result, row)
-        if row.get("error") == "out of GPU memory":
+        if row.get("error") == OOM:
             break
 
 
@@ -1219,10 +1231,13 @@ def main(argv: list[str]) -> int:
     opts = parse_args(argv)
     for path in (opts.out, opts.work):
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            if path is not None:
+                path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             print(f"gpu_check: error: cannot create {path}: {exc.strerror}", file=sys.stderr)
             return 1
+    if opts.work is None:
+        opts.work = Path(tempfile.mkdtemp(prefix="ssr-gpu-check-")).resolve()
     if not (MODELS / "ssr-tiny-clip.json").is_file() or not (MODELS / "ssr-tiny-dino.json").is_file():
         print(f"gpu_check: error: the tiny models are missing in {MODELS}", file=sys.stderr)
         return 1
