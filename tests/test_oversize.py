@@ -112,6 +112,8 @@ def test_sizes_past_pils_hard_limit_are_read_from_the_header(tmp_path, recwarn):
     assert image_size(path) == (12500, 15000)
     with pytest.raises(DataError, match="15000x12500"):
         plan_sizes(["huge"], [path], SizeLimit(), stage="test")
-    plan = plan_sizes(["huge"], [path], SizeLimit(oversize="downscale"), stage="test")
-    assert plan.target_hw("huge") == (1707, 2048)
+    plan = plan_sizes(["huge"], [path], SizeLimit(oversize="skip"), stage="test")
+    assert list(plan.skipped) == ["huge"]
+    with pytest.raises(DataError, match="too large to decode safely, even to downscale"):
+        plan_sizes(["huge"], [path], SizeLimit(oversize="downscale"), stage="test")
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

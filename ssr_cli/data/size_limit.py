@@ -29,6 +29,7 @@ from ssr_cli.errors import ConfigError, DataError
 
 OVERSIZE_CHOICES = ("error", "skip", "downscale")
 DEFAULT_MAX_SIDE = 2048
+MAX_DECODE_PIXELS = 178_956_970  # PIL's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS)
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -123,6 +124,8 @@ def plan_sizes(ids: Sequence[str], paths: Sequence[Path], limit: SizeLimit, *, s
                 )
             over[item_id] = hw
             first = first or path
+    if limit.oversize == "downscale":
+        _refuse_undecodable(over, dict(zip(ids, paths, strict=True)))
     if limit.oversize == "skip":
         if over:
             from ssr_cli.console import warn
@@ -135,21 +138,27 @@ def plan_sizes(ids: Sequence[str], paths: Sequence[Path], limit: SizeLimit, *, s
     return SizePlan(limit, {}, over)
 
 
-def read_downscaled(path: str | Path, hw: tuple[int, int]) -> np.ndarray:
-    """``read_image`` of an oversized image the user chose to downscale, resized to ``hw``.
-
-    PIL's decompression-bomb limit is lifted for this one read: the size was checked."""
+def _refuse_undecodable(over: dict[str, tuple[int, int]], paths: dict[str, Path]) -> None:
+    """Downscaling decodes the whole image first: refuse sizes PIL will not decode (bombs)."""
     from PIL import Image
 
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or MAX_DECODE_PIXELS // 2)
+    for item_id, (h, w) in over.items():
+        if h * w > limit:
+            raise DataError(
+                f"image is {w}x{h} pixels ({h * w / 1e6:.0f} MP): too large to decode safely, "
+                f"even to downscale it (limit {limit / 1e6:.0f} MP)",
+                path=paths[item_id],
+                hint="downscale it with another tool, or pass --oversize skip",
+            )
+
+
+def read_downscaled(path: str | Path, hw: tuple[int, int]) -> np.ndarray:
+    """``read_image`` of an oversized image the user chose to downscale, resized to ``hw``
+    (``plan_sizes`` refused sizes that PIL would not decode)."""
     from ssr_cli.data.images import read_image
 
-    with _PIL_LIMIT_LOCK:
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            image = read_image(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-    return downscale_image(image, hw)
+    return downscale_image(read_image(path), hw)
 
 
 def downscale_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
