@@ -170,7 +170,11 @@ def parse_args(argv: list[str]) -> Options:
     )
     p.add_argument("--seg-iters", type=_positive, help="fit-seg iterations per precision (cuda 50, cpu 4)")
     p.add_argument("--cmpa-iters", type=_positive, help="train-cmpa iterations (cuda 40, cpu 4)")
-    p.add_argument("--workers", type=int, help="CPU workers for refine/fit-seg/predict (cuda 8, cpu 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="CPU worker processes for refine/fit-seg/predict (cuda 8, cpu 0: in-process)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder (default: remove it)")
     a = p.parse_args(argv)
     device = a.device.strip().lower()
@@ -197,7 +201,7 @@ def parse_args(argv: list[str]) -> Options:
         batch_sizes=pick(a.batch_sizes, [1, 8, 16, 32, 64], [1, 4]),
         seg_iters=pick(a.seg_iters, 50, 4),
         cmpa_iters=pick(a.cmpa_iters, 40, 4),
-        workers=max(0, pick(a.workers, min(8, os.cpu_count() or 1), 1)),
+        workers=max(0, pick(a.workers, min(8, os.cpu_count() or 1), 0)),
         keep=a.keep,
     )
 
@@ -604,7 +608,7 @@ def step_refine_voc(c: Check) -> dict[str, Any]:
     seeds = c.runs / f"voc-seeds-{o.auto_precision}"
     out = c.runs / "voc-refine"
     c.ssr("refine", "--seeds", str(seeds), "--out", str(out), *dino_big(o),
-          *flags(f"--device {o.device} --workers {max(1, o.workers)} --overwrite"))
+          *flags(f"--device {o.device} --workers {o.workers} --overwrite"))
     return manifest_figures(out)
 
 
@@ -651,7 +655,7 @@ def step_tiny_seeds(c: Check) -> dict[str, Any]:
 def step_tiny_refine(c: Check) -> dict[str, Any]:
     out = c.runs / "refine"
     c.ssr("refine", "--seeds", str(c.runs / "seeds"), "--out", str(out), *TINY_DINO,
-          *flags(f"--device {c.o.device} --workers {max(1, c.o.workers)} --overwrite"))
+          *flags(f"--device {c.o.device} --workers {c.o.workers} --overwrite"))
     return manifest_figures(out)
 
 

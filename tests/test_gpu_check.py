@@ -25,7 +25,13 @@ CPU_STEPS = [
     "tiny_train_cmpa", "tiny_make_seeds", "tiny_refine", "tiny_fit_seg_bf16", "tiny_predict", "tiny_eval",
     "torchrun_train_cmpa", "torchrun_fit_seg", "torchrun_ddp",
 ]  # fmt: skip
-GPU_ONLY = {"peak_gpu_mb", "best_peak_gpu_mb", "grad_scaler_scale", "out_of_memory_at"}  # None on the CPU
+GPU_ONLY = {
+    "bf16_supported",
+    "peak_gpu_mb",
+    "best_peak_gpu_mb",
+    "grad_scaler_scale",
+    "out_of_memory_at",
+}  # None on the CPU
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
