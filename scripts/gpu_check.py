@@ -106,6 +106,7 @@ class Options:
     cmpa_iters: int
     workers: int
     keep: bool
+    refine_mask: str
 
     @property
     def cuda(self) -> bool:
@@ -175,6 +176,13 @@ def parse_args(argv: list[str]) -> Options:
         type=int,
         help="CPU worker processes for refine/fit-seg/predict (cuda 8, cpu 0: in-process)",
     )
+    p.add_argument(
+        "--refine-mask",
+        choices=("auto", "sgc", "box"),
+        default="auto",
+        help="refine's column mask: sgc (needs OpenCV's contrib SLIC), box, or auto: sgc when "
+        "cv2.ximgproc is there, else box (the GPU part of refine is the same)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work folder (default: remove it)")
     a = p.parse_args(argv)
     device = a.device.strip().lower()
@@ -203,6 +211,7 @@ def parse_args(argv: list[str]) -> Options:
         cmpa_iters=pick(a.cmpa_iters, 40, 4),
         workers=max(0, pick(a.workers, min(8, os.cpu_count() or 1), 0)),
         keep=a.keep,
+        refine_mask=a.refine_mask,
     )
 
 
@@ -230,6 +239,7 @@ class Check:
         self.results: dict[str, dict[str, Any]] = {}
         self.env: dict[str, Any] = {}
         self.abort: str | None = None
+        self.mask = "sgc"  # refine's --mask: sgc, or box where OpenCV's contrib SLIC is missing
         self.current: subprocess.Popen | None = None
         self.step_deadline = self.deadline
         self.python = sys.executable
@@ -428,10 +438,19 @@ def step_environment(c: Check) -> dict[str, Any]:
     if env.get("missing_packages"):
         c.abort = "missing packages: " + ", ".join(env["missing_packages"])
         raise StepFailed(c.abort)
+    if c.o.refine_mask == "sgc" and not env.get("slic_available"):
+        c.abort = "--refine-mask sgc: cv2.ximgproc (opencv-contrib-python-headless) is missing"
+        raise StepFailed(c.abort)
+    if c.o.refine_mask == "auto":
+        c.mask = "sgc" if env.get("slic_available") else "box"
+    else:
+        c.mask = c.o.refine_mask
     if c.o.cuda and not env.get("cuda_available"):
         c.abort = "no CUDA device visible to torch"
         raise StepFailed(c.abort)
-    return {k: env.get(k) for k in ("torch", "cuda", "device_name", "bf16_supported")}
+    figures = {k: env.get(k) for k in ("torch", "cuda", "device_name", "bf16_supported")}
+    figures["refine_mask"] = c.mask
+    return figures
 
 
 def flags(text: str) -> list[str]:
@@ -607,9 +626,9 @@ def step_refine_voc(c: Check) -> dict[str, Any]:
     o = c.o
     seeds = c.runs / f"voc-seeds-{o.auto_precision}"
     out = c.runs / "voc-refine"
-    c.ssr("refine", "--seeds", str(seeds), "--out", str(out), *dino_big(o),
+    c.ssr("refine", "--seeds", str(seeds), "--out", str(out), *dino_big(o), "--mask", c.mask,
           *flags(f"--device {o.device} --workers {o.workers} --overwrite"))
-    return manifest_figures(out)
+    return {**manifest_figures(out), "mask": c.mask}
 
 
 def _tiny_cmpa_args(c: Check, out: Path, iters: int) -> list[str]:
@@ -655,8 +674,8 @@ def step_tiny_seeds(c: Check) -> dict[str, Any]:
 def step_tiny_refine(c: Check) -> dict[str, Any]:
     out = c.runs / "refine"
     c.ssr("refine", "--seeds", str(c.runs / "seeds"), "--out", str(out), *TINY_DINO,
-          *flags(f"--device {c.o.device} --workers {c.o.workers} --overwrite"))
-    return manifest_figures(out)
+          "--mask", c.mask, *flags(f"--device {c.o.device} --workers {c.o.workers} --overwrite"))
+    return {**manifest_figures(out), "mask": c.mask}
 
 
 def _fit_seg_args(c: Check, out: Path, precision: str, iters: int) -> list[str]:
@@ -1054,8 +1073,9 @@ def child_env_facts(argv: list[str]) -> None:
         import cv2
 
         cv2.ximgproc.createSuperpixelSLIC  # noqa: B018  (SLIC is in opencv-contrib only)
+        facts["slic_available"] = True
     except Exception:
-        missing.append("cv2.ximgproc (opencv-contrib-python-headless: SLIC for refine --mask sgc)")
+        facts["slic_available"] = False  # refine then runs with --mask box (see Check.refine_mask)
     facts["packages"] = packages
     facts["missing_packages"] = missing
     import ssr_cli

@@ -11,10 +11,48 @@
 # torch). When .whl/ at the repository root holds wheels (packages that machine lacks, such
 # as open_clip_torch or pydensecrf2), they are installed into a temporary folder first,
 # without network, and put on PYTHONPATH.
+#
+#   scripts/gpu_check.sh --fetch-wheels
+#
+# prepares .whl/ on a machine with the package index, for a GPU machine whose python3 is 3.12
+# with torch, timm, typer, rich, scikit-learn, safetensors and OpenCV but without the rest:
+# open_clip_torch, ftfy, wcwidth (downloaded for CPython 3.12 / manylinux x86-64) and
+# pydensecrf2 (sdist only: built with a local Python 3.12, $PYTHON312 or python3.12 or
+# pyenv's). OpenCV's contrib wheel (cv2.ximgproc, SLIC) is too large to travel (56-70 MB); without
+# it the check runs refine with --mask box, whose GPU part is the same, and says so.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 export HF_HUB_OFFLINE=1
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  WHL="$REPO/.whl"
+  mkdir -p "$WHL"
+  if [ -d "$REPO/.git/info" ] && ! grep -qx '/.whl/' "$REPO/.git/info/exclude" 2>/dev/null; then
+    echo '/.whl/' >>"$REPO/.git/info/exclude"
+  fi
+  PIP_PY="$(command -v python3)"
+  "$PIP_PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$WHL" open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+  PY312="${PYTHON312:-}"
+  if [ -z "$PY312" ]; then
+    for cand in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+      if "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then
+        PY312="$cand"
+        break
+      fi
+    done
+  fi
+  if [ -z "$PY312" ]; then
+    echo "gpu_check: error: no Python 3.12 to build pydensecrf2 (set PYTHON312=/path/to/python3.12)" >&2
+    exit 1
+  fi
+  "$PY312" -m pip wheel -q --no-deps -w "$WHL" pydensecrf2==1.1
+  ls -l "$WHL"
+  echo "gpu_check: wheels ready in $WHL ($(du -sh "$WHL" | cut -f1)); carry .whl with the GPU run" >&2
+  exit 0
+fi
 
 if [ -n "${PYTHON:-}" ]; then
   PY="$PYTHON"
@@ -30,7 +68,7 @@ fi
 
 shopt -s nullglob
 wheels=("$REPO"/.whl/*.whl)
-if [ ${#wheels[@]} -gt 0 ]; then
+if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c 'import open_clip, ftfy, pydensecrf.densecrf' 2>/dev/null; then
   SITE="${TMPDIR:-/tmp}/ssr-gpu-check-site"
   if [ ! -f "$SITE/.installed" ]; then
     echo "gpu_check: installing ${#wheels[@]} wheel(s) from .whl/ into $SITE" >&2
