@@ -601,3 +601,35 @@ def test_sigkill_of_refine_leaves_no_worker_behind(tmp_path, models, seeds_train
             proc.kill()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    "where, value",
+    [
+        (("config",), [1]),
+        (("inputs",), "x"),
+        (("inputs", "dataset"), None),
+        (("inputs", "dataset", "split"), {"a": 1}),
+        (("config", "max_side"), "x"),
+        (("schema_version",), "2"),
+        (("timing",), []),
+        (("item_dir",), "../../elsewhere"),
+    ],
+)
+def test_hostile_seeds_manifest_is_a_one_line_error(tmp_path, capsys, seeds_train, where, value):
+    """A seeds manifest with values of the wrong type never ends in an internal error."""
+    import shutil
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(seeds_train, seeds)
+    manifest = json.loads((seeds / "manifest.json").read_text())
+    target = manifest
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    (seeds / "manifest.json").write_text(json.dumps(manifest))
+    args = ["refine", "--seeds", seeds, "--out", tmp_path / "out", "--affinity", "none", "--mask", "box"]
+    code, _, err = ssr(capsys, *args, "--no-crf", "--workers", "0", "--data", EXAMPLES_VOC)
+    assert "internal error" not in err and code in (0, 1), err
+    if code == 1:
+        assert len([line for line in err.splitlines() if line.startswith("ssr: error:")]) == 1, err

@@ -57,6 +57,11 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict) or "stage" not in data:
         raise ArtefactError("not an ssr manifest", path=path, hint="rerun the stage with --overwrite")
+    problem = _manifest_problem(data)
+    if problem:
+        raise ArtefactError(
+            f"not a valid ssr manifest ({problem})", path=path, hint="rerun the stage with --overwrite"
+        )
     if data.get("schema_version", 0) > SCHEMA_VERSION:
         raise ArtefactError(
             f"manifest schema {data.get('schema_version')} is newer than this ssr-cli understands",
@@ -123,6 +128,42 @@ def _foreign_entries(root: Path, known: Iterable[str]) -> list[str]:
         for p in root.iterdir()
         if p.name not in ours and not is_temp(p) and _REPLACED_MARK not in p.name
     )
+
+
+#: the type every manifest key that ssr reads back must have (when present)
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "stage": str,
+    "schema_version": int,
+    "fingerprint": str,
+    "config": dict,
+    "fingerprint_basis": dict,
+    "upstream": dict,
+    "inputs": dict,
+    "timing": dict,
+    "item_dir": str,
+    "item_suffix": str,
+    "item_count": int,
+    "items_done": int,
+    "completed": bool,
+    "notices": list,
+}
+
+
+def _manifest_problem(data: dict[str, Any]) -> str | None:
+    """What makes ``data`` unusable as a manifest (a key of the wrong type, an item folder
+    outside the run folder), or None."""
+    for key, kind in _MANIFEST_TYPES.items():
+        if key in data and not isinstance(data[key], kind):
+            return f"{key!r} is a {type(data[key]).__name__}"
+        if kind is int and key in data and isinstance(data[key], bool):
+            return f"{key!r} is a bool"
+    for key in ("inputs", "upstream"):
+        if any(not isinstance(v, dict | str | None) for v in data.get(key, {}).values()):
+            return f"{key!r} holds an entry that is neither an object nor a string"
+    item_dir = data.get("item_dir")
+    if isinstance(item_dir, str) and (item_dir.startswith("/") or ".." in Path(item_dir).parts):
+        return f"item folder {item_dir!r} lies outside the run folder"
+    return None
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -29,6 +29,8 @@ from ssr_cli.console import set_quiet
 
 _SGC = "SGC mask (--mask sgc)"
 _CRF = "Dense CRF"
+
+T = TypeVar("T")
 
 
 def parse_weights(text: str) -> tuple[float, float]:
@@ -264,9 +266,9 @@ def refine_command(
     from ssr_cli.stages import refine as stage
 
     seeds_run = stage.open_seeds(seeds)
-    recorded = seeds_run.dataset
+    recorded = {k: v for k, v in seeds_run.dataset.items() if isinstance(v, str)}  # what the seeds used
     recorded_cfg = seeds_run.manifest.get("config", {})
-    root = data if data is not None else Path(str(recorded.get("root", ".")))
+    root = data if data is not None else Path(recorded.get("root", "."))
     cfg = stage.RefineConfig(
         affinity=affinity.strip().lower(),
         affinity_weights=parse_weights(affinity_weights),
@@ -309,14 +311,14 @@ def refine_command(
         device=check_device(device),
         workers=workers,
         seed=seed,
-        max_side=max_side if max_side is not None else int(recorded_cfg.get("max_side", DEFAULT_MAX_SIDE)),
-        oversize=oversize if oversize is not None else str(recorded_cfg.get("oversize", "error")),
+        max_side=max_side if max_side is not None else _recorded(recorded_cfg, "max_side", DEFAULT_MAX_SIDE),
+        oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
     )
     cfg.check()
     shard_ = parse_shard(shard)
     dataset = open_dataset(
         root,
-        layout=layout if data is not None or layout != "auto" else str(recorded.get("layout", "auto")),
+        layout=layout if data is not None or layout != "auto" else recorded.get("layout", "auto"),
         split=split if split is not None else recorded.get("split"),
         labels=labels,
         vocab=vocab if vocab is not None else _builtin_vocab(recorded.get("vocab")),
@@ -337,3 +339,9 @@ def refine_command(
 def _builtin_vocab(name: object) -> str | None:
     """The seeds' vocabulary when it is a built-in one (a custom one must be passed again)."""
     return str(name) if name in ("voc", "coco") else None
+
+
+def _recorded(config: dict[str, Any], key: str, default: T) -> T:
+    """The seeds run's ``config[key]`` when it has the type of ``default``, else ``default``."""
+    value = config.get(key, default)
+    return value if type(value) is type(default) else default

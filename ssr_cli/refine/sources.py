@@ -49,7 +49,8 @@ class SeedsRun:
 
     @property
     def dataset(self) -> dict[str, Any]:
-        return dict(self.manifest.get("inputs", {}).get("dataset", {}))
+        dataset = self.manifest.get("inputs", {}).get("dataset", {})
+        return dict(dataset) if isinstance(dataset, dict) else {}
 
     def item_path(self, item_id: str) -> Path:
         return (
