@@ -956,7 +956,13 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for r in doc["steps"]:
         figs = r.get("figures") or {}
-        text = ", ".join(f"{k} {_fmt(v)}" for k, v in figs.items() if not isinstance(v, dict | list))
+        parts = [f"{k} {_fmt(v)}" for k, v in figs.items() if not isinstance(v, dict | list)]
+        for k, v in figs.items():  # the CAM comparisons: their headline figures
+            if isinstance(v, dict):
+                parts += [
+                    f"{k}.{sub} {_fmt(v[sub], 5)}" for sub in ("pearson_mean", "pearson_min") if sub in v
+                ]
+        text = ", ".join(parts)
         if r.get("error"):
             text = (text + "; " if text else "") + "**" + r["error"].replace("|", "/") + "**"
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('seconds'), 1)} | {text} |")
