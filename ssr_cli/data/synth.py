@@ -341,6 +341,26 @@ def _draw_object(
     return mask.astype(bool), parts.astype(bool), _texture(rng, name, h, w)
 
 
+def _draw_distractor(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """A background blob (an irregular polygon or a bar) textured like a random class."""
+    import cv2
+
+    h, w = image.shape[:2]
+    size = rng.uniform(0.15, 0.45) * min(h, w)
+    n = int(rng.integers(4, 9))
+    angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+    radii = size * rng.uniform(0.25, 0.6, n)
+    if rng.random() < 0.3:  # a bar
+        angles = np.array([0.2, math.pi - 0.2, math.pi + 0.2, -0.2]) + rng.uniform(0, math.pi)
+        radii = np.full(4, size * 0.6)
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+    blob = np.zeros((h, w), np.uint8)
+    cv2.fillPoly(blob, [np.round(pts * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+    tex = _texture(rng, str(rng.choice(CLASSES)), h, w)
+    return np.where(blob[..., None] > 0, tex, image)
+
+
 def _pick_classes(rng: np.random.Generator) -> list[str]:
     count = int(rng.choice([1, 2, 3], p=[0.45, 0.35, 0.2]))
     names = [str(n) for n in rng.choice(CLASSES, size=count, replace=False)]
@@ -378,16 +398,25 @@ def _others_stay_visible(labels: np.ndarray, obj: np.ndarray) -> bool:
     return True
 
 
-def render_scene(seed: int, index: int, size_range: tuple[int, int] = DEFAULT_SIZE_RANGE) -> Scene:
-    """Scene ``index`` of the world ``seed``: a pure function of its arguments."""
+def render_scene(
+    seed: int, index: int, size_range: tuple[int, int] = DEFAULT_SIZE_RANGE, shape: tuple[int, int] | None = None
+) -> Scene:
+    """Scene ``index`` of the world ``seed``: a pure function of its arguments.
+
+    ``shape`` (h, w) fixes the image size instead of drawing it from ``size_range``.
+    """
     import cv2
 
     rng = np.random.default_rng([seed, index])
     h = int(rng.integers(size_range[0], size_range[1] + 1))
     w = int(rng.integers(size_range[0], size_range[1] + 1))
+    if shape is not None:
+        h, w = shape
     names = _pick_classes(rng)
     background = _pick_background(rng, names)
     image = _background(rng, background, h, w)
+    for _ in range(int(rng.integers(1, 4))):  # clutter: class-like colours, no class shape
+        image = _draw_distractor(rng, image)
     labels = np.zeros((h, w), np.uint8)
     drawn: list[str] = []
     for name in names:
