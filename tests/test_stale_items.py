@@ -109,3 +109,33 @@ def good_file(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "reference.npz"
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"cams": np.full((1, 4, 6), np.nan, np.float16)},
+        {"cams": np.zeros((4, 6), np.float16)},
+        {"class_ids": np.array([999], np.int16)},
+        {"class_ids": np.array([1.5], np.float32)},
+        {"image_hw": np.array([-5, 3], np.int32)},
+    ],
+    ids=["nan", "2d", "class-999", "class-float", "hw-negative"],
+)
+def test_malformed_seeds_are_one_line_errors_and_redone(tmp_path, capsys, clip, change):
+    """A well-formed npz with wrong contents: refine names the file; make-seeds redoes it on resume."""
+    data = make_data(tmp_path / "data")
+    seeds = tmp_path / "seeds"
+    args = ["make-seeds", "--data", data, "--out", seeds, *clip, "--no-save-attn"]
+    assert ssr(capsys, *args)[0] == 0
+    path = seeds / "cams" / "chelsea.npz"
+    with np.load(path) as seed:
+        arrays = {k: seed[k] for k in seed.files}
+    np.savez(path, **{**arrays, **change})
+    refine = ["refine", "--seeds", seeds, "--out", tmp_path / "r", "--affinity", "none", "--mask", "box"]
+    code, _, err = ssr(capsys, *refine, "--no-crf", "--workers", "0")
+    assert code == 1 and err.count("ssr: error:") == 1 and str(path) in err and "malformed seed" in err, err
+    code, _, err = ssr(capsys, *args)
+    assert code == 0 and "will be redone" in err, err
+    with np.load(path) as seed:
+        assert all(np.array_equal(seed[k], arrays[k]) for k in arrays)

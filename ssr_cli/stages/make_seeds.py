@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from ssr_cli.artefacts import RunFolder, Shard
-from ssr_cli.artefacts.item_checks import npz_check
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
@@ -117,7 +116,40 @@ def load_seed(path: str | Path, *, with_attn: bool = True) -> dict[str, np.ndarr
             path=path,
             hint="delete it and rerun make-seeds into the same folder to recompute it",
         ) from None
+    problem = seed_problem(out)
+    if problem:
+        raise ArtefactError(
+            f"malformed seed file: {problem}",
+            path=path,
+            hint="delete it and rerun make-seeds into the same folder to recompute it",
+        )
     return out
+
+
+def seed_problem(seed: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with a loaded seed (shapes, types, values), or None."""
+    cams, class_ids, hw = seed["cams"], seed["class_ids"], seed["image_hw"]
+    if cams.ndim != 3 or cams.dtype.kind != "f":
+        return f"cams must be a float array [C, h, w], not {cams.dtype} {list(cams.shape)}"
+    if class_ids.ndim != 1 or class_ids.dtype.kind not in "iu" or len(class_ids) != cams.shape[0]:
+        found = f"{class_ids.dtype} {list(class_ids.shape)}"
+        return f"class_ids must be {cams.shape[0]} integers (one per CAM), not {found}"
+    if len(class_ids) and (class_ids.min() < 1 or class_ids.max() > 254):
+        return "class_ids must be in 1..254"
+    if hw.shape != (2,) or hw.dtype.kind not in "iu" or hw.min() < 1:
+        return f"image_hw must be two positive integers, not {hw.tolist()}"
+    if cams.size and not np.isfinite(cams).all():
+        return "cams hold NaN or infinite values"
+    return None
+
+
+def _seed_readable(path: Path) -> bool:
+    """``check_item`` of seeds runs: the file loads and is well formed (attention not read)."""
+    try:
+        load_seed(path, with_attn=False)
+    except ArtefactError:
+        return False
+    return True
 
 
 def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: int) -> list[list[str]]:
@@ -353,7 +385,7 @@ def run(
         shard=shard,
         overwrite=overwrite,
         notices=notices,
-        check_item=npz_check(("cams", "class_ids", "image_hw"), load=("cams", "class_ids", "image_hw")),
+        check_item=_seed_readable,
     )
     for notice in notices:
         warn(notice)
