@@ -3,6 +3,7 @@ weights-only refusal is replaced by our own one-line explanation."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def _warns_then_fails(fail: bool = True) -> None:
         "Palette images with Transparency expressed in bytes should be converted", UserWarning, stacklevel=1
     )
     warnings.warn("some library is deprecated", FutureWarning, stacklevel=1)
+    logging.getLogger("timm.models").warning("Unexpected keys (head.fc) found while loading")
     if fail:
         raise DataError("bad input", path="x.png", hint="fix it")
 
@@ -84,4 +86,5 @@ def test_library_warnings_are_held_back_before_an_error(capsys, monkeypatch):
     code, err = run(capsys, "_test-warns-then-fails")
     assert code == 1 and err == "ssr: error: x.png: bad input (fix it)\n"
     code, err = run(capsys, "_test-warns-then-fails", "--no-fail")  # success: shown after, one line each
-    assert code == 0 and err.count("\n") == 2 and "UserWarning: Palette images" in err
+    assert code == 0 and err.count("\n") == 3 and "UserWarning: Palette images" in err
+    assert "timm.models: Unexpected keys" in err

@@ -8,6 +8,7 @@ inside command bodies so ``ssr --help`` stays instant.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -54,30 +55,44 @@ def _root(
 from ssr_cli.cli import commands  # noqa: E402,F401
 
 
+class _HeldLogs(logging.Handler):
+    """Keeps library log records of level WARNING and above (timm, open_clip, ...) as lines."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+
 @contextlib.contextmanager
-def _library_warnings(caught: list[warnings.WarningMessage], debug: bool) -> Iterator[None]:
-    """Hold back Python warnings of libraries (PIL, torch, ...) while a command runs: an error
-    then prints as its one line only; a success shows them afterwards, one line each."""
+def _library_warnings(caught: list[str], debug: bool) -> Iterator[None]:
+    """Hold back Python warnings and log records of libraries (PIL, torch, timm, ...) while a
+    command runs: an error then prints as its one line only; a success shows them afterwards,
+    one line each."""
     if debug:
         yield
         return
+    handler = _HeldLogs(caught)
+    logging.getLogger().addHandler(handler)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("default")
         try:
             yield
         finally:
-            caught.extend(record)
+            logging.getLogger().removeHandler(handler)
+            caught.extend(f"{w.category.__name__}: {w.message}" for w in record)
 
 
-def _replay(caught: list[warnings.WarningMessage]) -> None:
+def _replay(caught: list[str]) -> None:
     from rich.markup import escape
 
     from ssr_cli.console import warn
 
     seen: set[str] = set()
     for item in caught:
-        text = " ".join(str(item.message).split())[:300]
-        line = f"{item.category.__name__}: {text}"
+        line = " ".join(item.split())[:300]
         if line not in seen:
             seen.add(line)
             warn(escape(line))
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     debug = os.environ.get("SSR_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
-    caught: list[warnings.WarningMessage] = []
+    caught: list[str] = []
     try:
         # standalone mode: click handles --help, usage errors (exit 2) and Ctrl-C itself
         with _library_warnings(caught, debug):
