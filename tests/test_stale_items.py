@@ -104,6 +104,15 @@ def test_garbage_items_are_redone_on_resume(tmp_path, capsys, clip):
         assert (out / "labels" / "astronaut.png").read_bytes() == label
     assert json.loads((out / "manifest.json").read_text())["completed"] is True
 
+    with_cams = [*refine[:4], tmp_path / "refine-cams", *refine[5:], "--save-cams"]
+    assert ssr(capsys, *with_cams)[0] == 0
+    cams = tmp_path / "refine-cams" / "cams" / "astronaut.npz"
+    kept = cams.read_bytes()
+    cams.write_bytes(b"garbage")  # the label is fine, its refined CAMs are not
+    code, _, err = ssr(capsys, *with_cams)
+    assert code == 0 and "will be redone" in err, err
+    assert cams.read_bytes() == kept
+
 
 def good_file(tmp_path: Path, data: bytes) -> Path:
     path = tmp_path / "reference.npz"

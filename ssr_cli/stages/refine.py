@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -221,6 +221,25 @@ def _prefetch(
                 yield head, [f.result() for f in futures]
         for head, futures in queue:
             yield head, [f.result() for f in futures]
+
+
+def _item_check(out: Path, save_cams: bool) -> Callable[[Path], bool]:
+    """A finished item is a readable label PNG and, with ``--save-cams``, a well-formed CAM file."""
+    from ssr_cli.stages.make_seeds import load_seed
+
+    def check(label: Path) -> bool:
+        if not png_check(label):
+            return False
+        if not save_cams:
+            return True
+        rel = label.relative_to(out / ITEM_DIR).with_suffix(".npz")
+        try:
+            load_seed(out / CAMS_DIR / rel, with_attn=False)
+        except ArtefactError:
+            return False
+        return True
+
+    return check
 
 
 def _at_original_size(result: Any, original: tuple[int, int] | None) -> Any:
@@ -416,7 +435,7 @@ def run(
         overwrite=overwrite,
         notices=notices,
         extra_items={CAMS_DIR: ".npz"},
-        check_item=png_check,
+        check_item=_item_check(Path(out), cfg.save_cams),
     )
     cams_dir = run_folder.extra_path(CAMS_DIR)
     for notice in notices:
