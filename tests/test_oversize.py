@@ -58,7 +58,7 @@ def test_default_is_a_one_line_error_before_any_work(world, capsys, tmp_path):
     code, _, err = ssr(capsys, *seeds_args(world, out))
     assert code == 1, err
     assert err.strip().count("\n") == 0 and "DecompressionBomb" not in err
-    assert "big.jpg" in err and "12000x9000" in err and "--max-side 2048" in err and "--oversize" in err
+    assert "big.jpg" in err and "12000x9000" in err and "--max-side 1024" in err and "--oversize" in err
     assert not out.exists()  # nothing was started
 
 

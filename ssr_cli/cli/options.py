@@ -86,7 +86,7 @@ MaxSide = Annotated[
     typer.Option(
         "--max-side",
         min=32,
-        help="Largest image side in pixels (default 2048; VOC and COCO images are at most 640). "
+        help="Largest image side in pixels (default 1024; VOC and COCO images are at most 640). "
         "Sizes are read from the headers before any work; see --oversize.",
     ),
 ]

@@ -64,7 +64,7 @@ def predict(
         str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
     ] = "auto",
     device: Device = "auto",
-    max_side: MaxSide = 2048,
+    max_side: MaxSide = 1024,
     oversize: Oversize = "error",
     workers: Workers = 2,
     overwrite: Overwrite = False,

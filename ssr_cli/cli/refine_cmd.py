@@ -228,7 +228,7 @@ def refine_command(
         typer.Option(
             "--max-side",
             min=32,
-            help="Largest image side in pixels; default: the seeds run's (make-seeds --max-side, 2048).",
+            help="Largest image side in pixels; default: the seeds run's (make-seeds --max-side, 1024).",
         ),
     ] = None,
     oversize: Annotated[

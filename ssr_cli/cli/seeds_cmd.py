@@ -89,7 +89,7 @@ def make_seeds(
         ),
     ] = 8,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
-    max_side: MaxSide = 2048,
+    max_side: MaxSide = 1024,
     oversize: Oversize = "error",
     device: Device = "auto",
     workers: Workers = 2,

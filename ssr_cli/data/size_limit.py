@@ -28,7 +28,7 @@ import numpy as np
 from ssr_cli.errors import ConfigError, DataError
 
 OVERSIZE_CHOICES = ("error", "skip", "downscale")
-DEFAULT_MAX_SIDE = 2048
+DEFAULT_MAX_SIDE = 1024
 MAX_DECODE_PIXELS = 178_956_970  # PIL's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS)
 _PIL_LIMIT_LOCK = threading.Lock()
 
