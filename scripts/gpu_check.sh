@@ -68,7 +68,8 @@ fi
 
 shopt -s nullglob
 wheels=("$REPO"/.whl/*.whl)
-if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c 'import open_clip, ftfy, pydensecrf.densecrf' 2>/dev/null; then
+have_deps='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("open_clip", "ftfy", "pydensecrf")))'
+if [ ${#wheels[@]} -gt 0 ] && ! "$PY" -c "$have_deps" 2>/dev/null; then
   SITE="${TMPDIR:-/tmp}/ssr-gpu-check-site"
   if [ ! -f "$SITE/.installed" ]; then
     echo "gpu_check: installing ${#wheels[@]} wheel(s) from .whl/ into $SITE" >&2
