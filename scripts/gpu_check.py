@@ -284,13 +284,16 @@ class Check:
         shown = " ".join(cmd).replace(self.python, "python")
         self.log(f"\n$ {shown}\n")
         out_path = self.work / "stdout.tmp"
+        log_start = self.log_path.stat().st_size
         with (
             out_path.open("w+", encoding="utf-8", errors="replace") as out,
             self.log_path.open("a", encoding="utf-8", errors="replace") as err,
         ):
-            proc = subprocess.Popen(
-                cmd, cwd=REPO, env=self.child_env(), stdout=out, stderr=err, start_new_session=True
+            # its own process group (not session), so that a timeout kills everything it started
+            group: dict[str, Any] = (
+                {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
             )
+            proc = subprocess.Popen(cmd, cwd=REPO, env=self.child_env(), stdout=out, stderr=err, **group)
             self.current = proc
             try:
                 proc.wait(timeout=limit)
@@ -305,23 +308,27 @@ class Check:
             out.seek(0)
             stdout = out.read()
         out_path.unlink(missing_ok=True)
+        error = self._last_error(log_start) if proc.returncode != 0 else ""
         if stdout:
             self.log(stdout[-4000:])
         if proc.returncode != 0:
-            raise StepFailed(f"exit {proc.returncode}: {self._last_error()}")
+            raise StepFailed(f"exit {proc.returncode}: {error}")
         return stdout
 
-    def _last_error(self) -> str:
-        """The last meaningful line the failed command wrote (ssr's one-line error)."""
+    def _last_error(self, offset: int) -> str:
+        """The command's error line from its stderr (in the log after ``offset``): ssr's
+        one-line ``error:``, else the last line (a traceback's exception)."""
         try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-60:]
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                lines = fh.read().decode("utf-8", errors="replace").splitlines()
         except OSError:
             return "(no log)"
+        lines = [line.strip() for line in lines if line.strip() and not line.startswith("$ ")]
         for line in reversed(lines):
-            line = line.strip()
-            if line and not line.startswith(("$ ", "warning:", "W1", "I1")):
+            if "error:" in line.lower():
                 return line[:400]
-        return "(no output)"
+        return lines[-1][:400] if lines else "(no output)"
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
