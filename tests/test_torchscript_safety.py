@@ -216,3 +216,32 @@ def test_other_weights_kinds_refuse_it_too(hostile: tuple[Path, Path], env: Path
     code, _out, err = run(["weights", "add", kind, str(archive), "--force"], capsys)
     assert code == 1 and err.count("\n") == 1 and "TorchScript archive" in err, err
     assert not target.exists()
+
+
+def test_train_cmpa_and_refine_never_run_it(
+    hostile: tuple[Path, Path], env: Path, examples_voc: Path, tmp_path: Path, capsys
+) -> None:
+    """The other stages that load CLIP: train-cmpa, and refine when it recomputes CLIP's attention."""
+    import ssr_cli.cli.cmpa_cmd  # noqa: F401  (registers train-cmpa)
+    import ssr_cli.cli.refine_cmd  # noqa: F401  (registers refine)
+
+    archive, target = hostile
+    data = ["--data", str(examples_voc), "--split", "train"]
+    code, _out, err = run(
+        ["train-cmpa", *data, "--out", str(tmp_path / "cmpa"), "--clip-arch", TINY_CLIP, "--clip-weights",
+         str(archive)], capsys,
+    )  # fmt: skip
+    assert code == 1 and "__setstate__" in err and err.count("\n") == 1, err
+    seeds = tmp_path / "seeds"
+    weights = save_tiny_clip(make_tiny_clip(), tmp_path / "tiny.safetensors", "safetensors")
+    code, _out, err = run(
+        ["make-seeds", *data, "--out", str(seeds), "--clip-arch", TINY_CLIP, "--clip-weights", str(weights),
+         "--no-save-attn"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _out, err = run(
+        ["refine", "--seeds", str(seeds), "--out", str(tmp_path / "refine"), "--affinity", "clip", "--mask",
+         "box", "--no-crf", "--workers", "0", "--clip-weights", str(archive)], capsys,
+    )  # fmt: skip
+    assert code == 1 and "not the seeds'" in err and err.count("\n") == 1, err  # hash checked before reading
+    assert not target.exists()

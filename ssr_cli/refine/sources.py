@@ -159,9 +159,12 @@ def load_seeds_clip(
     ``clip_arch`` / ``clip_weights`` (``--clip-arch`` / ``--clip-weights``) may point at moved
     files: the architecture name and the weights' SHA-256 must still match the seeds'.
     """
-    from ssr_cli.models.clip import load_clip
+    from ssr_cli.models.clip import clip_weights_source, load_clip
 
     arch, weights, seed, want = _seeds_clip_spec(seeds, clip_arch, clip_weights, need_file=True)
+    if not want.startswith("random:"):  # the file's hash first: never read a file that is not the seeds'
+        source = clip_weights_source(arch, weights).with_sha256()
+        _refuse_other_weights(str(source.sha256), want, weights)
     quick_gelu = seeds.manifest.get("inputs", {}).get("clip", {}).get("quick_gelu")
     model = load_clip(arch, weights, device, quick_gelu=quick_gelu, seed=seed)
     got = f"random:seed={seed}" if model.is_random else str(model.weights_source.sha256)
