@@ -533,17 +533,24 @@ def cam_agreement(ref: Path, other: Path) -> dict[str, Any]:
     import numpy as np
 
     from ssr_cli.cam.labels import cams_to_labels, upsample_cams
+    from ssr_cli.errors import ArtefactError
     from ssr_cli.stages.make_seeds import load_seed
 
     corr: list[float] = []
     constant = nonfinite = 0
+    malformed: list[str] = []
     maxdiff = 0.0
     agree: list[float] = []
     files = sorted((ref / "cams").glob("*.npz"))
     if not files:
         raise StepFailed(f"no CAMs in {ref}")
     for fa in files:
-        a, b = load_seed(fa, with_attn=False), load_seed(other / "cams" / fa.name, with_attn=False)
+        a = load_seed(fa, with_attn=False)
+        try:  # load_seed refuses non-finite CAMs: a finding about that precision, counted
+            b = load_seed(other / "cams" / fa.name, with_attn=False)
+        except ArtefactError as exc:
+            malformed.append(str(exc))
+            continue
         ca, cb = a["cams"].astype(np.float64), b["cams"].astype(np.float64)
         if ca.shape != cb.shape or list(a["class_ids"]) != list(b["class_ids"]):
             raise StepFailed(f"{fa.name}: CAM shapes or classes differ ({ca.shape} vs {cb.shape})")
@@ -563,9 +570,11 @@ def cam_agreement(ref: Path, other: Path) -> dict[str, Any]:
         lb = cams_to_labels(upsample_cams(cb.astype(np.float32), hw), ids)
         agree.append(float((la == lb).mean()))
     if not corr:
-        raise StepFailed("every CAM map is constant: no correlation to compute")
+        raise StepFailed(f"no CAM pair to correlate ({len(malformed)} malformed: {malformed[:1]})")
     return {
         "images": len(files),
+        "malformed_files": len(malformed),
+        "first_malformed": malformed[0] if malformed else None,
         "maps": len(corr),
         "constant_maps": constant,
         "nonfinite_maps": nonfinite,
@@ -587,7 +596,10 @@ def step_cam_compare(c: Check) -> dict[str, Any]:
             errors.append(f"{p}: its seeds step did not succeed")
             continue
         out[f"{p}_vs_fp32"] = cam_agreement(ref, other)
+        if out[f"{p}_vs_fp32"]["malformed_files"]:
+            errors.append(f"{p}: {out[f'{p}_vs_fp32']['malformed_files']} seed file(s) refused by load_seed")
     if errors:
+        c.results["cam_compare"]["figures"] = out  # keep what was measured
         raise StepFailed("; ".join(errors))
     return out
 
