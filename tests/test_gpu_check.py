@@ -32,6 +32,7 @@ NONE_OK = {
     "best_peak_gpu_mb",
     "grad_scaler_scale",
     "out_of_memory_at",
+    "first_malformed",
 }
 
 
