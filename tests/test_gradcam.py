@@ -195,3 +195,34 @@ def test_cams_to_labels_alpha_and_threshold() -> None:
     assert none.dtype == np.uint8 and not none.any()
     with pytest.raises(ValueError):
         cams_to_labels(cams, [1], alpha=1)
+
+
+def test_logodds_target_survives_saturation_where_prob_vanishes(clip, photos) -> None:
+    """A class that wins by a wide cosine margin: its softmax probability is exactly 1.0 in
+    float32 at logit scale 100, so the probability's gradient (and CAM) vanish; the
+    log-odds target gives a non-zero CAM, and equals the probability's CAM at small margins."""
+    from ssr_cli.cam.gradcam import gradcam
+
+    x = photos[:1]
+    with torch.no_grad():
+        emb = F.normalize(clip.image_tokens(x, grad_last_block=False).embedding.float(), dim=-1)[0]
+    g = torch.Generator().manual_seed(0)
+    other = F.normalize(torch.randn(3, emb.shape[0], generator=g), dim=-1)
+    other = F.normalize(other - (other @ emb)[:, None] * emb, dim=-1)  # cosine 0 with the image
+    fg = torch.cat([emb[None], other[:1]])  # class 0 = the image itself: cosine gap 1.0
+    bg = other[1:]
+    prob = gradcam(clip, x, [[0]], fg, bg, logit_scale=100.0, target="prob")[0]
+    logodds = gradcam(clip, x, [[0]], fg, bg, logit_scale=100.0, target="logodds")[0]
+    assert float(prob.abs().max()) == 0.0  # saturated: p == 1.0 exactly, gradient 0
+    assert float(logodds.max()) == pytest.approx(1.0, abs=1e-3)  # a real, normalised map
+    # at a small scale nothing saturates: the gradients differ by the factor p (1 - p) only,
+    # so the maps agree up to the 1e-7 in the min-max normalisation
+    small_prob = gradcam(clip, x, [[0]], fg, bg, logit_scale=2.0, target="prob")[0]
+    small_logodds = gradcam(clip, x, [[0]], fg, bg, logit_scale=2.0, target="logodds")[0]
+    corr = np.corrcoef(small_prob.flatten().numpy(), small_logodds.flatten().numpy())[0, 1]
+    assert corr > 0.9999, corr
+    # plain CLIP keeps CLIP-ES's target; a projection head switches to log-odds
+    from ssr_cli.cam.gradcam import resolve_target
+
+    assert resolve_target(None, None) == "prob"
+    assert resolve_target("auto", torch.nn.Identity()) == "logodds"

@@ -57,6 +57,37 @@ def _cam_from(activation: torch.Tensor, grad: torch.Tensor, grid: tuple[int, int
     return normalize_cams(cam.view(-1, *grid))
 
 
+#: GradCAM targets: ``prob`` = the softmax probability of the class (CLIP-ES); ``logodds`` =
+#: log(p / (1 - p)) = logit_c - logsumexp(other logits). Their gradients differ only by the
+#: positive factor p (1 - p), so after the per-map min-max they give the same CAM, except
+#: where p rounds to exactly 1.0 in float32 and the probability's gradient is 0 (a class
+#: that wins by a cosine gap of about 0.2 at a logit scale of 100): log-odds never saturate.
+CAM_TARGETS = ("prob", "logodds")
+
+
+def resolve_target(target: str | None, image_head: object | None) -> str:
+    """``target``, or its default: ``prob`` for plain CLIP, ``logodds`` in a projected space."""
+    if target is None or target == "auto":
+        return "prob" if image_head is None else "logodds"
+    if target not in CAM_TARGETS:
+        from ssr_cli.errors import ConfigError
+
+        raise ConfigError(f"unknown CAM target {target!r}", hint="use --cam-target auto, prob or logodds")
+    return target
+
+
+def cam_target(logits: torch.Tensor, cls_idx: torch.Tensor, target: str) -> torch.Tensor:
+    """[P]: the differentiated score of each pair's class from masked logits [P, T] (-inf = left out)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    if target == "prob":
+        return logits.softmax(dim=-1)[rows, cls_idx]
+    own = logits[rows, cls_idx]
+    others = logits.clone()
+    others[rows, cls_idx] = float("-inf")
+    rest = torch.logsumexp(others, dim=-1)
+    return own - torch.where(torch.isfinite(rest), rest, torch.zeros_like(rest))
+
+
 def _check(present: Sequence[Sequence[int]], n: int, k: int) -> None:
     if len(present) != n:
         raise ValueError(f"present lists {len(present)} images but the batch holds {n}")
@@ -75,6 +106,7 @@ def gradcam(
     text_head: Head | None = None,
     precision: str = "fp32",
     logit_scale: float | None = None,
+    target: str | None = None,
 ) -> list[torch.Tensor]:
     """CAMs of every present class of every image, with one backward pass.
 
@@ -86,6 +118,8 @@ def gradcam(
     - ``image_head`` / ``text_head``: applied to the image embedding [P, E] and
       to the text embeddings [K+B, E] before L2 normalisation (None = identity).
     - ``logit_scale``: None = the model's (``exp`` of the learned scale).
+    - ``target``: what is differentiated (see :data:`CAM_TARGETS`); None = ``"prob"``
+      for plain CLIP (CLIP-ES) and ``"logodds"`` with an ``image_head`` (CMPA's space).
 
     Returns, per image, a float32 CPU tensor [C_i, h, w] (h = H/p, w = W/p), each
     map min-max normalised; C_i = len(present[i]) in that order.
@@ -121,9 +155,10 @@ def gradcam(
                 emb = image_head(emb)
             texts = _texts(fg.to(device), bg.to(device), text_head)
         logits = scale * F.normalize(emb.float(), dim=-1) @ texts.t()
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-        target = probs[torch.arange(len(pairs), device=device), cls_idx].sum()
-        (grad,) = torch.autograd.grad(target, replica)
+        chosen = cam_target(
+            logits.masked_fill(~allowed, float("-inf")), cls_idx, resolve_target(target, image_head)
+        )
+        (grad,) = torch.autograd.grad(chosen.sum(), replica)
     cams = _cam_from(replica.detach(), grad, grid)
     counts = [len(classes) for classes in present]
     return [c.cpu() for c in torch.split(cams, counts, dim=0)]
@@ -139,6 +174,7 @@ def gradcam_loop(
     text_head: Head | None = None,
     precision: str = "fp32",
     logit_scale: float | None = None,
+    target: str | None = None,
 ) -> list[torch.Tensor]:
     """Reference for ``gradcam``: one image and one backward per class, CLIP-ES's order of texts
     ([present fg..., bg...]). Same arguments and result (``x`` must be a tensor)."""
@@ -156,10 +192,12 @@ def gradcam_loop(
                 if image_head is not None:
                     emb = image_head(emb)
                 texts = _texts(fg[list(classes)].to(emb.device), bg.to(emb.device), text_head)
-            probs = (scale * F.normalize(emb.float(), dim=-1) @ texts.t()).softmax(dim=-1)
+            logits = scale * F.normalize(emb.float(), dim=-1) @ texts.t()
+            kind = resolve_target(target, image_head)
             maps = []
             for j in range(len(classes)):
-                (grad,) = torch.autograd.grad(probs[0, j], tokens.ln1, retain_graph=True)
+                score = cam_target(logits, torch.tensor([j], device=logits.device), kind)[0]
+                (grad,) = torch.autograd.grad(score, tokens.ln1, retain_graph=True)
                 maps.append(_cam_from(tokens.ln1.detach(), grad, tokens.grid))
         results.append(torch.cat(maps, dim=0).cpu())
     return results

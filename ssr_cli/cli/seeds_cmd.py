@@ -88,6 +88,15 @@ def make_seeds(
             "--attn-blocks", min=1, help="Stored attention: mean of the last N blocks (CLIP-ES: 8)."
         ),
     ] = 8,
+    cam_target: Annotated[
+        str,
+        typer.Option(
+            "--cam-target",
+            help="What GradCAM differentiates: prob (the softmax probability, CLIP-ES) | logodds "
+            "(log p/(1-p): the same CAMs, but no vanishing gradient once a class wins by a wide "
+            "margin) | auto (prob for plain CLIP, logodds with --cmpa).",
+        ),
+    ] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
     max_side: MaxSide = 1024,
     oversize: Oversize = "error",
@@ -128,6 +137,7 @@ def make_seeds(
         attn_blocks=attn_blocks,
         max_side=max_side,
         oversize=oversize,
+        cam_target=cam_target,
     )
     shard_ = parse_shard(shard)
     dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)

@@ -65,6 +65,7 @@ class SeedsConfig:
     attn_blocks: int = 8  # CLIP-ES: the last 8 blocks
     max_side: int = DEFAULT_MAX_SIDE  # longer image side; larger images: see oversize
     oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
+    cam_target: str = "auto"  # prob | logodds | auto (ssr_cli.cam.gradcam.CAM_TARGETS)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -233,6 +234,7 @@ def cams_for_batch(
     precision: str = "fp32",
     image_head: Any = None,
     text_head: Any = None,
+    target: str | None = None,
 ) -> list[torch.Tensor]:
     """CAMs [C_i, h, w] for images of one network size (h, w: the scale-1.0 patch grid).
 
@@ -252,6 +254,7 @@ def cams_for_batch(
         precision=precision,
         image_head=image_head,
         text_head=text_head,
+        target=target,
     )
     return cams
 
@@ -269,6 +272,7 @@ def cams_and_attention(
     image_head: Any = None,
     text_head: Any = None,
     attn_blocks: int | None = None,
+    target: str | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """``cams_for_batch``'s CAMs and, with ``attn_blocks`` (n = the last n blocks), CLIP's
     attention [N, h*w, h*w] float32 (CPU) of the scale-1.0 un-flipped input (``ClipModel.attention``).
@@ -302,6 +306,7 @@ def cams_and_attention(
                 image_head=image_head,
                 text_head=text_head,
                 precision=precision,
+                target=target,
             )
             for i, cam in enumerate(cams):
                 variants[i].append((cam, flipped))
@@ -359,6 +364,11 @@ def run(
     }
     if plan.record() is not None:
         result_config["oversize"] = plan.record()
+    from ssr_cli.cam.gradcam import resolve_target
+
+    cam_target = resolve_target(cfg.cam_target, heads)
+    if cam_target != "prob":  # CLIP-ES's target keeps the fingerprints of earlier runs
+        result_config["cam_target"] = cam_target
     attn_indices: list[int] = []
     if cfg.save_attn:
         depth = len(model.blocks)  # the last n blocks, as ClipModel.attention(x, blocks=n)
@@ -419,6 +429,7 @@ def run(
                 image_head=None if heads is None else heads.project_image,
                 text_head=None,
                 attn_blocks=cfg.attn_blocks if cfg.save_attn else None,
+                target=cam_target,
             )
             for k, (item_id, image, cam) in enumerate(zip(batch, images, cams, strict=True)):
                 if item_id not in pending:
