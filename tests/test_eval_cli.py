@@ -317,3 +317,62 @@ def test_dataset_split_gt(voc_pred, tmp_path, capsys) -> None:
     (pred / f"{ids[2]}.png").unlink()
     code, _, err = run_cli(["eval", pred, "--data", voc, "--split", "val"], capsys)
     assert code == 1 and str(pred / f"{ids[2]}.png") in error_line(err)
+
+
+def _custom_dataset(root: Path, masks_for: int) -> tuple[Path, list[str]]:
+    """A custom-layout dataset of 6 images; only the first ``masks_for`` have a mask."""
+    ids = [f"img{i}" for i in range(6)]
+    (root / "images").mkdir(parents=True)
+    (root / "vocab.json").write_text(json.dumps({"name": "pets", "classes": ["cat", "dog"]}))
+    lines = []
+    rng = np.random.default_rng(3)
+    for i, image_id in enumerate(ids):
+        Image.new("RGB", (6, 5)).save(root / "images" / f"{image_id}.jpg")
+        mask = rng.integers(0, 3, size=(5, 6))
+        names = {1: "cat", 2: "dog"}
+        lines.append(f"{image_id} " + " ".join(names[c] for c in sorted(set(mask.ravel().tolist()) - {0})))
+        if i < masks_for:
+            save_png(root / "masks" / f"{image_id}.png", mask)
+    (root / "labels.txt").write_text("\n".join(lines) + "\n")
+    return root, ids
+
+
+def test_partial_ground_truth_scores_images_with_masks(tmp_path, capsys) -> None:
+    """masks/ for 4 of 6 images: eval scores those 4 and says 2 were left out (issue 15)."""
+    data, ids = _custom_dataset(tmp_path / "mydata", masks_for=4)
+    pred = tmp_path / "pred"
+    for i, image_id in enumerate(ids):  # predictions for all 6
+        gt_file = data / "masks" / f"{image_id}.png"
+        base = load_png(gt_file) if gt_file.is_file() else np.zeros((5, 6), dtype=np.uint8)
+        save_png(pred / f"{image_id}.png", np.roll(base, i, axis=1))
+    code, stdout, err = run_cli(["eval", pred, "--data", data, "--json", "-o", tmp_path / "m.json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["summary"]["images"] == 4 and report["summary"]["no_gt"] == 2
+    assert report["summary"]["images_total"] == 6 and report["no_gt_ids"] == ["img4", "img5"]
+    assert "scored 4 of 6 images" in err and "2 have no ground truth" in err
+    assert [row["name"] for row in report["classes"]] == ["background", "cat", "dog"]
+    # the same matrix as scoring the 4 masks directly
+    code, stdout, err = run_cli(
+        ["eval", pred, "--gt", data / "masks", "--vocab", data / "vocab.json", "--json", "--allow-missing",
+         "-o", tmp_path / "m2.json"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["confusion_matrix"] == report["confusion_matrix"]
+    # the table says how many were scored
+    code, stdout, err = run_cli(["eval", pred, "--data", data, "-o", tmp_path / "m.json"], capsys)
+    assert code == 0, err
+    assert "4 images scored of 6 (2 without ground truth left out)" in " ".join(stdout.split())
+    # a prediction missing for an image without ground truth does not matter
+    (pred / "img5.png").unlink()
+    code, stdout, err = run_cli(["eval", pred, "--data", data, "--json", "-o", tmp_path / "m.json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["summary"]["missing"] == 0
+
+
+def test_no_ground_truth_at_all_is_one_line_error(tmp_path, capsys) -> None:
+    data, _ = _custom_dataset(tmp_path / "mydata", masks_for=0)
+    pred = tmp_path / "pred"
+    save_png(pred / "img0.png", np.zeros((5, 6)))
+    code, stdout, err = run_cli(["eval", pred, "--data", data], capsys)
+    assert code == 1 and stdout == ""
+    assert "none of the 6 images" in error_line(err)

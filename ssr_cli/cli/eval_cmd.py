@@ -57,7 +57,10 @@ def _print_table(report: dict[str, Any]) -> None:
     )
     table.add_row("", "pixel accuracy", _pct(summary["pixel_accuracy"]), "", "", f"{summary['pixels']:,}")
     stdout_console.print(table)
-    extra = f"{summary['images']} images; means over the {summary['classes_present']} classes present in GT"
+    extra = f"{summary['images']} images scored"
+    if summary.get("no_gt"):
+        extra += f" of {summary['images_total']} ({summary['no_gt']} without ground truth left out)"
+    extra += f"; means over the {summary['classes_present']} classes present in GT"
     if summary["missing"]:
         extra += f", {summary['missing']} missing predictions skipped"
     if summary["pred_ignored_pixels"]:
@@ -181,9 +184,7 @@ def eval_command(
     if data is not None:
         from ssr_cli.data.datasets import open_dataset
 
-        dataset = open_dataset(
-            data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt, require_gt=True
-        )
+        dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
         if num_classes is not None and num_classes != dataset.vocab.num_classes:
             raise ConfigError(
                 f"--num-classes {num_classes} but vocabulary '{dataset.vocab.name}' has "
@@ -230,6 +231,10 @@ def eval_command(
         ) from None
     if json_out:
         print(json.dumps(report, sort_keys=True))
+        no_gt = report["summary"]["no_gt"]
+        if no_gt:
+            info(f"scored {report['summary']['images']} of {report['summary']['images_total']} images; "
+                 f"{no_gt} have no ground truth")  # fmt: skip
     else:
         _print_table(report)
     info(f"wrote {target}")

@@ -222,7 +222,9 @@ def evaluate(
     as an id (and overrides the dataset's GT folder when both are given).
     Labels are HxW class ids; GT 255 is ignored; prediction 255 is handled per
     ``pred_ignore`` (see ``ssr_cli.metrics``). A missing prediction is a
-    DataError unless ``allow_missing`` (then it is skipped and counted).
+    DataError unless ``allow_missing`` (then it is skipped and counted). Images of the
+    dataset without a ground-truth mask are left out and counted (``summary.no_gt``);
+    only a split where no image has one is an error.
 
     The report holds ``summary`` (miou, mprecision, mrecall, pixel_accuracy,
     images, missing, ...), ``classes`` (per-class rows), ``confusion_matrix``
@@ -238,22 +240,24 @@ def evaluate(
     source = open_predictions(pred, bg_rules, refined_cams=refined_cams)
     gt_root = Path(gt_dir) if gt_dir is not None else None
 
+    no_gt: list[str] = []
     if dataset is not None:
-        ids = list(dataset.ids)
         if class_names is None:
             class_names = ["background", *dataset.vocab.classes]
         if gt_root is None:
-            no_gt = [item.id for item in dataset.items if item.gt is None]
-            if no_gt:
-                raise DataError(
-                    f"{len(no_gt)} of {len(ids)} images of split '{dataset.split}' have no ground-truth "
-                    f"mask (e.g. {no_gt[0]})",
-                    path=dataset.root,
-                    hint="pass --gt DIR with the label PNGs",
-                )
-            gt_paths = {item.id: Path(item.gt) for item in dataset.items}
+            gt_paths = {item.id: Path(item.gt) for item in dataset.items if item.gt is not None}
         else:
-            gt_paths = {i: gt_root / f"{i}.png" for i in ids}
+            gt_paths = {i: gt_root / f"{i}.png" for i in dataset.ids if (gt_root / f"{i}.png").is_file()}
+        # Partial ground truth: score the images that have a mask, count the others.
+        no_gt = [i for i in dataset.ids if i not in gt_paths]
+        ids = [i for i in dataset.ids if i in gt_paths]
+        if not ids:
+            folder = gt_root if gt_root is not None else dataset.root
+            raise DataError(
+                f"none of the {len(dataset)} images of split '{dataset.split}' has a ground-truth mask",
+                path=folder,
+                hint="put <id>.png masks in the dataset's mask folder or pass --gt DIR",
+            )
         gt_info: dict[str, Any] = {"source": "dataset", "dataset": dataset.describe()}
         if gt_root is not None:
             gt_info["path"] = str(gt_root)
@@ -331,6 +335,8 @@ def evaluate(
         "pixel_accuracy": result["pixel_accuracy"],
         "images": len(todo),
         "missing": len(missing),
+        "no_gt": len(no_gt),
+        "images_total": len(ids) + len(no_gt),
         "pixels": result["pixels"],
         "classes_present": result["classes_present"],
         "pred_ignored_pixels": result["pred_ignored_pixels"],
@@ -347,6 +353,7 @@ def evaluate(
         "classes": result["classes"],
         "confusion_matrix": conf.tolist(),
         "missing_ids": missing[:20],
+        "no_gt_ids": no_gt[:20],
         **(
             {
                 "bg_rule": rules[best],
