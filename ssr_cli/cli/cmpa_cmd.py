@@ -83,6 +83,23 @@ def train_cmpa(
             "--proto-ema", min=0.0, max=0.999999, help="Also move prototypes by EMA each step (0: off)."
         ),
     ] = 0.0,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool",
+            help="Foreground features: tokens = ISA(CAM-weighted mean of CLIP's patch tokens), the "
+            "form the CAM uses (ISA of the mean token) | projected = CAM-weighted mean of ISA(tokens).",
+        ),
+    ] = "tokens",
+    text_target: Annotated[
+        str,
+        typer.Option(
+            "--text-target",
+            help="Image features are scored against: live = this step's TSA class features (what "
+            "the seeds compare), plus a term that separates the classes' cross-modal prototypes | "
+            "snapshot = the text prototypes of the last refresh.",
+        ),
+    ] = "live",
     temperature: Annotated[
         float, typer.Option("--temperature", help="Initial temperature of the contrastive loss (learnable).")
     ] = 0.05,
@@ -153,7 +170,8 @@ def train_cmpa(
         "hidden": hidden or dim, "head_init": head_init, "init_images": init_images,
         "protos_per_class": protos_per_class, "proto_every": proto_every, "proto_ema": proto_ema,
         "temperature": temperature, "size": size, "scale_range": _range(scale_range, "--scale-range"),
-        "flip": flip, "jitter": jitter, "cam_source": cam_source, "precision": precision, "seed": seed,
+        "flip": flip, "jitter": jitter, "cam_source": cam_source, "pool": pool, "text_target": text_target,
+        "precision": precision, "seed": seed,
         "workers": workers, "save_every": save_every, "log_every": log_every,
         "check_sync_every": check_sync_every,
     }  # fmt: skip

@@ -10,6 +10,8 @@ import numpy as np
 from ssr_cli.errors import ConfigError
 
 CAM_SOURCES = ("heads", "clip")
+POOLS = ("tokens", "projected")  # CAM-weighted mean of CLIP's patch tokens then ISA | of ISA(tokens)
+TEXT_TARGETS = ("live", "snapshot")  # image features scored against live TSA text | the prototypes
 
 
 @dataclass
@@ -33,6 +35,8 @@ class CmpaConfig:
     flip: bool = True
     jitter: float = 0.2
     cam_source: str = "heads"
+    pool: str = "tokens"
+    text_target: str = "live"
     precision: str = "fp32"
     seed: int = 0
     workers: int = 2
@@ -43,7 +47,7 @@ class CmpaConfig:
     RESULT_FIELDS = (
         "iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",
         "protos_per_class", "proto_every", "proto_ema", "temperature", "size", "scale_range", "flip",
-        "jitter", "cam_source", "precision", "seed",
+        "jitter", "cam_source", "pool", "text_target", "precision", "seed",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -64,6 +68,8 @@ class CmpaConfig:
             (0 <= self.jitter < 1, "--jitter must be in [0, 1)"),
             (self.head_init in ("pca", "random"), "--head-init must be pca or random"),
             (self.cam_source in CAM_SOURCES, f"--cam-source must be one of {', '.join(CAM_SOURCES)}"),
+            (self.pool in POOLS, f"--pool must be one of {', '.join(POOLS)}"),
+            (self.text_target in TEXT_TARGETS, f"--text-target must be one of {', '.join(TEXT_TARGETS)}"),
             (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
         ]
         for ok, message in checks:

@@ -11,9 +11,16 @@ InfoNCE with cosine similarities and a learnable temperature tau:
   prototypes, negatives = every prototype of every other class (class c's other
   prototypes are left out of the denominator).
 
-``L = (mean over image anchors + mean over text anchors) / 2`` (one term alone when
-the other has no anchors). Prototypes are constants; gradients reach ISA through the
-image features, TSA through the text features, and tau through both.
+With ``text_live`` (``train-cmpa --text-target live``, the default), the image -> text
+term scores the image features against the LIVE TSA class features of this step (the
+mean of the class's normalised prompt features) instead of the text prototypes, which are
+a snapshot refreshed every ``--proto-every`` steps: the seeds compare live ISA output with
+live TSA output, so that is the similarity to train. A third term then pushes the
+cross-modal prototypes of different classes apart: each class's image prototype (the
+mean of its M centroids) against the live class features, positive = its own class.
+
+``L`` = the mean of the terms that have anchors. Prototypes are constants; gradients
+reach ISA through the image features, TSA through the text features, and tau through all.
 
 Imports torch: import lazily.
 """
@@ -33,19 +40,24 @@ def prototype_loss(
     txt_cls: torch.Tensor,
     protos: Prototypes,
     inv_tau: torch.Tensor,
+    text_live: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, detached statistics) for one step.
 
     ``img_feats`` [P, d2] and ``txt_feats`` [Q, d2] L2-normalised, ``img_cls`` [P] /
-    ``txt_cls`` [Q] 0-based class indices, ``inv_tau`` = 1/tau (0-d). Statistics:
-    ``loss_i2t``, ``loss_t2i`` (NaN when absent) and the anchor counts.
+    ``txt_cls`` [Q] 0-based class indices, ``inv_tau`` = 1/tau (0-d), ``text_live`` [K, d2]
+    (L2-normalised, with gradient) or None. Statistics: ``loss_i2t``, ``loss_t2i``,
+    ``loss_proto`` (NaN when absent) and the anchor counts.
     """
     k, m, dim = protos.image.shape
     terms = []
     nan = img_feats.new_tensor(float("nan"))
     stats: dict[str, torch.Tensor] = {}
     if img_feats.shape[0]:
-        bank = torch.cat([protos.text, protos.background], dim=0).to(img_feats.dtype)  # [K+B, d2]
+        text = protos.text if text_live is None else text_live
+        bank = torch.cat(
+            [text.to(img_feats.dtype), protos.background.to(img_feats.dtype)], dim=0
+        )  # [K+B, d2]
         logits = inv_tau * (img_feats @ bank.t())
         l_i2t = F.cross_entropy(logits, img_cls)
         terms.append(l_i2t)
@@ -69,6 +81,14 @@ def prototype_loss(
         stats["loss_t2i"] = l_t2i.detach()
     else:
         stats["loss_t2i"] = nan
+    stats["loss_proto"] = nan
+    if text_live is not None and int(protos.valid.sum()) >= 2:
+        valid = protos.valid.nonzero().flatten()
+        image_protos = F.normalize(protos.image[valid].mean(dim=1), dim=-1).to(text_live.dtype)  # [V, d2]
+        logits = inv_tau * (image_protos @ text_live[valid].t())
+        l_proto = F.cross_entropy(logits, torch.arange(valid.numel(), device=logits.device))
+        terms.append(l_proto)
+        stats["loss_proto"] = l_proto.detach()
     if not terms:
         return (inv_tau * 0.0), stats  # keeps the graph (DDP) with a zero gradient
     loss = torch.stack(terms).mean()

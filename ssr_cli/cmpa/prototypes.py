@@ -103,15 +103,40 @@ def clip_pass(
     return patches.detach(), flat.to(device).float(), img_idx, cls_idx
 
 
+def weighted_mean(
+    cams: torch.Tensor, values: torch.Tensor, img_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAM-weighted average: ``cams`` [P, L], ``values`` [N, L, D] -> (means [P, D] (not
+    normalised), ``ok`` [P] bool: the CAM has some mass)."""
+    mass = cams.sum(dim=1)
+    ok = mass > 1e-6
+    pooled = torch.einsum("pl,pld->pd", cams, values[img_idx].float()) / mass.clamp_min(1e-6).unsqueeze(1)
+    return pooled, ok
+
+
 def pool_features(
     cams: torch.Tensor, projected: torch.Tensor, img_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CAM-weighted average pooling: ``cams`` [P, L], ``projected`` [N, L, d2] -> (features
-    [P, d2] L2-normalised, ``ok`` [P] bool: the CAM has some mass)."""
-    mass = cams.sum(dim=1)
-    ok = mass > 1e-6
-    pooled = torch.einsum("pl,pld->pd", cams, projected[img_idx].float()) / mass.clamp_min(1e-6).unsqueeze(1)
+    """CAM-weighted average pooling of projected tokens: ``projected`` [N, L, d2] -> (features
+    [P, d2] L2-normalised, ``ok`` [P])."""
+    pooled, ok = weighted_mean(cams, projected, img_idx)
     return F.normalize(pooled, dim=-1), ok
+
+
+def foreground_features(
+    cams: torch.Tensor,
+    patches: torch.Tensor,
+    img_idx: torch.Tensor,
+    isa: Callable[[torch.Tensor], torch.Tensor],
+    pool: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground features [P, d2] (L2-normalised) and ``ok`` [P] from CLIP's patch tokens
+    ``patches`` [N, L, E]. ``pool`` ``tokens``: ISA(CAM-weighted mean of the tokens), the same
+    form as the CAM's ISA(mean of the tokens); ``projected``: CAM-weighted mean of ISA(tokens)."""
+    if pool == "tokens":
+        pooled, ok = weighted_mean(cams, patches, img_idx)
+        return F.normalize(isa(pooled).float(), dim=-1), ok
+    return pool_features(cams, isa(patches), img_idx)
 
 
 def text_prototypes(head: Callable[[torch.Tensor], torch.Tensor], prompts: torch.Tensor) -> torch.Tensor:
@@ -173,6 +198,7 @@ def collect_features(
     loader: Loader,
     keep: bool,
     on_batch: Callable[[int], None] | None = None,
+    pool: str = "tokens",
 ) -> ClassFeatures:
     """One pass over ``items`` (plain images at ``side``): foreground features of every
     labelled class; ``fg``/``bg`` are CLIP's class/background embeddings [K, E]/[B, E]."""
@@ -194,8 +220,7 @@ def collect_features(
         if cams.shape[0] == 0:
             continue
         with torch.no_grad(), model.autocast(precision):
-            projected = heads.project_image(patches)
-        feats, ok = pool_features(cams, projected, img_idx)
+            feats, ok = foreground_features(cams, patches, img_idx, heads.project_image, pool)
         feats, cls_ok = feats[ok].double(), cls_idx[ok]
         sums.index_add_(0, cls_ok, feats)
         counts.index_add_(0, cls_ok, torch.ones_like(cls_ok, dtype=torch.float64))

@@ -40,6 +40,7 @@ from ssr_cli.cmpa.prototypes import (
     image_prototypes,
     pool_features,
     text_prototypes,
+    weighted_mean,
 )
 from ssr_cli.console import ProgressBar, info, progress_enabled
 from ssr_cli.errors import DataError
@@ -212,7 +213,7 @@ def train(
             found = collect_features(
                 model, heads, items, side=cfg.size, batch_size=cfg.batch_size, fg=fg, bg=bg,
                 cam_heads=cfg.cam_source == "heads", precision=precision, env=env, loader=loader,
-                keep=cfg.protos_per_class > 1, on_batch=progress,
+                keep=cfg.protos_per_class > 1, on_batch=progress, pool=cfg.pool,
             )  # fmt: skip
             image, valid = image_prototypes(found, cfg.protos_per_class, step_seed(cfg.seed, it, 0) % 2**31)
             if cfg.protos_per_class > 1:
@@ -271,20 +272,28 @@ def train(
                 )
                 _sync(device)
                 t2 = time.perf_counter()
-                with autocast(device, precision):
-                    projected, txt, inv_tau = net(patches, flat_prompts)
-                feats, ok = pool_features(cams, projected, img_idx)
+                if cfg.pool == "tokens":  # ISA(CAM-weighted mean token): the CAM's ISA(mean token) form
+                    pooled, ok = weighted_mean(cams, patches, img_idx)
+                    with autocast(device, precision):
+                        projected, txt, inv_tau = net(pooled, flat_prompts)
+                    feats = F.normalize(projected.float(), dim=-1)
+                else:
+                    with autocast(device, precision):
+                        projected, txt, inv_tau = net(patches, flat_prompts)
+                    feats, ok = pool_features(cams, projected, img_idx)
                 txt_feats = F.normalize(txt.float(), dim=-1)
+                live = F.normalize(txt_feats.view(k, t_count, -1).mean(dim=1), dim=-1)
                 loss, stats = prototype_loss(
-                    feats[ok], cls_idx[ok], txt_feats, txt_cls, protos, inv_tau.float()
-                )
+                    feats[ok], cls_idx[ok], txt_feats, txt_cls, protos, inv_tau.float(),
+                    text_live=live if cfg.text_target == "live" else None,
+                )  # fmt: skip
                 touch = projected.float().sum() + txt.float().sum()
                 loss = loss + 0.0 * touch  # every parameter in the graph, even without anchors (DDP)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                text_live = F.normalize(txt_feats.detach().view(k, t_count, -1).mean(dim=1), dim=-1)
+                text_live = live.detach()
                 if cfg.proto_ema > 0:
                     with torch.no_grad():
                         bg_live = text_prototypes(heads.project_text, bg_prompts)
