@@ -376,8 +376,6 @@ def test_live_text_target_aligns_what_the_cam_compares_without_refreshes():
     Measured: snapshot cos 0.49 (accuracy 1.00), live cos 0.59 (accuracy 1.00)."""
     snap_same, snap_acc = _toy_cmpa(refresh_every=0, live=False)
     live_same, live_acc = _toy_cmpa(refresh_every=0, live=True)
-    print(
-        f"never refreshed: snapshot cos {snap_same:.2f} acc {snap_acc:.2f}; live cos {live_same:.2f} acc {live_acc:.2f}"
-    )
+    print(f"never refreshed: snapshot {snap_same:.2f} {snap_acc:.2f}; live {live_same:.2f} {live_acc:.2f}")
     assert live_acc == 1.0
     assert live_same > snap_same + 0.05
