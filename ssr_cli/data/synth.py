@@ -9,8 +9,9 @@ The failure modes SSR targets exist by construction:
 
 - **co-occurrence**: a ``boat`` stands on ``water`` and a ``train`` on a ``railway`` in
   :data:`COOCCURRENCE` of their scenes, and those backgrounds are background words;
-- **look-alike classes**: ``ball``/``ring`` and ``star``/``flower`` share their colour and
-  texture distributions and differ only in shape;
+- **look-alike classes**: ``ball``/``ring`` and ``star``/``flower`` share their texture
+  distributions and have overlapping hue ranges (each class has its own hue range; a pair's
+  ranges overlap by half), so colour alone cannot tell them apart;
 - **fine structure**: masts, kite tails, flower stems, ring holes and star spikes are
   1-4 pixels wide, far below the 16-pixel patch grid.
 
@@ -34,7 +35,7 @@ BACKGROUNDS: tuple[str, ...] = ("water", "railway", "grass", "wall", "sky", "roo
 TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 #: class -> (background it co-occurs with, probability)
 COOCCURRENCE: dict[str, tuple[str, float]] = {"boat": ("water", 0.8), "train": ("railway", 0.8)}
-#: pairs of classes drawn from the same colour/texture distribution
+#: pairs of classes with the same texture distribution and overlapping hues
 LOOK_ALIKES: tuple[tuple[str, str], ...] = (("ball", "ring"), ("star", "flower"))
 DEFAULT_SIZE_RANGE = (160, 320)
 BOUNDARY = 255
@@ -43,14 +44,14 @@ _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
 #: appearance family per class: (hue centre in degrees, hue spread, texture weights)
 #: textures: solid, stripes, dots, checker, noise
 _APPEARANCE: dict[str, tuple[float, float, tuple[float, ...]]] = {
-    "boat": (0.0, 180.0, (0.5, 0.3, 0.0, 0.0, 0.2)),
-    "train": (220.0, 60.0, (0.4, 0.4, 0.0, 0.0, 0.2)),
-    "kite": (300.0, 70.0, (0.2, 0.3, 0.0, 0.5, 0.0)),
-    "ball": (30.0, 70.0, (0.2, 0.4, 0.3, 0.0, 0.1)),
-    "ring": (30.0, 70.0, (0.2, 0.4, 0.3, 0.0, 0.1)),
-    "star": (60.0, 60.0, (0.4, 0.1, 0.3, 0.0, 0.2)),
-    "flower": (60.0, 60.0, (0.4, 0.1, 0.3, 0.0, 0.2)),
-    "fish": (180.0, 60.0, (0.2, 0.2, 0.2, 0.0, 0.4)),
+    "boat": (0.0, 25.0, (0.5, 0.3, 0.0, 0.0, 0.2)),
+    "train": (220.0, 25.0, (0.4, 0.4, 0.0, 0.0, 0.2)),
+    "kite": (300.0, 25.0, (0.2, 0.3, 0.0, 0.5, 0.0)),
+    "ball": (35.0, 20.0, (0.2, 0.4, 0.3, 0.0, 0.1)),
+    "ring": (55.0, 20.0, (0.2, 0.4, 0.3, 0.0, 0.1)),
+    "star": (95.0, 20.0, (0.4, 0.1, 0.3, 0.0, 0.2)),
+    "flower": (120.0, 20.0, (0.4, 0.1, 0.3, 0.0, 0.2)),
+    "fish": (175.0, 25.0, (0.2, 0.2, 0.2, 0.0, 0.4)),
 }
 
 
