@@ -29,6 +29,7 @@ from ssr_cli import __version__
 from ssr_cli.artefacts.atomic import atomic_write, atomic_write_json, is_temp, remove_stale_temps
 from ssr_cli.artefacts.fingerprint import fingerprint
 from ssr_cli.artefacts.item_checks import ItemCheck
+from ssr_cli.artefacts.paths import locate_inputs
 from ssr_cli.artefacts.shard import Shard
 from ssr_cli.errors import ArtefactError, SSRError
 
@@ -225,7 +226,7 @@ class RunFolder:
         """
         root = Path(root)
         upstream = dict(upstream or {})
-        inputs = dict(inputs or {})
+        inputs = locate_inputs(dict(inputs or {}), root)  # absolute + relative to the run
         input_fps = {k: v.get("fingerprint") for k, v in inputs.items() if isinstance(v, dict)}
         basis = {"stage": stage, "config": result_config, "upstream": upstream, "inputs": input_fps}
         fp = fingerprint(basis)

@@ -261,6 +261,7 @@ def refine_command(
     from ssr_cli.artefacts import parse_shard
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
+    from ssr_cli.data.recorded import recorded_root, recorded_vocabulary
     from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
     from ssr_cli.refine.sgc import SGCParams
     from ssr_cli.stages import refine as stage
@@ -268,7 +269,7 @@ def refine_command(
     seeds_run = stage.open_seeds(seeds)
     recorded = {k: v for k, v in seeds_run.dataset.items() if isinstance(v, str)}  # what the seeds used
     recorded_cfg = seeds_run.manifest.get("config", {})
-    root = data if data is not None else Path(recorded.get("root", "."))
+    root = data if data is not None else recorded_root(seeds_run.dataset, seeds_run.root)
     cfg = stage.RefineConfig(
         affinity=affinity.strip().lower(),
         affinity_weights=parse_weights(affinity_weights),
@@ -321,7 +322,7 @@ def refine_command(
         layout=layout if data is not None or layout != "auto" else recorded.get("layout", "auto"),
         split=split if split is not None else recorded.get("split"),
         labels=labels,
-        vocab=vocab if vocab is not None else _builtin_vocab(recorded.get("vocab")),
+        vocab=vocab if vocab is not None else recorded_vocabulary(seeds_run.dataset),
         gt=gt,
     )
     try:
@@ -334,11 +335,6 @@ def refine_command(
     info(f"refine: {out} ({state}, fingerprint {manifest['fingerprint']})")
     for notice in manifest.get("notices", []):
         info(f"[yellow]note:[/yellow] {notice}")
-
-
-def _builtin_vocab(name: object) -> str | None:
-    """The seeds' vocabulary when it is a built-in one (a custom one must be passed again)."""
-    return str(name) if name in ("voc", "coco") else None
 
 
 def _recorded(config: dict[str, Any], key: str, default: T) -> T:

@@ -46,6 +46,14 @@ def report_command(
         int, typer.Option("--thumb", min=16, max=1024, help="Thumbnail size (longer side).")
     ] = 160,
     workers: Workers = 2,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="A missing input (the dataset the runs recorded, their vocabulary) is an error, "
+            "not a warning.",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Write an HTML report (and a PNG contact sheet) of one or more run folders.
@@ -92,6 +100,7 @@ def report_command(
         per_page=per_page,
         thumb=thumb,
         workers=workers,
+        strict=strict,
     )
     scores = report["scores"]
     miou = "" if scores is None else f", mIoU {100 * (scores['miou'] or 0.0):.2f}"

@@ -139,14 +139,17 @@ class Dataset:
         return self._fingerprint[1]
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able summary for manifests."""
+        """JSON-able summary for manifests (``root`` absolute; ``vocab_spec`` the whole vocabulary)."""
+        from ssr_cli.artefacts.paths import absolute
+
         return {
             "layout": self.layout,
-            "root": str(self.root),
+            "root": str(absolute(self.root)),
             "split": self.split,
             "label_source": self.label_source,
             "vocab": self.vocab.name,
             "vocab_fingerprint": self.vocab.fingerprint(),
+            "vocab_spec": self.vocab.to_dict(),  # so that a run's class names never need the dataset
             "num_classes": self.vocab.num_classes,
             "count": len(self),
             "gt_count": self.gt_count,
@@ -357,7 +360,9 @@ def open_dataset(
         if table is None:
             table = read_label_file(label_path, vocabulary)
         label_lists = _labels_from_file(resolved, label_path, table)
-        source = f"file:{label_path}"
+        from ssr_cli.artefacts.paths import absolute
+
+        source = f"file:{absolute(label_path)}"
     else:
         label_lists = [()] * len(resolved.ids)
         source = "none"

@@ -28,6 +28,7 @@ from ssr_cli import __version__
 from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_manifest
 from ssr_cli.artefacts.atomic import remove_stale_temps
 from ssr_cli.artefacts.fingerprint import file_sha256
+from ssr_cli.artefacts.paths import absolute, locate_inputs
 from ssr_cli.artefacts.run import SCHEMA_VERSION
 from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info, warn
@@ -214,15 +215,15 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
             "schema_version": SCHEMA_VERSION, "tool": "ssr-cli", "tool_version": __version__,
             "stage": STAGE, "created": _now(), "updated": _now(), "host": socket.gethostname(),
             "config": {
-                "data": str(opts.data), "layout": dataset.layout, "split": dataset.split,
-                "pseudo": str(opts.pseudo), "val_split": opts.val_split, "device": str(device),
+                "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
+                "pseudo": str(absolute(opts.pseudo)), "val_split": opts.val_split, "device": str(device),
                 "world_size": env.world, "model": model_cfg.to_dict(), "train": tcfg.to_dict(),
                 "backbone_weights": weights_desc,
             },
             "fingerprint_basis": basis, "fingerprint": fp,
             "upstream": {"pseudo": pseudo["fingerprint"]},
-            "inputs": {"dataset": dataset.describe(), "val": val_desc,
-                       "pseudo": {**pseudo, "dir": str(label_dir)}},
+            "inputs": locate_inputs({"dataset": dataset.describe(), "val": val_desc,
+                                     "pseudo": {**pseudo, "dir": str(label_dir)}}, out),
             "item_dir": "checkpoints", "item_suffix": ".pt", "item_count": tcfg.iters, "items_done": 0,
             "completed": False, "notices": [], "timing": {},
             "samples": len(samples), "model_file": MODEL_FILE,

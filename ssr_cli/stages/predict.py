@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from ssr_cli.artefacts import RunFolder, fingerprint, parse_shard, read_manifest
 from ssr_cli.artefacts.item_checks import png_check
+from ssr_cli.artefacts.paths import absolute
 from ssr_cli.console import ProgressBar, info
 from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE, SizeLimit, plan_sizes, upscale_labels
 from ssr_cli.errors import ConfigError, DataError
@@ -83,7 +84,12 @@ def _inputs(opts: PredictOptions) -> tuple[list[tuple[str, Path]], dict[str, Any
         pairs = list_images(Path(opts.images))
         stamps = parallel_map(_file_stamp, [p for _, p in pairs])  # size and mtime, as datasets
         fp = fingerprint({"ids": [i for i, _ in pairs], "files": stamps})
-        return pairs, {"kind": "folder", "root": str(opts.images), "count": len(pairs), "fingerprint": fp}
+        return pairs, {
+            "kind": "folder",
+            "root": str(absolute(opts.images)),
+            "count": len(pairs),
+            "fingerprint": fp,
+        }
     from ssr_cli.data import open_dataset
 
     assert opts.data is not None

@@ -124,22 +124,36 @@ def open_source(root: str | Path, index: int) -> Source:
     return src
 
 
-def _dataset_from_manifests(sources: Sequence[Source]) -> Any:
-    """The dataset recorded in the manifests (``inputs.dataset`` or ``inputs.images``), if it opens."""
-    from ssr_cli.data.datasets import open_dataset
+def _dataset_from_manifests(sources: Sequence[Source], strict: bool) -> tuple[Any, Any]:
+    """The dataset and vocabulary recorded in the manifests (``inputs.dataset``/``inputs.images``).
 
+    The dataset root is looked up as recorded (absolute, then relative to the run folder), so
+    the report works from any directory. A recorded dataset that is not found is a warning
+    (photos and ground truth are then missing), or with ``strict`` an error.
+    """
+    from ssr_cli.console import warn
+    from ssr_cli.data.recorded import open_recorded_dataset, recorded_vocabulary
+    from ssr_cli.errors import SSRError
+
+    vocabulary = None
+    problem: SSRError | None = None
     for src in reversed(sources):
         inputs = (src.manifest or {}).get("inputs") or {}
         for key in ("dataset", "images"):
             info = inputs.get(key)
-            if isinstance(info, dict) and info.get("layout") and info.get("root"):
+            if not isinstance(info, dict):
+                continue
+            vocabulary = vocabulary or recorded_vocabulary(info)
+            if info.get("layout") and info.get("root"):
                 try:
-                    return open_dataset(
-                        info["root"], layout=info["layout"], split=info.get("split"), labels="none"
-                    )
-                except Exception:  # the recorded folder moved: photos are then just missing
-                    continue
-    return None
+                    return open_recorded_dataset(info, src.root), vocabulary
+                except SSRError as exc:
+                    problem = problem or exc
+    if problem is not None:
+        if strict:
+            raise problem
+        warn(f"{problem.one_line()}; the report has no photos and no ground truth")
+    return None, vocabulary
 
 
 def _image_iou(conf: np.ndarray) -> float | None:
@@ -199,13 +213,16 @@ def build_report(
     thumb: int = 160,
     sheet_rows: int = 48,
     workers: int = 2,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Write ``out/index.html`` (+ ``page-N.html``), ``out/thumbs/*.png``, ``out/contact_sheet.png``
     and ``out/report.json``; returns the report dict (also the JSON written).
 
     ``dataset`` gives photos, ids and GT (else the dataset recorded in the manifests gives
     photos); ``gt_dir`` a folder of GT PNGs ``<id>.png`` (overrides the dataset's).
-    ``class_names`` (background first) default to the dataset's vocabulary, else VOC.
+    ``class_names`` (background first) default to the dataset's vocabulary, else the one the
+    manifests record, else VOC's (with a warning). A missing input (the recorded dataset, the
+    photos, the vocabulary) is a warning, with ``strict`` an error.
     """
     from ssr_cli.console import ProgressBar, info
     from ssr_cli.metrics import confusion_matrix, scores
@@ -220,14 +237,20 @@ def build_report(
     labelled = [s for s in sources if s.gives_labels]
     primary = next((s for s in reversed(labelled) if s.labels_dir is not None), labelled[-1])
     photos_from = "--data" if dataset is not None else "run manifests"
+    recorded_vocab = None
     if dataset is None:
-        dataset = _dataset_from_manifests(sources)
+        dataset, recorded_vocab = _dataset_from_manifests(sources, strict)
+    if dataset is None and gt_dir is None:
+        _missing_input("no photos and no ground truth: the runs record no dataset that opens", strict)
     if class_names is None:
         if dataset is not None:
             class_names = ["background", *dataset.vocab.classes]
+        elif recorded_vocab is not None:
+            class_names = ["background", *recorded_vocab.classes]
         else:
             from ssr_cli.data.vocab import load_vocabulary
 
+            _missing_input("the runs record no vocabulary: class names are VOC's (pass --vocab)", strict)
             class_names = ["background", *load_vocabulary("voc").classes]
     names = [str(n) for n in class_names]
     k = len(names)
@@ -337,6 +360,14 @@ def build_report(
     atomic_write_json(out / "report.json", report)
     info(f"wrote {out / 'index.html'} ({len(rows)} of {len(ids)} images, {len(report['pages'])} pages)")
     return report
+
+
+def _missing_input(message: str, strict: bool) -> None:
+    from ssr_cli.console import warn
+
+    if strict:
+        raise DataError(message, hint="pass --data ROOT (and --vocab), or drop --strict")
+    warn(message)
 
 
 def _palette() -> list[int]:

@@ -32,6 +32,7 @@ from typing import Any
 from ssr_cli import __version__
 from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_manifest
 from ssr_cli.artefacts.atomic import remove_stale_temps
+from ssr_cli.artefacts.paths import absolute, locate_inputs
 from ssr_cli.artefacts.run import SCHEMA_VERSION
 from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info, warn
@@ -168,13 +169,13 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             "schema_version": SCHEMA_VERSION, "tool": "ssr-cli", "tool_version": __version__, "stage": STAGE,
             "created": _now(), "updated": _now(), "host": socket.gethostname(),
             "config": {
-                "data": str(opts.data), "layout": dataset.layout, "split": dataset.split,
+                "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
                 "labels": opts.labels, "vocab": dataset.vocab.name, "arch": arch,
                 "clip_arch_option": opts.arch, "weights": opts.weights, "device": str(device),
                 "world_size": env.world, "train": cfg.to_dict(),
             },
             "fingerprint_basis": basis, "fingerprint": fp, "upstream": {},
-            "inputs": {"dataset": dataset.describe(), "clip": model.describe()},
+            "inputs": locate_inputs({"dataset": dataset.describe(), "clip": model.describe()}, out),
             "item_dir": "checkpoints", "item_suffix": ".pt", "item_count": cfg.iters, "items_done": 0,
             "completed": False, "notices": notices, "timing": {}, "images": len(items),
             "heads_file": HEADS_FILE, "prototypes_file": PROTOTYPES_FILE,
