@@ -96,6 +96,11 @@ def test_overfits_shapes_then_predict_and_eval(shapes: Path, tmp_path: Path, cap
     assert "model.safetensors" in out
     log = read_log(run)
     assert [r["iter"] for r in log if "val_miou" in r] == [50, 100]
+    assert {r["type"] for r in log} == {"train", "val"}  # log.jsonl records say what they are
+    assert [r["iter"] for r in log if r["type"] == "val"] == [50, 100]
+    val = [r for r in log if r["type"] == "val"][-1]  # fractions in JSON, % with the sign for people
+    assert f"validation mIoU {100 * val['val_miou']:.2f} %" in err and "validating on 3 images" in err
+    assert " % at iteration" in out
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stage"] == "fit-seg" and manifest["completed"] is True

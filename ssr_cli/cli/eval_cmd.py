@@ -30,9 +30,9 @@ def _print_table(report: dict[str, Any]) -> None:
     table = Table(title=f"ssr eval: {report['pred']['path']}", title_justify="left")
     table.add_column("id", justify="right")
     table.add_column("class")
-    table.add_column("IoU", justify="right")
-    table.add_column("precision", justify="right")
-    table.add_column("recall", justify="right")
+    table.add_column("IoU %", justify="right")
+    table.add_column("precision %", justify="right")
+    table.add_column("recall %", justify="right")
     table.add_column("GT pixels", justify="right")
     for row in report["classes"]:
         style = None if row["present"] else "dim"
@@ -65,7 +65,8 @@ def _print_table(report: dict[str, Any]) -> None:
         extra += f", {summary['missing']} missing predictions skipped"
     if summary["pred_ignored_pixels"]:
         extra += f", {summary['pred_ignored_pixels']:,} pixels predicted 255 counted as misses"
-    stdout_console.print(extra + f"; scores in %, prediction 255 = {report['pred_ignore']}")
+    units = "scores in % (fractions 0..1 in metrics.json and --json)"
+    stdout_console.print(f"{extra}; {units}, prediction 255 = {report['pred_ignore']}")
     if "bg_search" in report:
         _print_bg_search(report)
 
@@ -76,7 +77,7 @@ def _print_bg_search(report: dict[str, Any]) -> None:
     from ssr_cli.console import stdout_console
 
     table = Table(title="background rule (seeds: CAM -> label)", title_justify="left")
-    for col in ("rule", "mIoU", "mP", "mR"):
+    for col in ("rule", "mIoU %", "mP %", "mR %"):
         table.add_column(col, justify="right" if col != "rule" else "left")
     for row in report["bg_search"]:
         rule = f"alpha {row['alpha']:g}" if "alpha" in row else f"threshold {row['bg_threshold']:.2f}"

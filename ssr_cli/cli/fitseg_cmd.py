@@ -173,6 +173,6 @@ def fit_seg(
         best = (manifest.get("summary") or {}).get("best") or {}
         text = f"{out / 'model.safetensors'}"
         if best.get("miou") is not None:
-            text += f"  best val mIoU {100 * best['miou']:.2f} at iteration {best['iteration']}"
+            text += f"  best val mIoU {100 * best['miou']:.2f} % at iteration {best['iteration']}"
             text += " (checkpoints/best.pt)"
         print(text)

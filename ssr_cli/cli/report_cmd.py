@@ -103,6 +103,6 @@ def report_command(
         strict=strict,
     )
     scores = report["scores"]
-    miou = "" if scores is None else f", mIoU {100 * (scores['miou'] or 0.0):.2f}"
+    miou = "" if scores is None else f", mIoU {100 * (scores['miou'] or 0.0):.2f} %"
     print(out / "index.html")
     info(f"{report['images_shown']} of {report['images_total']} images{miou}")

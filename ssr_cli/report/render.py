@@ -222,7 +222,7 @@ def render_item(
         title = "prediction" if src.stage == "predict" else "pseudo-labels"
         iou = _iou_vs(gt_mask, lab, k) if gt_mask is not None else None
         ious[src.name] = iou
-        extra = "" if iou is None else f", IoU {100 * iou:.1f}"
+        extra = "" if iou is None else f", IoU {100 * iou:.1f} %"
         rel = put(
             f"r{src.index}_labels",
             label_overlay(small, lab, palette),
@@ -246,7 +246,7 @@ def render_sheet(rows: Sequence[dict[str, Any]], path: Path, out: Path, tile: in
             [np.asarray(Image.open(out / rel).convert("RGB")) if rel else None for rel in row["sheet"]]
         )
         iou = row.get("iou")
-        captions.append(f"{row['id']}  IoU {'-' if iou is None else f'{100 * iou:.1f}'}")
+        captions.append(f"{row['id']}  IoU {'-' if iou is None else f'{100 * iou:.1f} %'}")
     if not pictures:
         pictures, captions = [[None, None, None]], ["no images"]
     save_png(path, contact_sheet(pictures, captions, tile=tile))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -66,8 +66,11 @@ def evaluate(
     std: Sequence[float],
     env: DistEnv,
     precision: str = "fp32",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Single-scale mIoU of ``model`` on ``samples`` (their ``label`` is the ground truth).
+
+    ``progress(done, total)`` is called after each sample of this rank (a status line).
 
     Under DistributedDataParallel each rank scores every ``world``-th sample and the
     confusion matrices are summed, so every rank returns the same scores. The model
@@ -79,10 +82,13 @@ def evaluate(
     model.eval()
     conf = torch.zeros((num_classes, num_classes), dtype=torch.int64)
     try:
-        for sample in list(samples)[env.rank :: env.world]:
+        mine = list(samples)[env.rank :: env.world]
+        for done, sample in enumerate(mine, start=1):
             image, gt = read_pair(sample, num_classes)
             pred = predict_probs(model, image, mean, std, device=env.device, precision=precision).argmax(0)
             conf += torch.from_numpy(confusion_matrix(gt, pred.numpy(), num_classes))
+            if progress is not None:
+                progress(done, len(mine))
     finally:
         model.train(was_training)
     if env.enabled:

@@ -281,6 +281,7 @@ def train(
                 last_loss = float(reduced) / window["steps"]
                 speed = window["steps"] * images_per_step / max(seconds, 1e-9)
                 record = {
+                    "type": "train",
                     "iter": done,
                     "loss": last_loss,
                     "lr": optimizer.param_groups[0]["lr"],
@@ -300,24 +301,34 @@ def train(
             paused_from = time.perf_counter()
             if cfg.check_sync_every and done % cfg.check_sync_every == 0:
                 gathered = D.all_gather_object(env, (D.parameter_digest(model), float(step_loss)))
-                write_log({"iter": done, "sync": {"weights": [g[0] for g in gathered],
+                write_log({"type": "sync", "iter": done, "sync": {"weights": [g[0] for g in gathered],
                                                   "rank_losses": [g[1] for g in gathered]}})  # fmt: skip
                 if len({g[0] for g in gathered}) != 1:
                     raise RuntimeError(f"ranks disagree on the weights after iteration {done}")
 
             if val_samples and (done == cfg.iters or (cfg.val_every and done % cfg.val_every == 0)):
                 D.broadcast_buffers(env, model)
+                if env.is_main and not progress_enabled():
+                    info(f"fit-seg: iteration {done}: validating on {len(val_samples)} images")
+
+                def val_status(seen: int, total: int) -> None:
+                    if bar is not None:
+                        bar.update(advance=0, status=f"validating {seen}/{total}")
+
+                val_status(0, -(-len(val_samples) // env.world))
                 result = evaluate(
                     model, val_samples, model_cfg.num_classes, class_names, model_cfg.mean, model_cfg.std,
-                    env, cfg.precision,
+                    env, cfg.precision, progress=val_status,
                 )  # fmt: skip
                 miou = result["miou"]
                 improved = miou is not None and (best["miou"] is None or miou > best["miou"])
                 if improved:
                     best = {"miou": miou, "iteration": done}
-                write_log({"iter": done, "val_miou": miou, "best_miou": best["miou"]})
+                write_log({"type": "val", "iter": done, "val_miou": miou, "best_miou": best["miou"]})
+                if bar is not None:
+                    bar.update(advance=0, status=f"validation mIoU {_pct(miou)}")
                 if env.is_main:
-                    info(f"fit-seg: iteration {done}: validation mIoU {100 * (miou or 0):.2f}")
+                    info(f"fit-seg: iteration {done}: validation mIoU {_pct(miou)}")
                     if improved:
                         state = {
                             "iteration": done,
@@ -348,3 +359,8 @@ def train(
         "images_per_s": round(steps * images_per_step / max(seconds, 1e-9), 3),
         **peak_memory_mb(device),
     }
+
+
+def _pct(value: float | None) -> str:
+    """A score (a fraction in JSON and logs) as a percentage for people: ``45.00 %``."""
+    return "-" if value is None else f"{100 * value:.2f} %"

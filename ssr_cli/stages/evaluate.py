@@ -321,7 +321,7 @@ def evaluate(
             status = None
             if done % 25 == 0 or done == len(todo):
                 miou = max((scores(c, names)["miou"] or 0.0) for c in confs)
-                status = f"mIoU {100 * miou:.2f}"
+                status = f"mIoU {100 * miou:.2f} %"
             bar.update(1, status)
     seconds = time.perf_counter() - started
 
