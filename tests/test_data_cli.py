@@ -75,7 +75,7 @@ def test_check_voc_via_subprocess(tmp_path):
         values = np.unique(np.asarray(Image.open(mask)))
         expected[values[(values > 0) & (values < 255)]] += 1
     assert [row["images"] for row in summary["classes"]] == expected[1:].tolist()
-    assert "images per class" in proc.stderr and "voc" in proc.stderr
+    assert "images per class" not in proc.stderr  # --json: only the JSON, on stdout
 
 
 def test_check_custom_and_write_labels(tmp_path, capsys):
@@ -85,8 +85,12 @@ def test_check_custom_and_write_labels(tmp_path, capsys):
         ["data", "check", "--data", str(root), "--write-labels", str(out)], capsys
     )
     assert code == 0, stderr
-    assert stdout == ""  # without --json nothing goes to stdout
-    assert "custom" in stderr and "coffee cup" in stderr
+    assert "custom" in stdout and "coffee cup" in stdout  # the summary is the result: stdout
+    assert "images per class" in stdout and "images per class" not in stderr
+    for quiet in (["data", "check", "--quiet"], ["--quiet", "data", "check"]):  # both spellings
+        code, stdout, stderr = run_main([*quiet, "--data", str(root)], capsys)
+        assert code == 0, stderr
+        assert "coffee cup" in stdout and stderr == ""
     text = out.read_text()
     assert "cup1 coffee_cup\n" in text
     again = open_dataset(root, labels=out)

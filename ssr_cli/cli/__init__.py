@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -98,6 +98,22 @@ def _replay(caught: list[str]) -> None:
             warn(escape(line))
 
 
+def _plain_argument_names(command: Any) -> None:
+    """Usage lines and argument help name arguments as their metavar says (``PRED``, ``RUN...``),
+    not Typer's ``{PRED}`` or ``RUN... <list[Path]>``."""
+    for param in command.params:
+        if getattr(param, "param_type_name", "") == "argument":
+            plain = param.metavar or (param.name or "").upper()
+            name = plain if param.required else f"[{plain}]"
+            if param.nargs != 1 and not name.rstrip("]").endswith("..."):
+                name += "..."
+            param._usage_display_name = lambda name=name: name  # Typer's: {PRED}
+            if param.metavar:
+                param.display_type_rich = lambda ctx: None  # Typer's: RUN... <list[Path]>
+    for sub in getattr(command, "commands", {}).values():
+        _plain_argument_names(sub)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, mapping user errors to one line and exit code 1.
 
@@ -108,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     debug = os.environ.get("SSR_DEBUG", "") not in ("", "0")
     command = typer.main.get_command(app)
+    _plain_argument_names(command)
     caught: list[str] = []
     try:
         # standalone mode: click handles --help, usage errors (exit 2) and Ctrl-C itself

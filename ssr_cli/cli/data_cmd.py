@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ssr_cli.cli import app
-from ssr_cli.cli.options import DataRoot, GtDir, LabelSource, Layout, Split, Vocab, Workers
+from ssr_cli.cli.options import DataRoot, GtDir, LabelSource, Layout, Quiet, Split, Vocab, Workers
 
 data_app = typer.Typer(
     name="data",
@@ -24,7 +24,7 @@ app.add_typer(data_app, name="data")
 def _print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from ssr_cli.console import console
+    from ssr_cli.console import stdout_console as console
 
     overview = Table(title="ssr data check", title_justify="left", show_header=False)
     overview.add_column("field")
@@ -80,19 +80,22 @@ def check_command(
         ),
     ] = False,
     workers: Workers = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Validate a dataset and summarise it: layout, split, images, label source, ground truth,
     images per class. Problems are reported as one line naming the file (and line).
+    The summary is the result: a table on stdout (JSON with --json), also with --quiet.
 
     Example: ssr data check --data VOCdevkit/VOC2012 --split train --labels xml --json
     """
     import json
 
-    from ssr_cli.console import info, is_quiet, warn
+    from ssr_cli.console import info, set_quiet, warn
     from ssr_cli.data.check import decode_all, summarize, write_label_file
     from ssr_cli.data.datasets import open_dataset
     from ssr_cli.errors import DataError
 
+    set_quiet(quiet)
     dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
     if decode:
         problems = decode_all(dataset, workers=workers)
@@ -107,13 +110,13 @@ def check_command(
     summary = summarize(dataset)
     if summary["images_without_labels"] and dataset.label_source != "none":
         warn(f"{summary['images_without_labels']} of {len(dataset)} images have no foreground class")
-    if not is_quiet():
-        _print_summary(summary)
     if write_labels is not None:
         written = write_label_file(dataset, write_labels)
         info(f"wrote labels of {len(dataset)} images to {written}")
     if json_out:
         print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
 
 
 @data_app.command("synth")

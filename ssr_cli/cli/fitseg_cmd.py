@@ -137,7 +137,8 @@ def fit_seg(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train a DeepLab-style segmenter (ASPP head on a timm backbone) on pseudo-labels.
+    """Train a DeepLab-style segmenter on a timm backbone (--head deeplabv3plus, the default:
+    ASPP + decoder; --head aspp: DeepLabV3) on pseudo-labels.
 
     \b
     Example:

@@ -58,7 +58,7 @@ def predict(
     ] = "1.0",
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Also average the mirrored image.")] = False,
     crf: Annotated[
-        bool, typer.Option("--crf", help="Refine with a dense CRF (METHOD.md parameters).")
+        bool, typer.Option("--crf", help="Refine with a dense CRF (parameters of docs/METHOD.md section 4).")
     ] = False,
     precision: Annotated[
         str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")

@@ -187,7 +187,7 @@ def refine_command(
         typer.Option("--bg-alpha", min=0.0, help="Background score (1 - max CAM) ** alpha (CLIP-ES: 1)."),
     ] = 1.0,
     crf: Annotated[
-        bool, typer.Option("--crf/--no-crf", help=f"{_CRF} on the CAMs (METHOD.md section 4).")
+        bool, typer.Option("--crf/--no-crf", help=f"{_CRF} on the CAMs (docs/METHOD.md section 4).")
     ] = True,
     crf_iters: Annotated[
         int, typer.Option("--crf-iters", min=1, help=f"{_CRF}: mean-field iterations.")

@@ -54,7 +54,12 @@ def make_seeds(
     labels: LabelSource = "auto",
     vocab: Vocab = None,
     gt: GtDir = None,
-    clip_arch: Annotated[str, typer.Option("--clip-arch", help="open_clip architecture name.")] = "ViT-B-16",
+    clip_arch: Annotated[
+        str,
+        typer.Option(
+            "--clip-arch", help="open_clip architecture name, or an open_clip model-config JSON file."
+        ),
+    ] = "ViT-B-16",
     clip_weights: Annotated[
         Optional[str],
         typer.Option(

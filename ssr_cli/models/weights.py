@@ -144,6 +144,11 @@ def _flag_for(kind: str) -> str:
     return f"--{kind}-weights"
 
 
+def _random_flag(kind: str) -> str:
+    """How a user asks for random weights: fit-seg's backbone has its own flag."""
+    return "--no-pretrained" if kind == "backbone" else f"{_flag_for(kind)} random"
+
+
 def _pick_in_folder(folder: Path, expected: Sequence[str]) -> Path | None:
     for name in expected:
         if (folder / name).is_file():
@@ -172,7 +177,7 @@ def _explicit(
         raise WeightsError(
             f"{kind} weights file not found (given by {given_by})",
             path=path,
-            hint=f"check the path, or use {_flag_for(kind)} random for a smoke run",
+            hint=f"check the path, or use {_random_flag(kind)} for a smoke run",
         )
     return WeightsSource(kind=kind, name=name, path=path, origin=origin)
 
@@ -207,7 +212,7 @@ def resolve_weights(
     wanted = " or ".join(expected[:3]) if expected else f"the {name} weights file"
     where = (
         f"put {wanted} into {ours}/ or pass {_flag_for(kind)} PATH (or set {env_var}); "
-        f"{_flag_for(kind)} random runs with random weights for a smoke test"
+        f"{_random_flag(kind)} runs with random weights for a smoke test"
     )
     if download is None:
         raise WeightsError(f"no local {kind} weights for {name} and no known download", hint=where)
