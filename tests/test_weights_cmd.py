@@ -195,3 +195,22 @@ def test_add_backbone_and_replace_needs_force(
     assert [p.name for p in cached_files(cache)] == ["resnet18.safetensors"]
     rows = status_rows(capsys, "--backbone", "resnet18")
     assert rows["backbone"]["origin"] == "cache" and rows["backbone"]["path"].endswith("resnet18.safetensors")
+
+
+@pytest.mark.parametrize("columns", [80, 50])
+def test_urls_are_never_broken_at_narrow_widths(
+    cache: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    """Download URLs and the add command each stay whole on one line (issue 15 item 7)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    rows = status_rows(capsys)
+    code, out, _err = run(["weights"], capsys)
+    assert code == 0
+    lines = [line.strip() for line in out.splitlines()]
+    urls = [w.rstrip(",") for row in rows.values() for w in row["action"].split() if w.startswith("https://")]
+    assert any(OPENAI_B16 in url for url in urls) and len(urls) == 3
+    for url in urls:
+        assert url in lines  # a line of its own, unbroken
+    assert "then ssr weights add clip ~/Downloads/ViT-B-16.pt" in lines
+    for line in out.splitlines():  # everything else fits the terminal
+        assert len(line) <= columns or line.strip() in urls, line

@@ -35,22 +35,51 @@ _ORIGIN_TEXT = {
 }
 
 
+def _wrap(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, never breaking a word; a URL gets a
+    line of its own (whatever its length), so it can be copied whole, and so does each step."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        url = word.startswith(("http://", "https://"))
+        step = word in ("then", "(or")  # each step of the advice (a command to copy) on its own line
+        if url or step or (line and len(line) + 1 + len(word) > width):
+            if line:
+                lines.append(line)
+            line = ""
+        if url:
+            lines.append(word.rstrip(","))
+            continue
+        line = f"{line} {word}" if line else word
+    if line:
+        lines.append(line)
+    return lines
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+    """One block per model; words (paths, URLs) are never broken, whatever the terminal width."""
+    import shutil
 
-    from ssr_cli.console import stdout_console
-
-    table = Table(title="ssr weights", title_justify="left", show_lines=True)
-    for title in ("model", "loads from", "expected files (in the cache folder)", "what to do"):
-        table.add_column(title, overflow="fold")
+    width = max(40, min(shutil.get_terminal_size((80, 24)).columns, 120))
+    indent = " " * 12
+    out: list[str] = []
     for row in rows:
         origin = _ORIGIN_TEXT[row["origin"]].replace("${env_var}", "$" + row["env_var"])
-        where = origin + (f"\n{row['path']}" if row["path"] else "")
-        style = "red" if row["origin"] in ("missing", "error") else None
-        model = f"{row['kind']}: {row['model']}\n(used by {row['used_by']})"
-        expected = "\n".join(row["expected"]) + f"\nin {row['cache_dir']}/"
-        table.add_row(model, where, expected, row["action"], style=style)
-    stdout_console.print(table)
+        out.append(f"{row['kind']}: {row['model']}  {origin}")
+        fields = [
+            ("used by", row["used_by"]),
+            ("file", row["path"] or ""),
+            ("expected", " or ".join(row["expected"])),
+            ("in", f"{row['cache_dir']}/"),
+            ("to do", row["action"]),
+        ]
+        for title, value in fields:
+            if not value:
+                continue
+            for n, line in enumerate(_wrap(str(value), width - len(indent))):
+                out.append((f"  {title + ':':<10}" if n == 0 else indent) + line)
+        out.append("")
+    print("\n".join(out).rstrip("\n"))
 
 
 def _show(json_out: bool, clip_arch: str, dino_model: str, backbone: str) -> None:
