@@ -123,8 +123,33 @@ def make_seeds(
     """
     set_quiet(quiet)
     from ssr_cli.artefacts import parse_shard
+    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
+
+    # Before torch is imported: the dataset, the weights file and a complete run with the
+    # same inputs answer in well under a second (missing weights: one line, at once).
+    shard_ = parse_shard(shard)
+    dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
+    key = None
+    config_file = Path(clip_arch) if Path(clip_arch).suffix == ".json" else None
+    if config_file is None or clip_weights is not None:  # a config file's model is named inside it
+        from ssr_cli.models.sources import clip_weights_source
+
+        weights_file = clip_weights_source(clip_arch, clip_weights).path
+        settings = {
+            "arch": clip_arch, "weights": clip_weights, "cmpa": None if cmpa is None else str(cmpa),
+            "scales": scales, "flip": flip, "precision": precision, "save_attn": save_attn,
+            "attn_blocks": attn_blocks, "cam_target": cam_target, "max_side": max_side,
+            "oversize": oversize, "device": device, "seed": seed, "batch_size": batch_size,
+        }  # fmt: skip
+        key = quick_key("seeds", settings, dataset_fingerprint=dataset.fingerprint(),
+                        files=[weights_file, config_file], runs=[cmpa], env=["SSR_CLIP_WEIGHTS"])  # fmt: skip
+        done = None if overwrite else finished_unchanged(out, key)
+        if done is not None:
+            info(f"make-seeds: {out} (complete, fingerprint {done['fingerprint']}; nothing to do)")
+            return
+
     from ssr_cli.stages import make_seeds as stage
 
     cfg = stage.SeedsConfig(
@@ -144,9 +169,9 @@ def make_seeds(
         oversize=oversize,
         cam_target=cam_target,
     )
-    shard_ = parse_shard(shard)
-    dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
     manifest = stage.run(dataset, out, cfg, shard=shard_, overwrite=overwrite)
+    if manifest["completed"] and key is not None:
+        remember(out, key)
     state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
     info(f"make-seeds: {out} ({state}, fingerprint {manifest['fingerprint']})")
     for notice in manifest.get("notices", []):

@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ssr_cli.errors import ConfigError, WeightsError
+from ssr_cli.models.sources import clip_cache_candidates as clip_cache_candidates  # re-exported
+from ssr_cli.models.sources import clip_weights_source, openai_cfg
 from ssr_cli.models.weights import (
     WeightsSource,
-    hf_hub_cached_files,
     read_state_dict,
-    resolve_weights,
     state_dict_mismatch,
-    weights_cache_dir,
 )
 
 DEFAULT_ARCH = "ViT-B-16"
@@ -83,59 +82,6 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 # ----------------------------------------------------------------------------- weights
 
 
-def _openai_cfg(arch: str) -> dict[str, Any]:
-    import open_clip
-
-    if "openai" in open_clip.list_pretrained_tags_by_model(arch):
-        return open_clip.get_pretrained_cfg(arch, "openai")
-    return {}
-
-
-def clip_cache_candidates(arch: str) -> list[Path]:
-    """Local files that may hold ``arch``'s default (OpenAI) weights, best first."""
-    cfg = _openai_cfg(arch)
-    url_name = Path(cfg["url"]).name if cfg.get("url") else f"{arch}.pt"
-    ours = weights_cache_dir("clip")
-    names = list(dict.fromkeys([url_name, f"{arch}.pt", f"{arch}.safetensors"]))
-    found = [ours / name for name in names]
-    found.append(Path("~/.cache/clip").expanduser() / url_name)  # OpenAI's clip package, open_clip URLs
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        repo_id, filename = hub.rstrip("/"), ""
-        if not hub.endswith("/"):
-            repo_id, filename = hub.rsplit("/", 1)
-        files = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        found.extend(hf_hub_cached_files(repo_id, files))
-    return found
-
-
-def clip_weights_source(arch: str, weights: str | Path | None) -> WeightsSource:
-    """Resolve ``--clip-weights`` (None, a path, a folder or ``random``) for ``arch``."""
-    cfg = _openai_cfg(arch)
-    download = None
-    host = "huggingface.co"
-    if cfg:
-
-        def download() -> Path:
-            from open_clip.pretrained import download_pretrained
-
-            return Path(download_pretrained(cfg))
-
-        if not cfg.get("hf_hub") and cfg.get("url"):
-            from urllib.parse import urlparse
-
-            host = urlparse(cfg["url"]).hostname or host
-    return resolve_weights(
-        "clip",
-        arch,
-        weights,
-        env_var=ENV_VAR,
-        cache_candidates=clip_cache_candidates(arch),
-        download=download,
-        host=host,
-    )
-
-
 def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     from open_clip.model import convert_to_custom_text_state_dict
 
@@ -153,6 +99,9 @@ def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path
             hint="choose the architecture the file was trained with, or another file",
         )
     model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (OpenAI files are fp16)
+
+
+_openai_cfg = openai_cfg
 
 
 def _default_quick_gelu(arch: str) -> bool:

@@ -39,71 +39,22 @@ import numpy as np
 import torch
 
 from ssr_cli.errors import ConfigError, WeightsError
+from ssr_cli.models.sources import DINO_MODELS as DINO_MODELS  # re-exported
+from ssr_cli.models.sources import dino_cache_candidates as dino_cache_candidates  # re-exported
+from ssr_cli.models.sources import dino_weights_source, resolve_dino_name
 from ssr_cli.models.weights import (
     WeightsSource,
-    hf_hub_cached_files,
     load_failure,
-    resolve_weights,
     state_dict_mismatch,
     torch_load,
-    weights_cache_dir,
 )
 
 ENV_VAR = "SSR_DINO_WEIGHTS"
 DEFAULT_MODEL = "dino_vitb16"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: short name -> (timm model name, file name of the original release)
-DINO_MODELS: dict[str, tuple[str, str]] = {
-    "dino_vitb16": ("vit_base_patch16_224.dino", "dino_vitbase16_pretrain.pth"),
-    "dino_vits16": ("vit_small_patch16_224.dino", "dino_deitsmall16_pretrain.pth"),
-    "dinov2_vits14": ("vit_small_patch14_dinov2.lvd142m", "dinov2_vits14_pretrain.pth"),
-    "dinov2_vitb14": ("vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14_pretrain.pth"),
-    "dinov2_vits14_reg4": ("vit_small_patch14_reg4_dinov2.lvd142m", "dinov2_vits14_reg4_pretrain.pth"),
-    "dinov2_vitb14_reg4": ("vit_base_patch14_reg4_dinov2.lvd142m", "dinov2_vitb14_reg4_pretrain.pth"),
-}
 _WRAPPERS = ("teacher", "state_dict", "model", "student")
 _PREFIXES = ("module.", "backbone.")
-
-
-def resolve_dino_name(name: str) -> tuple[str, str]:
-    """``(short name, timm name)`` for a short name or a timm name; ConfigError otherwise."""
-    if name in DINO_MODELS:
-        return name, DINO_MODELS[name][0]
-    for short, (timm_name, _) in DINO_MODELS.items():
-        if name in (timm_name, timm_name.split(".")[0]):
-            return short, timm_name
-    raise ConfigError(f"unknown DINO model {name!r}", hint=f"use one of {', '.join(DINO_MODELS)}")
-
-
-def dino_cache_candidates(name: str) -> list[Path]:
-    """Local files that may hold ``name``'s weights, best first."""
-    short, timm_name = resolve_dino_name(name)
-    original = DINO_MODELS[short][1]
-    ours = weights_cache_dir("dino")
-    found = [ours / original, ours / f"{timm_name}.safetensors", ours / f"{short}.safetensors"]
-    found.append(Path(torch.hub.get_dir()) / "checkpoints" / original)
-    found.extend(hf_hub_cached_files(f"timm/{timm_name}", ["model.safetensors", "pytorch_model.bin"]))
-    return found
-
-
-def dino_weights_source(name: str, weights: str | None) -> WeightsSource:
-    """Resolve ``--dino-weights`` (None, a file, a folder or ``random``) for model ``name``."""
-    short, timm_name = resolve_dino_name(name)
-
-    def download() -> Path:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(f"timm/{timm_name}", "model.safetensors"))
-
-    return resolve_weights(
-        "dino",
-        short,
-        weights,
-        env_var=ENV_VAR,
-        cache_candidates=dino_cache_candidates(short),
-        download=download,
-    )
 
 
 def read_dino_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -51,25 +51,23 @@ def _check_kind(kind: str) -> None:
 
 
 def _clip_openai_cfg(arch: str) -> dict[str, Any]:
+    from ssr_cli.models.sources import OPENAI_CLIP, openai_cfg
+
+    if arch in OPENAI_CLIP:  # the usual names answer without importing open_clip (fast start-up)
+        return openai_cfg(arch)
     import open_clip
 
     if arch not in open_clip.list_models():
         raise ConfigError(
             f"unknown CLIP architecture {arch!r}", hint="use an open_clip model name such as ViT-B-16"
         )
-    if "openai" in open_clip.list_pretrained_tags_by_model(arch):
-        return dict(open_clip.get_pretrained_cfg(arch, "openai"))
-    return {}
+    return openai_cfg(arch)
 
 
 def _backbone_hub(name: str) -> tuple[str | None, list[str]]:
-    import timm
+    from ssr_cli.models.sources import timm_hub
 
-    from ssr_cli.models.backbone_weights import _hub_files
-
-    if not timm.is_model(name):
-        raise ConfigError(f"unknown timm backbone {name!r}", hint="use a timm model name such as resnet101")
-    return _hub_files(name)
+    return timm_hub(name)
 
 
 def _dino_url(original: str) -> str:
@@ -83,12 +81,12 @@ def _dino_url(original: str) -> str:
 def _candidates(kind: str, name: str) -> tuple[str, list[Path], bool, str]:
     """(canonical name, cache candidates best first, a download exists, the official file's URL)."""
     if kind == "clip":
-        from ssr_cli.models.clip import clip_cache_candidates
+        from ssr_cli.models.sources import clip_cache_candidates
 
         cfg = _clip_openai_cfg(name)
         return name, clip_cache_candidates(name), bool(cfg), str(cfg.get("url", ""))
     if kind == "dino":
-        from ssr_cli.models.dino import DINO_MODELS, dino_cache_candidates, resolve_dino_name
+        from ssr_cli.models.sources import DINO_MODELS, dino_cache_candidates, resolve_dino_name
 
         short, _timm_name = resolve_dino_name(name)
         return short, dino_cache_candidates(short), True, _dino_url(DINO_MODELS[short][1])
@@ -107,11 +105,11 @@ def _candidates(kind: str, name: str) -> tuple[str, list[Path], bool, str]:
 def _source(kind: str, name: str) -> Any:
     """The loaders' own resolution (``WeightsSource``); only called when it cannot download."""
     if kind == "clip":
-        from ssr_cli.models.clip import clip_weights_source
+        from ssr_cli.models.sources import clip_weights_source
 
         return clip_weights_source(name, None)
     if kind == "dino":
-        from ssr_cli.models.dino import dino_weights_source
+        from ssr_cli.models.sources import dino_weights_source
 
         return dino_weights_source(name, None)
     from ssr_cli.models.weights import resolve_weights

@@ -1,0 +1,106 @@
+"""Start-up times of the commands that should answer at once (issue 15 item 3).
+
+Measures, each as the median wall time of ``--repeat`` fresh ``ssr`` processes:
+
+- ``ssr --help``;
+- ``ssr weights`` (lists files; goal < 1 s);
+- a missing-weights error of ``ssr make-seeds`` (goal < 2 s);
+- the rerun of a complete ``ssr make-seeds`` run, nothing to do (goal < 2 s);
+- for comparison, the same rerun with an option outside the quick key's fast path
+  (``--batch-size 2``: the full path loads torch and CLIP, then finds every item done).
+
+The project is made in a temporary folder: a tiny random CLIP (``tests/tinymodels.py``) and a
+custom-layout dataset of ``--images`` images. Offline (``HF_HUB_OFFLINE=1``), one thread.
+
+    python benchmarks/bench_startup.py [--repeat 5] [--images 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GOALS = {"ssr weights": 1.0, "missing-weights error": 2.0, "no-op rerun of a complete run": 2.0}
+
+
+def timed(args: list[str], cwd: Path, env: dict[str, str], expect: int = 0) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "ssr_cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != expect:
+        raise SystemExit(f"ssr {' '.join(args)}: exit {done.returncode}\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def make_project(root: Path, images: int) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    import numpy as np
+    from PIL import Image
+    from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    save_tiny_clip(make_tiny_clip(seed=3), root / "tiny.safetensors", "safetensors")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "vocab.json").write_text(json.dumps({"name": "pets", "classes": ["cat", "dog"]}))
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(
+            data / "images" / f"p{i}.jpg"
+        )
+        lines.append(f"p{i} {['cat', 'dog', 'cat dog'][i % 3]}")
+    (data / "labels.txt").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--images", type=int, default=24)
+    args = parser.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="ssr-bench-startup-") as tmp:
+        root = Path(tmp)
+        make_project(root, args.images)
+        env["SSR_CACHE"] = str(root / "cache")  # an empty weights cache
+        seeds = ["make-seeds", "--data", "data", "--out", "runs/seeds", "--clip-arch", "tiny.json",
+                 "--clip-weights", "tiny.safetensors", "--device", "cpu", "-q"]  # fmt: skip
+        first = timed(seeds, root, env)
+        cases = {
+            "ssr --help": (["--help"], 0),
+            "ssr weights": (["weights"], 0),
+            "missing-weights error": (
+                ["make-seeds", "--data", "data", "--out", "runs/x", "--device", "cpu"],
+                1,
+            ),
+            "no-op rerun of a complete run": (seeds, 0),
+            "rerun through the full path (--batch-size 2)": ([*seeds, "--batch-size", "2"], 0),
+        }
+        rows = []
+        for name, (argv, code) in cases.items():
+            times = [timed(argv, root, env, code) for _ in range(args.repeat)]
+            rows.append((name, statistics.median(times), min(times), max(times)))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"start-up, median of {args.repeat} fresh processes ({os.cpu_count()} CPUs, load {load:.1f}):")
+    print(f"{'command':<46} {'median s':>9} {'min s':>7} {'max s':>7}  goal")
+    for name, median, low, high in rows:
+        goal = GOALS.get(name)
+        verdict = "" if goal is None else f"< {goal:g} s: {'met' if median < goal else 'NOT met'}"
+        print(f"{name:<46} {median:9.2f} {low:7.2f} {high:7.2f}  {verdict}")
+    print(f"(first make-seeds run of {args.images} tiny images, for scale: {first:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()

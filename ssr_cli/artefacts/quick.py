@@ -1,0 +1,136 @@
+"""A fast answer for the rerun of a complete run: "nothing to do", without importing torch.
+
+A stage's real fingerprint needs its models (CLIP's weights hash, the resolved device and
+precision), which costs seconds to load. A complete run also records a *quick key*: a hash of
+everything the command was given that can change its results, computed without torch — the
+options as given, the dataset fingerprint (file sizes and modification times), the size and
+modification time of every weights or config file it read, the fingerprints of the upstream
+runs, the tool version and the host (``--device auto`` resolves per machine) — plus a stamp of
+its item files. A rerun whose quick key and item stamp both match stops at once; any
+difference (another option, a touched image or weights file, a missing or rewritten item)
+takes the normal path, which checks everything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ssr_cli import __version__
+from ssr_cli.artefacts.fingerprint import fingerprint
+
+QUICK = "quick_rerun"
+
+
+def file_stamp(path: str | Path | None) -> list[Any] | None:
+    """[absolute path, size, modification time in ns] of a file, None when it does not exist."""
+    if path is None:
+        return None
+    try:
+        full = Path(os.path.abspath(Path(path).expanduser()))
+        st = full.stat()
+    except OSError:
+        return [str(path), None, None]
+    return [str(full), st.st_size, st.st_mtime_ns]
+
+
+def run_stamp(folder: str | Path | None) -> list[Any] | None:
+    """The fingerprint and completion of an upstream run folder (from its manifest)."""
+    if folder is None:
+        return None
+    from ssr_cli.artefacts.run import MANIFEST
+
+    path = Path(folder) / MANIFEST
+    try:
+        import json
+
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [str(folder), None]
+    if not isinstance(manifest, dict):
+        return [str(folder), None]
+    return [str(Path(folder).resolve()), manifest.get("fingerprint"), manifest.get("completed")]
+
+
+def quick_key(
+    stage: str,
+    settings: dict[str, Any],
+    *,
+    dataset_fingerprint: str | None,
+    files: Iterable[str | Path | None] = (),
+    runs: Iterable[str | Path | None] = (),
+    env: Iterable[str] = (),
+) -> str:
+    """The quick key of a command (see the module docstring)."""
+    return fingerprint(
+        {
+            "stage": stage,
+            "tool_version": __version__,
+            "host": socket.gethostname(),
+            "settings": settings,
+            "dataset": dataset_fingerprint,
+            "files": [file_stamp(f) for f in files],
+            "runs": [run_stamp(r) for r in runs],
+            "env": {name: os.environ.get(name, "") for name in env},
+        }
+    )
+
+
+def _items_stamp(out: Path, manifest: dict[str, Any]) -> str | None:
+    from ssr_cli.artefacts.run import list_item_files
+
+    item_dir, suffix = manifest.get("item_dir"), manifest.get("item_suffix")
+    if not isinstance(item_dir, str) or not isinstance(suffix, str):
+        return None
+    folder = out / item_dir
+    if not folder.is_dir():
+        return None
+    stamps = []
+    for path in list_item_files(folder, suffix):
+        st = path.stat()
+        stamps.append([path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns])
+    return fingerprint(stamps)
+
+
+def finished_unchanged(out: str | Path, key: str) -> dict[str, Any] | None:
+    """The manifest of ``out`` when it is a complete run made with this quick key whose item
+    files are as it left them; None otherwise (then the stage runs its normal checks)."""
+    from ssr_cli.artefacts.run import read_manifest
+    from ssr_cli.errors import SSRError
+
+    out = Path(out)
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(out)
+    except SSRError:
+        return None
+    quick = manifest.get(QUICK)
+    if not manifest.get("completed") or not isinstance(quick, dict) or quick.get("key") != key:
+        return None
+    try:
+        if _items_stamp(out, manifest) != quick.get("items"):
+            return None
+    except OSError:
+        return None
+    return manifest
+
+
+def remember(out: str | Path, key: str) -> None:
+    """Record the quick key and the item stamp in the manifest of the complete run ``out``."""
+    from ssr_cli.artefacts.atomic import atomic_write_json
+    from ssr_cli.artefacts.run import read_manifest
+    from ssr_cli.errors import SSRError
+
+    out = Path(out)
+    try:
+        manifest = read_manifest(out)
+        if not manifest.get("completed"):
+            return
+        manifest[QUICK] = {"key": key, "items": _items_stamp(out, manifest)}
+        atomic_write_json(out / "manifest.json", manifest)
+    except (OSError, SSRError):
+        return  # only a later rerun is slower

@@ -1,0 +1,121 @@
+"""Start-up without torch where nothing needs it (issue 15 item 3).
+
+``ssr weights``, a missing-weights error and the rerun of a complete make-seeds run answer
+before torch, open_clip or timm are imported; the tables that make this possible match
+open_clip, timm and torch (so they cannot drift silently).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import sys\n"
+    "from ssr_cli.cli import main\n"
+    "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code or 0\n"
+    "heavy = sorted(m for m in ('torch', 'open_clip', 'timm') if m in sys.modules)\n"
+    "print('HEAVY=' + ','.join(heavy), file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def ssr(args: list[object], cwd: Path, **env: str) -> tuple[int, str, str, list[str]]:
+    """Run ``ssr ARGS`` in a fresh interpreter; returns (code, stdout, stderr, heavy modules loaded)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+    done = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    heavy_line = [line for line in done.stderr.splitlines() if line.startswith("HEAVY=")][-1]
+    heavy = [m for m in heavy_line[len("HEAVY=") :].split(",") if m]
+    return done.returncode, done.stdout, done.stderr, heavy
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("startup")
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    save_tiny_clip(make_tiny_clip(seed=3), root / "tiny.safetensors", "safetensors")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "vocab.json").write_text(json.dumps({"name": "pets", "classes": ["cat", "dog"]}))
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(data / "images" / f"p{i}.jpg")
+    (data / "labels.txt").write_text("p0 cat\np1 dog\np2 cat dog\np3 dog\n")
+    return root
+
+
+SEEDS = ["make-seeds", "--data", "data", "--out", "runs/seeds", "--clip-arch", "tiny.json",
+         "--clip-weights", "tiny.safetensors", "--device", "cpu"]  # fmt: skip
+
+
+def test_a_complete_run_reruns_without_torch(project: Path) -> None:
+    assert TINY_CLIP  # the architecture named in tiny.json
+    code, _, err, heavy = ssr(SEEDS, project)
+    assert code == 0, err
+    assert "torch" in heavy  # the first run computes
+    manifest = json.loads((project / "runs/seeds/manifest.json").read_text())
+    assert manifest["completed"] and manifest["quick_rerun"]["key"]
+    code, _, err, heavy = ssr(SEEDS, project)
+    assert code == 0, err
+    assert heavy == [] and "nothing to do" in err
+    # an option outside the results' fingerprint still takes the full path (which finds it done)
+    code, _, err, heavy = ssr([*SEEDS, "--batch-size", "2"], project)
+    assert code == 0, err
+    assert "torch" in heavy and "nothing to do" not in err and "4 already done" in " ".join(err.split())
+    # a rewritten item file is not trusted: the full path checks it, and redoes a broken one
+    item = project / "runs/seeds/cams/p1.npz"
+    item.write_bytes(b"garbage")
+    code, _, err, heavy = ssr(SEEDS, project)
+    assert code == 0, err
+    assert "torch" in heavy and "cannot be read and will be redone" in " ".join(err.split())
+    with np.load(item) as seed:
+        assert "cams" in seed.files
+    code, _, err, heavy = ssr(SEEDS, project)
+    assert code == 0 and heavy == [], err
+    # a touched image changes the dataset fingerprint: the full path refuses the run
+    os.utime(project / "data/images/p2.jpg", ns=(1, 1))
+    code, _, err, heavy = ssr(SEEDS, project)
+    assert code == 1 and "torch" in heavy and "different settings or inputs" in err
+
+
+def test_missing_weights_fail_without_torch(project: Path) -> None:
+    args = ["make-seeds", "--data", "data", "--out", "runs/none", "--device", "cpu"]
+    code, stdout, err, heavy = ssr(args, project, SSR_CACHE=str(project / "empty-cache"))
+    assert code == 1 and stdout == "" and heavy == []
+    assert err.splitlines()[0].startswith("ssr: error: no local clip weights for ViT-B-16")
+
+
+def test_weights_listing_without_torch(project: Path) -> None:
+    code, stdout, err, heavy = ssr(["weights"], project, SSR_CACHE=str(project / "empty-cache"))
+    assert code == 0, err
+    assert heavy == [] and stdout.count("MISSING") == 3
+
+
+def test_tables_match_open_clip_timm_and_torch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import open_clip
+    import torch
+
+    from ssr_cli.models.backbone_weights import _hub_files
+    from ssr_cli.models.sources import OPENAI_CLIP, TIMM_HUB, torch_hub_dir
+
+    openai = {a for a in open_clip.list_models() if "openai" in open_clip.list_pretrained_tags_by_model(a)}
+    assert set(OPENAI_CLIP) == openai
+    for arch, cfg in OPENAI_CLIP.items():
+        real = open_clip.get_pretrained_cfg(arch, "openai")
+        assert cfg == {"url": real["url"], "hf_hub": real["hf_hub"]}, arch
+    for name, (repo, files) in TIMM_HUB.items():
+        assert _hub_files(name) == (repo, files), name
+    assert torch_hub_dir() == Path(torch.hub.get_dir())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert torch_hub_dir() == Path(torch.hub.get_dir()) == tmp_path / "th" / "hub"
