@@ -42,7 +42,7 @@ import numpy as np
 
 from ssr_cli.artefacts import RunFolder, Shard, atomic_write_bytes
 from ssr_cli.artefacts.item_checks import png_check
-from ssr_cli.console import ProgressBar, info, warn
+from ssr_cli.console import ProgressBar, info, progress_enabled, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
     DEFAULT_MAX_SIDE,
@@ -451,6 +451,7 @@ def run(
     )
     batches = [b for b in _batches(dataset, mine, cfg.batch_size, plan) if any(i in pending for i in b)]
     seconds: dict[str, float] = {}
+    first_result = [True]
 
     def write(result: Any) -> None:
         start = time.perf_counter()
@@ -462,7 +463,8 @@ def run(
         for key, value in result.seconds.items():
             seconds[key] = seconds.get(key, 0.0) + value
         seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - start
-        bar.update(1)
+        bar.update(1, status="" if first_result else None)  # the first result ends the start-up status
+        first_result.clear()
 
     threads = main_threads(device, cfg.workers)
     with (
@@ -470,6 +472,12 @@ def run(
         WorkerPool(cfg.workers, params, item_fn) as pool,
         torch_threads(threads),
     ):
+        if pending:  # the bar would sit at 0 while the workers start and the first attention runs
+            starting = f"starting {cfg.workers} worker process(es), " if cfg.workers else ""
+            status = f"{starting}attention of the first {min(cfg.batch_size, len(pending))} image(s)"
+            bar.update(0, status=status)
+            if not progress_enabled():
+                info(f"refine: {status}")
         try:
             stored = clip_attention == "seeds"
             for batch, read in _prefetch(dataset, seeds, batches, stored, plan):
