@@ -143,19 +143,23 @@ ssr make-seeds --data "$DATA" --split "$TRAIN" --out "$RUNS/seeds-cmpa" --cmpa "
 score cmpa "$RUNS/seeds-cmpa" "$TRAIN" --search-bg
 
 echo "== 3. refinement ablation on the CMPA seeds" >&2
-refine refine-clip seeds-cmpa --affinity clip --mask none --no-crf
-score clip_attn "$RUNS/refine-clip" "$TRAIN"
-refine refine-dino seeds-cmpa --affinity clip+dino --mask none --no-crf
-score dino_attn "$RUNS/refine-dino" "$TRAIN"
-refine refine-sgc seeds-cmpa --affinity clip+dino --mask sgc --no-crf
-score sgc "$RUNS/refine-sgc" "$TRAIN"
+# Scoring protocol (CLIP-ES): refined CAMs pick their background rule against the ground truth
+# (--save-cams, eval --search-bg); CRF rows are scored as the plain CRF argmax (--conf-thresh 0),
+# while the pseudo-labels for training keep 255 where the CRF is unsure (refine-crf).
+refine refine-clip seeds-cmpa --affinity clip --mask none --no-crf --save-cams
+score clip_attn "$RUNS/refine-clip" "$TRAIN" --search-bg
+refine refine-dino seeds-cmpa --affinity clip+dino --mask none --no-crf --save-cams
+score dino_attn "$RUNS/refine-dino" "$TRAIN" --search-bg
+refine refine-sgc seeds-cmpa --affinity clip+dino --mask sgc --no-crf --save-cams
+score sgc "$RUNS/refine-sgc" "$TRAIN" --search-bg
 refine refine-crf seeds-cmpa --affinity clip+dino --mask sgc --crf
-score crf "$RUNS/refine-crf" "$TRAIN"
+refine refine-crf-argmax seeds-cmpa --affinity clip+dino --mask sgc --crf --conf-thresh 0
+score crf "$RUNS/refine-crf-argmax" "$TRAIN"
 
 echo "== 4. CLIP-ES baseline (CAA) on the plain seeds" >&2
-refine clip-es-caa seeds --affinity clip --mask box --no-crf
-score clip_es_caa "$RUNS/clip-es-caa" "$TRAIN"
-refine clip-es-crf seeds --affinity clip --mask box --crf
+refine clip-es-caa seeds --affinity clip --mask box --no-crf --save-cams
+score clip_es_caa "$RUNS/clip-es-caa" "$TRAIN" --search-bg
+refine clip-es-crf seeds --affinity clip --mask box --crf --conf-thresh 0
 score clip_es_crf "$RUNS/clip-es-crf" "$TRAIN"
 
 echo "== 5. pseudo-labels on '$TRAIN_AUG', the segmenter, and its score on '$VAL'" >&2

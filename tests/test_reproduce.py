@@ -45,8 +45,8 @@ PAPER = {  # label: (P, R, mIoU) as printed, from METHOD.md
     "Segmenter + CRF": ("-", "-", "79.5"),
 }
 RUN_FOLDERS = (
-    "seeds cmpa seeds-cmpa refine-clip refine-dino refine-sgc refine-crf clip-es-caa clip-es-crf "
-    "seeds-aug refine-aug seg pred pred-crf"
+    "seeds cmpa seeds-cmpa refine-clip refine-dino refine-sgc refine-crf refine-crf-argmax clip-es-caa "
+    "clip-es-crf seeds-aug refine-aug seg pred pred-crf"
 ).split()
 
 
