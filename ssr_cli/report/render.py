@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IGNORE_COLOUR = (255, 255, 255)
+SHEET_HEADER_H = 16
 
 
 def thumb_size(image_hw: Sequence[int], max_side: int) -> tuple[int, int]:
@@ -108,18 +109,25 @@ def contact_sheet(
     tile: int = 128,
     caption_h: int = 14,
     gap: int = 2,
+    header: Sequence[str] | None = None,
+    header_h: int = 16,
 ) -> np.ndarray:
     """A grid: one row per image, one column per picture (``None`` = an empty tile).
 
-    Each row has a caption strip of ``caption_h`` pixels above its tiles. Tile (r, c)
-    starts at y = r * (caption_h + tile + gap) + caption_h, x = c * (tile + gap).
+    ``header``: column titles in a strip of ``header_h`` pixels at the top. Each row has a
+    caption strip of ``caption_h`` pixels above its tiles. Tile (r, c) starts at
+    y = top + r * (caption_h + tile + gap) + caption_h, x = c * (tile + gap), where top is
+    ``header_h`` with a header, else 0 (``tile_origin``).
     Returns HxWx3 uint8.
     """
     cols = max((len(r) for r in rows), default=1)
     row_h = caption_h + tile + gap
-    sheet = np.full((max(1, len(rows)) * row_h, cols * (tile + gap) - gap, 3), 255, dtype=np.uint8)
+    top = header_h if header else 0
+    sheet = np.full((top + max(1, len(rows)) * row_h, cols * (tile + gap) - gap, 3), 255, dtype=np.uint8)
+    if header:
+        sheet[: top - 2] = 232
     for r, pictures in enumerate(rows):
-        y = r * row_h + caption_h
+        y = top + r * row_h + caption_h
         for c, picture in enumerate(pictures):
             x = c * (tile + gap)
             if picture is None:
@@ -129,14 +137,19 @@ def contact_sheet(
     canvas = Image.fromarray(sheet)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+    for c, text in enumerate(header or []):
+        draw.text((c * (tile + gap) + 2, 2), text, fill=(0, 0, 0), font=font)
     for r, text in enumerate(captions):
-        draw.text((2, r * row_h + 1), text, fill=(0, 0, 0), font=font)
+        draw.text((2, top + r * row_h + 1), text, fill=(0, 0, 0), font=font)
     return np.asarray(canvas).copy()
 
 
-def tile_origin(row: int, col: int, tile: int = 128, caption_h: int = 14, gap: int = 2) -> tuple[int, int]:
-    """(y, x) of the top-left pixel of tile (row, col) in :func:`contact_sheet`'s output."""
-    return row * (caption_h + tile + gap) + caption_h, col * (tile + gap)
+def tile_origin(
+    row: int, col: int, tile: int = 128, caption_h: int = 14, gap: int = 2, top: int = 0
+) -> tuple[int, int]:
+    """(y, x) of the top-left pixel of tile (row, col) in :func:`contact_sheet`'s output
+    (``top``: the header's height, when it has one)."""
+    return top + row * (caption_h + tile + gap) + caption_h, col * (tile + gap)
 
 
 def safe_name(item_id: str) -> str:
@@ -194,24 +207,27 @@ def render_item(
         shapes += [tuple(int(x) for x in c["image_hw"]) for c in cams.values() if c is not None]
         image = np.full((*(shapes[0] if shapes else (64, 64)), 3), 128, dtype=np.uint8)
     size = thumb_size(image.shape[:2], thumb)
-    small = resize_image(image, size)
     cells: list[dict[str, Any]] = []
     sheet: list[str | None] = [None, None, None]
 
-    def put(suffix: str, picture: np.ndarray, title: str, kind: str) -> str:
+    def put(suffix: str, full: np.ndarray, title: str, kind: str) -> str:
+        """The picture at full size (``full/``, JPEG, opened by a click) and as a thumbnail."""
         rel = f"thumbs/{stem}_{suffix}.png"
-        save_png(out / rel, picture)
-        cells.append({"title": title, "src": rel, "kind": kind})
+        save_png(out / rel, resize_image(full, size))
+        big = f"full/{stem}_{suffix}.jpg"
+        (out / big).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(full).save(out / big, format="JPEG", quality=90)
+        cells.append({"title": title, "src": rel, "full": big, "kind": kind})
         return rel
 
-    sheet[0] = put("photo", small, "photo" if photo is not None else "photo (not found)", "photo")
+    sheet[0] = put("photo", image, "photo" if photo is not None else "photo (not found)", "photo")
     for src in sources:
         seed = cams.get(src.name)
         if seed is None:
             continue
         for j, cid in enumerate(int(c) for c in seed["class_ids"]):
             name = class_names[cid] if cid < len(class_names) else f"class {cid}"
-            pic = cam_overlay(small, seed["cams"][j].astype(np.float32))
+            pic = cam_overlay(image, seed["cams"][j].astype(np.float32))
             put(f"r{src.index}_cam{cid}", pic, f"{src.cam_title}: {name} ({src.name})", "cam")
     ious: dict[str, float | None] = {}
     k = len(class_names)
@@ -223,20 +239,19 @@ def render_item(
         iou = _iou_vs(gt_mask, lab, k) if gt_mask is not None else None
         ious[src.name] = iou
         extra = "" if iou is None else f", IoU {100 * iou:.1f} %"
-        rel = put(
-            f"r{src.index}_labels",
-            label_overlay(small, lab, palette),
-            f"{title} ({src.name}{extra})",
-            "labels",
-        )
+        overlay = label_overlay(image, lab, palette)  # labels resized to the photo
+        rel = put(f"r{src.index}_labels", overlay, f"{title} ({src.name}{extra})", "labels")
         if src is primary:
             sheet[1] = rel
     if gt_mask is not None:
-        sheet[2] = put("gt", label_overlay(small, gt_mask, palette), "ground truth", "gt")
+        overlay = label_overlay(image, gt_mask, palette)
+        sheet[2] = put("gt", overlay, "ground truth", "gt")
     return {"id": item_id, "cells": cells, "ious": ious, "sheet": sheet, "image_hw": list(image.shape[:2])}
 
 
-def render_sheet(rows: Sequence[dict[str, Any]], path: Path, out: Path, tile: int = 128) -> dict[str, Any]:
+def render_sheet(
+    rows: Sequence[dict[str, Any]], path: Path, out: Path, tile: int = 128, primary_name: str = ""
+) -> dict[str, Any]:
     """The contact sheet of ``rows`` (in order): photo | primary labels | GT, captioned with
     id and IoU; written to ``path``. Returns its layout (``tile``, ``columns``, ``ids``)."""
     pictures: list[list[np.ndarray | None]] = []
@@ -249,10 +264,12 @@ def render_sheet(rows: Sequence[dict[str, Any]], path: Path, out: Path, tile: in
         captions.append(f"{row['id']}  IoU {'-' if iou is None else f'{100 * iou:.1f} %'}")
     if not pictures:
         pictures, captions = [[None, None, None]], ["no images"]
-    save_png(path, contact_sheet(pictures, captions, tile=tile))
+    columns = ["photo", f"labels ({primary_name})" if primary_name else "labels", "ground truth"]
+    save_png(path, contact_sheet(pictures, captions, tile=tile, header=columns, header_h=SHEET_HEADER_H))
     return {
         "file": path.name,
         "tile": tile,
-        "columns": ["photo", "labels", "ground truth"],
+        "header_h": SHEET_HEADER_H,
+        "columns": columns,
         "ids": [row["id"] for row in rows],
     }

@@ -196,7 +196,10 @@ def _prepare_out(out: Path) -> None:
         shutil.rmtree(out / "thumbs")
     for old in out.glob("page-*.html"):
         old.unlink()
+    if (out / "full").is_dir():
+        shutil.rmtree(out / "full")
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
+    (out / "full").mkdir(parents=True, exist_ok=True)
 
 
 def build_report(
@@ -273,37 +276,50 @@ def build_report(
         item = items.get(item_id)
         return Path(item.gt) if item is not None and item.gt is not None else None
 
-    def score(item_id: str) -> tuple[str, np.ndarray | None]:
+    def score(item_id: str) -> tuple[str, dict[str, np.ndarray], set[int]]:
+        """Each labelled source's [K, K] matrix of this image (those with GT and labels), and the
+        classes in its GT or any source's labels (for the class filter)."""
         from ssr_cli.data.images import read_mask
 
         gp = gt_path(item_id)
-        if gp is None:
-            return item_id, None
-        gt, pred = read_mask(gp), primary.labels(item_id)
-        if pred is None:
-            return item_id, None
-        if pred.shape != gt.shape:
-            raise DataError(
-                f"labels are {pred.shape[1]}x{pred.shape[0]} but the ground truth is "
-                f"{gt.shape[1]}x{gt.shape[0]}",
-                path=gp,
-                hint="labels must have the size of the original image",
-            )
-        try:
-            return item_id, confusion_matrix(gt, pred, k)
-        except ValueError as exc:
-            raise DataError(str(exc), path=gp, hint=f"labels must be class ids 0..{k - 1} or 255") from None
+        gt = read_mask(gp) if gp is not None else None
+        found: set[int] = set() if gt is None else {int(v) for v in np.unique(gt)}
+        matrices: dict[str, np.ndarray] = {}
+        for src in labelled:
+            pred = src.labels(item_id)
+            if pred is None:
+                continue
+            found |= {int(v) for v in np.unique(pred)}
+            if gt is None:
+                continue
+            if pred.shape != gt.shape:
+                raise DataError(
+                    f"labels of {src.root} are {pred.shape[1]}x{pred.shape[0]} but the ground truth is "
+                    f"{gt.shape[1]}x{gt.shape[0]}",
+                    path=gp,
+                    hint="labels must have the size of the original image",
+                )
+            try:
+                matrices[src.name] = confusion_matrix(gt, pred, k)
+            except ValueError as exc:
+                raise DataError(
+                    str(exc), path=gp, hint=f"labels must be class ids 0..{k - 1} or 255"
+                ) from None
+        return item_id, matrices, {c for c in found if 0 < c < k}
 
-    conf = np.zeros((k, k), dtype=np.int64)
+    confs = {src.name: np.zeros((k, k), dtype=np.int64) for src in labelled}
+    counted = {src.name: 0 for src in labelled}
     ious: dict[str, float | None] = {}
-    scored = 0
+    classes_of: dict[str, list[int]] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ProgressBar("score", total=len(ids)) as bar:
-        for item_id, matrix in pool.map(score, ids):
-            ious[item_id] = None if matrix is None else _image_iou(matrix)
-            if matrix is not None:
-                conf += matrix
-                scored += 1
+        for item_id, matrices, found in pool.map(score, ids):
+            for name, matrix in matrices.items():
+                confs[name] += matrix
+                counted[name] += 1
+            ious[item_id] = _image_iou(matrices[primary.name]) if primary.name in matrices else None
+            classes_of[item_id] = sorted(found)
             bar.update(1)
+    conf, scored = confs[primary.name], counted[primary.name]
     shown = choose(ious, ids, limit, sample, seed)
 
     out = Path(out)
@@ -331,9 +347,10 @@ def build_report(
         rows = []
         for row in pool.map(render, shown):
             row["iou"] = ious.get(row["id"])
+            row["classes"] = classes_of.get(row["id"], [])
             rows.append(row)
             bar.update(1)
-    sheet = render_sheet(rows[:sheet_rows], out / "contact_sheet.png", out)
+    sheet = render_sheet(rows[:sheet_rows], out / "contact_sheet.png", out, primary_name=primary.name)
 
     report: dict[str, Any] = {
         "sources": [_describe(s, s is primary) for s in sources],
@@ -350,6 +367,18 @@ def build_report(
         "iou_rule": IOU_RULE,
         "seed_label_rule": "background = (1 - max CAM) ** 1, argmax (CLIP-ES)",
         "scores": scores(conf, names) if scored else None,
+        "run_scores": [
+            {
+                "name": src.name,
+                "stage": src.stage,
+                "path": str(src.root),
+                "primary": src is primary,
+                "images_scored": counted[src.name],
+                "scores": scores(confs[src.name], names) if counted[src.name] else None,
+            }
+            for src in labelled
+        ],  # fmt: skip
+        "palette": palette[: 3 * k],
         "confusion_matrix": conf.tolist() if scored else None,
         "contact_sheet": sheet,
         "rows": rows,
@@ -396,7 +425,8 @@ def _describe(src: Source, primary: bool) -> dict[str, Any]:
             if any("loop_seconds" in r for r in runs)
             else None
         ),
-        "shards": len(runs),
+        "shards": len({str(r.get("shard", "0/1")) for r in runs}) if runs else None,  # not the reruns
+        "sessions": len(runs),
         "config": json.loads(json.dumps(m.get("config"), default=str)) if m else None,
         "has_cams": src.cams_dir is not None,
     }
