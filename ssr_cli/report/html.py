@@ -198,7 +198,8 @@ def confusion_table(conf: list[list[int]], names: list[str]) -> str:
             colour = f"rgb({shade},{shade},255)" if i == j else f"rgb(255,{shade},{shade})"
             tip = f"GT {names[i]} -> predicted {names[j]}: {v:,} px ({100 * frac:.1f} % of the row)"
             text = f"{round(100 * frac)}" if frac >= 0.005 else ""
-            cells.append(f'<td style="background:{colour}" title="{escape(tip)}">{text}</td>')
+            ink = ";color:#fff" if frac > 0.6 else ""  # readable on the dark cells
+            cells.append(f'<td style="background:{colour}{ink}" title="{escape(tip)}">{text}</td>')
         label = escape(names[i]) + ("" if total else " (not in GT)")
         body.append(f'<tr><th title="ground truth {escape(names[i])}">{label}</th>{"".join(cells)}</tr>')
     return (
@@ -267,8 +268,9 @@ def _compare_tables(report: dict[str, Any]) -> str:
     for c in ids:
         values = [r["scores"]["classes"][c]["iou"] for r in runs]
         top = max((v for v in values if v is not None), default=None)
+        marked = top if top and len(runs) > 1 else None  # the best run of the class (none on a tie at 0)
         cells = "".join(
-            f'<td class="num{" best" if v is not None and v == top and len(runs) > 1 else ""}">{_pct(v)}</td>'
+            f'<td class="num{" best" if v is not None and v == marked else ""}">{_pct(v)}</td>'
             for v in values
         )
         present = runs[0]["scores"]["classes"][c]["present"]
