@@ -101,6 +101,8 @@ def test_overfits_shapes_then_predict_and_eval(shapes: Path, tmp_path: Path, cap
     val = [r for r in log if r["type"] == "val"][-1]  # fractions in JSON, % with the sign for people
     assert f"validation mIoU {100 * val['val_miou']:.2f} %" in err and "validating on 3 images" in err
     assert " % at iteration" in out
+    flat = " ".join(err.split())  # once, at the start, on the CPU: the measured cost of the run
+    assert flat.count("fit-seg on the CPU:") == 1 and "the remaining 97 iterations take about" in flat
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stage"] == "fit-seg" and manifest["completed"] is True
