@@ -48,33 +48,14 @@ def progress_enabled() -> bool:
 
 
 def track(items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
-    """Iterate with a progress bar on stderr when enabled, plainly otherwise."""
+    """Iterate with a progress bar on stderr when enabled (a :class:`ProgressBar`), plainly otherwise."""
     if not progress_enabled():
         yield from items
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=total, status="")
+    with ProgressBar(description, total=total) as bar:
         for item in items:
             yield item
-            bar.advance(task)
+            bar.update(1)
 
 
 class ProgressBar:
