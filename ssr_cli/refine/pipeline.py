@@ -1,12 +1,12 @@
 """The per-image CPU part of ``ssr refine``: masks, affinity refinement, labels, CRF; and its worker pool.
 
 One :class:`ItemJob` per image carries what the main process prepared: the image
-(``[H, W, 3]`` uint8 RGB), the seed (``load_seed``'s dict: ``cams`` float16
+(``[H, W, 3]`` uint8 RGB), the seed (``load_seed``'s dict: ``cams`` float32
 ``[C, h, w]`` on the CLIP patch grid, ``class_ids``, ``image_hw``, ...) and the fused
 affinity (``[h*w, h*w]`` float32, rows = query patches; None = the identity, i.e.
 ``--affinity none``). :func:`process_item` turns it into an :class:`ItemResult`:
 the label PNG's bytes (VOC palette, 255 = uncertain) and, when asked, the refined
-CAMs as a seed-format ``.npz`` (float16 ``[C, h, w]``).
+CAMs as a seed-format ``.npz`` (float32 ``[C, h, w]``).
 
 Steps (METHOD.md sections 1, 3 and 4):
 
@@ -120,11 +120,11 @@ def encode_label_png(labels: np.ndarray) -> bytes:
 
 
 def encode_cams(cams: np.ndarray, seed: dict[str, np.ndarray]) -> bytes:
-    """Refined CAMs ``[C, h, w]`` as a seed-format ``.npz`` (float16; ``make_seeds.load_seed`` reads it)."""
+    """Refined CAMs ``[C, h, w]`` as a seed-format ``.npz`` (float32; ``make_seeds.load_seed`` reads it)."""
     buf = io.BytesIO()
     np.savez(
         buf,
-        cams=np.asarray(cams, dtype=np.float16),
+        cams=np.asarray(cams, dtype=np.float32),
         class_ids=np.asarray(seed["class_ids"], dtype=np.int16),
         image_hw=np.asarray(seed["image_hw"], dtype=np.int32),
         scales=np.asarray(seed["scales"], dtype=np.float32),

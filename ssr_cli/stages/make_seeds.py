@@ -2,8 +2,9 @@
 
 Each item file holds (numpy ``.npz``):
 
-- ``cams``      float16 [C, h, w]: min-max normalised CAMs of the C present classes at
-                patch resolution of the scale-1.0 input (h = H'/16, w = W'/16)
+- ``cams``      float32 [C, h, w] (float16 in files of earlier versions): min-max normalised
+                CAMs of the C present classes at patch resolution of the scale-1.0 input
+                (h = H'/16, w = W'/16)
 - ``class_ids`` int16 [C]: foreground class ids (1..K) in the order of ``cams``
 - ``image_hw``  int32 [2]: original image height, width
 - ``scales``    float32 [S]; ``flip`` bool
@@ -46,7 +47,7 @@ from ssr_cli.errors import ArtefactError, DataError
 STAGE = "seeds"
 ITEM_DIR = "cams"
 ITEM_SUFFIX = ".npz"
-CAM_VERSION = "gradcam-clip-es-1"  # bump when the CAM computation changes results
+CAM_VERSION = "gradcam-clip-es-2"  # bump when the CAM computation changes results
 
 
 @dataclass
@@ -82,7 +83,7 @@ def save_seed(
     """Write one seeds item (see the module docstring); ``attn`` [hw, hw] is optional."""
     buf = io.BytesIO()
     arrays: dict[str, np.ndarray] = {
-        "cams": cams.astype(np.float16),
+        "cams": cams.astype(np.float32),  # float16 moved CAA's box threshold (issue 13)
         "class_ids": np.asarray(class_ids, dtype=np.int16),
         "image_hw": np.asarray(image_hw, dtype=np.int32),
         "scales": np.asarray(scales, dtype=np.float32),

@@ -2,7 +2,7 @@
 
 Reads a ``seeds`` run folder (``cams/<id>.npz``, ``make_seeds.load_seed``) and the images;
 writes ``labels/<id>.png`` (VOC palette; 0 background, class ids, 255 uncertain) and,
-with ``save_cams``, ``cams/<id>.npz`` (refined CAMs, float16 ``[C, h, w]`` on the
+with ``save_cams``, ``cams/<id>.npz`` (refined CAMs, float32 ``[C, h, w]`` on the
 seeds' patch grid, seed format). Per image (METHOD.md sections 1, 3, 4):
 
 - main process (the device, batched over images of one size): CLIP attention
