@@ -113,11 +113,17 @@ def test_backbone_weights_from_hub_cache_then_offline_error(tmp_path: Path) -> N
     with pytest.raises(WeightsError, match="--backbone-weights"):
         resolve_backbone_state("resnet18")  # offline, empty caches: a clear error, no download attempt
     hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
-    snapshot = tmp_path / "hf-cache" / ("models--" + hub_id.replace("/", "--")) / "snapshots" / "abc123"
+    repo = tmp_path / "hf-cache" / ("models--" + hub_id.replace("/", "--"))
+    stale = repo / "snapshots" / "0ld"  # an older revision, no longer what refs/main names
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"an old revision that must not be read")
+    snapshot = repo / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")  # as the hub client writes it
     saved = _save_timm_weights(snapshot / "model.safetensors", "resnet18")
     state, source = resolve_backbone_state("resnet18")
-    assert source.origin == "cache"
+    assert source.origin == "cache" and source.path == snapshot / "model.safetensors"
     assert torch.equal(state["conv1.weight"], saved["conv1.weight"])
 
 

@@ -103,13 +103,18 @@ def hf_hub_cache_dir() -> Path:
 
 
 def hf_hub_cached_files(repo_id: str, filenames: Sequence[str]) -> list[Path]:
-    """Files of a hub repo already in the local hub cache (any snapshot), in ``filenames`` order."""
-    folder = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    """Files of a hub repo in the local hub cache, as the hub client resolves them (the
+    snapshot ``refs/main`` names, not any stale one), in ``filenames`` order."""
+    folder = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
     if not folder.is_dir():
-        return []
+        return []  # the usual case answers without importing huggingface_hub
+    from huggingface_hub import try_to_load_from_cache
+
     found: list[Path] = []
     for name in filenames:
-        found.extend(sorted(folder.glob(f"*/{name}")))
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=hf_hub_cache_dir())
+        if isinstance(hit, str):
+            found.append(Path(hit))
     return found
 
 
