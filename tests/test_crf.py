@@ -135,3 +135,20 @@ def test_crf_labels_end_to_end_mark_unsure_edges():
     interior = cv2.erode(shapes[0].astype(np.uint8), np.ones((11, 11), np.uint8)).astype(bool)
     assert np.mean(labels[interior] == 7) > 0.95
     assert 0 < np.mean(labels == 255) < 0.3
+
+
+def test_crf_image_clip_es_reproduces_its_uint8_wraparound() -> None:
+    """CLIP-ES hands its CRF cv2's BGR image minus (104.008, 116.669, 122.675), cast to uint8:
+    written here the way its code computes it (float32 array, numpy astype on x86)."""
+    from ssr_cli.refine.crf import crf_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    bgr = rgb[..., ::-1].astype(np.float32)
+    bgr -= (104.008, 116.669, 122.675)
+    want = bgr.astype(np.uint8)  # what CLIP-ES's line does (negative values wrap around)
+    got = crf_image(rgb, "clip-es")
+    assert got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(got, want)
+    assert (rgb[..., 2] < 104).any() and (got[..., 0][rgb[..., 2] < 104] > 150).all()  # wrapped
+    assert crf_image(rgb, "rgb") is rgb

@@ -199,6 +199,14 @@ def refine_command(
     crf_bi_sxy: Annotated[float, typer.Option("--crf-bi-sxy", help=f"{_CRF}: bilateral sxy.")] = 67.0,
     crf_bi_srgb: Annotated[float, typer.Option("--crf-bi-srgb", help=f"{_CRF}: bilateral srgb.")] = 3.0,
     crf_bi_compat: Annotated[float, typer.Option("--crf-bi-compat", help=f"{_CRF}: bilateral compat.")] = 4.0,
+    crf_image: Annotated[
+        str,
+        typer.Option(
+            "--crf-image",
+            help=f"{_CRF}: the image of the bilateral term: rgb (default: the photo) | clip-es (CLIP-ES's "
+            "BGR minus the ImageNet mean cast to uint8, wrap-around included, for exact reproduction).",
+        ),
+    ] = "rgb",
     conf_thresh: Annotated[
         Optional[float],
         typer.Option(
@@ -304,6 +312,7 @@ def refine_command(
             "bilateral_sxy": crf_bi_sxy,
             "bilateral_srgb": crf_bi_srgb,
             "bilateral_compat": crf_bi_compat,
+            **({"image": crf_image} if crf_image != "rgb" else {}),
         },
         conf_thresh=conf_thresh,
         save_cams=save_cams,

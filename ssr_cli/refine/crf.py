@@ -7,7 +7,10 @@ turns it into ``-log(clip(p, 1e-5, 1))``; ``DenseCRF2D`` with a Gaussian term
 (sxy=1, compat=3) and a bilateral term (sxy=67, srgb=3, compat=4), 10 iterations;
 label = argmax, and pixels whose posterior max is below 0.95 become 255. (Its
 bilateral image is the BGR image minus the VGG mean, cast back to uint8, which wraps
-negative values around; we give the CRF the plain RGB image instead.)
+negative values around; we give the CRF the plain RGB image by default, because the
+wrap-around turns dark pixels bright and so distorts the colour similarity of the
+bilateral term; ``crf_image(image, "clip-es")`` reproduces CLIP-ES's image exactly for
+exact reproduction, ``refine --crf-image clip-es``.)
 
 Renormalising the stack per pixel (``normalise=True``, our default, so the stack is
 a proper distribution as the docs of ``unary_from_softmax`` expect) changes every
@@ -36,6 +39,24 @@ CRF_DEFAULTS = {
     "bilateral_srgb": 3.0,
     "bilateral_compat": 4.0,
 }
+
+
+CRF_IMAGES = ("rgb", "clip-es")
+CLIP_ES_MEAN_BGR = (104.008, 116.669, 122.675)  # CLIP-ES's eval_cam_with_crf.py
+
+
+def crf_image(image: np.ndarray, style: str = "rgb") -> np.ndarray:
+    """The image the bilateral term sees: ``rgb`` = ``image`` (HxWx3 uint8 RGB) as it is;
+    ``clip-es`` = CLIP-ES's: BGR minus its mean, cast to uint8 as numpy does on x86
+    (truncation toward zero, then modulo 256: negative values wrap around)."""
+    if style == "rgb":
+        return image
+    if style != "clip-es":
+        from ssr_cli.errors import ConfigError
+
+        raise ConfigError(f"unknown CRF image {style!r}", hint="use --crf-image rgb or clip-es")
+    shifted = image[..., ::-1].astype(np.float32) - np.asarray(CLIP_ES_MEAN_BGR, np.float32)
+    return np.ascontiguousarray((np.trunc(shifted).astype(np.int64) % 256).astype(np.uint8))
 
 
 def cams_to_probs(

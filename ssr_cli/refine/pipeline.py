@@ -186,7 +186,7 @@ def process_item(job: ItemJob, params: RefineParams) -> ItemResult:
 
     from ssr_cli.cam.labels import upsample_cams
     from ssr_cli.refine.affinity import refine_cams
-    from ssr_cli.refine.crf import cams_to_probs, dense_crf, labels_with_confidence
+    from ssr_cli.refine.crf import cams_to_probs, crf_image, dense_crf, labels_with_confidence
 
     seconds: dict[str, float] = {}
     clock, cpu_start = time.perf_counter(), time.process_time()
@@ -217,7 +217,8 @@ def process_item(job: ItemJob, params: RefineParams) -> ItemResult:
     lap("refine")
     if params.crf is not None:
         crf = dict(params.crf)
-        probs = dense_crf(image, probs, iters=int(crf.pop("iters", 10)), **crf)
+        crf_input = crf_image(image, str(crf.pop("image", "rgb")))
+        probs = dense_crf(crf_input, probs, iters=int(crf.pop("iters", 10)), **crf)
     labels = labels_with_confidence(probs, [0, *class_ids], params.conf_thresh)
     lap("crf" if params.crf is not None else "labels")
     png = encode_label_png(labels)

@@ -54,7 +54,7 @@ from ssr_cli.data.size_limit import (
     upscale_labels,
 )
 from ssr_cli.errors import ArtefactError, ConfigError
-from ssr_cli.refine.crf import CRF_DEFAULTS
+from ssr_cli.refine.crf import CRF_DEFAULTS, CRF_IMAGES
 from ssr_cli.refine.pipeline import (
     BOX_STYLES,
     MASKS,
@@ -108,7 +108,7 @@ class RefineConfig:
     sgc: SGCParams = field(default_factory=SGCParams)
     bg_alpha: float = 1.0
     crf: bool = True
-    crf_params: dict[str, float] = field(default_factory=lambda: dict(CRF_DEFAULTS))
+    crf_params: dict[str, Any] = field(default_factory=lambda: dict(CRF_DEFAULTS))  # + "image": rgb | clip-es
     conf_thresh: float | None = None  # None: 0.95 with the CRF, no threshold without
     save_cams: bool = False
     precision: str = "auto"
@@ -150,6 +150,8 @@ class RefineConfig:
             raise ConfigError("--bg-alpha must be > 0, --clip-blocks and --batch-size >= 1")
         if self.crf and int(self.crf_params.get("iters", 1)) < 1:
             raise ConfigError("--crf-iters must be at least 1")
+        if self.crf_params.get("image", "rgb") not in CRF_IMAGES:
+            raise ConfigError(f"--crf-image must be one of {', '.join(CRF_IMAGES)}")
         self.sgc.check()
 
 
