@@ -119,3 +119,21 @@ def test_tables_match_open_clip_timm_and_torch(monkeypatch: pytest.MonkeyPatch, 
     assert torch_hub_dir() == Path(torch.hub.get_dir())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     assert torch_hub_dir() == Path(torch.hub.get_dir()) == tmp_path / "th" / "hub"
+
+
+def test_a_complete_refine_reruns_without_torch(project: Path) -> None:
+    code, _, err, _ = ssr([*SEEDS, "--overwrite"], project)  # (an earlier test touched an image)
+    assert code == 0, err
+    refine = ["refine", "--seeds", "runs/seeds", "--out", "runs/refine", "--affinity", "clip", "--mask",
+              "none", "--no-crf", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    code, _, err, heavy = ssr(refine, project)
+    assert code == 0 and "torch" in heavy, err
+    code, _, err, heavy = ssr(refine, project)
+    assert code == 0 and heavy == [] and "nothing to do" in err, err
+    code, _, err, heavy = ssr([*refine, "--conf-thresh", "0.9"], project)  # another setting: the full path
+    assert code == 1 and "torch" in heavy and "different settings" in err
+    # the DINO affinity without DINO weights: one line, before torch
+    code, _, err, heavy = ssr(
+        [*refine[:4], "runs/refine-dino"], project, SSR_CACHE=str(project / "empty-cache")
+    )
+    assert code == 1 and heavy == [] and err.startswith("ssr: error: no local dino weights for dino_vitb16")

@@ -265,19 +265,44 @@ def refine_command(
     seeds were made from. Attention runs on --device, masks and CRF on --workers
     processes. Interrupted runs resume when rerun; `--shard i/n` or torchrun split the images.
     """
+    options = {k: v for k, v in locals().items() if k not in _NOT_RESULTS}  # as given, for the quick key
     set_quiet(quiet)
-    from ssr_cli.artefacts import parse_shard
+    from ssr_cli.artefacts import parse_shard, read_manifest
+    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
     from ssr_cli.data.recorded import recorded_root, recorded_vocabulary
     from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
+    from ssr_cli.errors import ArtefactError
+
+    # Before torch: the seeds run, the dataset and the weights files; a complete run with the
+    # same inputs answers "nothing to do" in well under a second.
+    seeds_manifest = read_manifest(seeds)
+    if seeds_manifest.get("stage") != "seeds":
+        raise ArtefactError(f"this is a '{seeds_manifest.get('stage')}' run, not a seeds run", path=seeds,
+                            hint="pass the output folder of ssr make-seeds to --seeds")  # fmt: skip
+    seeds_dataset = (seeds_manifest.get("inputs") or {}).get("dataset") or {}
+    recorded = {k: v for k, v in seeds_dataset.items() if isinstance(v, str)}  # what the seeds used
+    recorded_cfg = seeds_manifest.get("config", {})
+    root = data if data is not None else recorded_root(seeds_dataset, seeds)
+    shard_ = parse_shard(shard)
+    dataset = open_dataset(
+        root,
+        layout=layout if data is not None or layout != "auto" else recorded.get("layout", "auto"),
+        split=split if split is not None else recorded.get("split"),
+        labels=labels,
+        vocab=vocab if vocab is not None else recorded_vocabulary(seeds_dataset),
+        gt=gt,
+    )
+    key = _quick_key(quick_key, options, dataset.fingerprint(), seeds, seeds_manifest, affinity)
+    done = None if overwrite or key is None else finished_unchanged(out, key)
+    if done is not None:
+        info(f"refine: {out} (complete, fingerprint {done['fingerprint']}; nothing to do)")
+        return
+
     from ssr_cli.refine.sgc import SGCParams
     from ssr_cli.stages import refine as stage
 
-    seeds_run = stage.open_seeds(seeds)
-    recorded = {k: v for k, v in seeds_run.dataset.items() if isinstance(v, str)}  # what the seeds used
-    recorded_cfg = seeds_run.manifest.get("config", {})
-    root = data if data is not None else recorded_root(seeds_run.dataset, seeds_run.root)
     cfg = stage.RefineConfig(
         affinity=affinity.strip().lower(),
         affinity_weights=parse_weights(affinity_weights),
@@ -325,25 +350,51 @@ def refine_command(
         oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
     )
     cfg.check()
-    shard_ = parse_shard(shard)
-    dataset = open_dataset(
-        root,
-        layout=layout if data is not None or layout != "auto" else recorded.get("layout", "auto"),
-        split=split if split is not None else recorded.get("split"),
-        labels=labels,
-        vocab=vocab if vocab is not None else recorded_vocabulary(seeds_run.dataset),
-        gt=gt,
-    )
     try:
         manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite)
     except stage.ItemFailure as exc:
         if os.environ.get("SSR_DEBUG", "") not in ("", "0") and exc.detail:
             print(exc.detail, file=sys.stderr)
         raise
+    if manifest["completed"] and key is not None:
+        remember(out, key)
     state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
     info(f"refine: {out} ({state}, fingerprint {manifest['fingerprint']})")
     for notice in manifest.get("notices", []):
         info(f"[yellow]note:[/yellow] {notice}")
+
+
+_NOT_RESULTS = ("out", "workers", "shard", "overwrite", "quiet")
+
+
+def _quick_key(
+    make_key: Any,
+    options: dict[str, Any],
+    dataset_fp: str,
+    seeds: Path,
+    seeds_manifest: dict[str, Any],
+    affinity: str,
+) -> str | None:
+    """The quick rerun key of this refine command (``artefacts/quick.py``), or None when it cannot
+    be had without loading models. Missing DINO weights are a one-line error here, at once."""
+    files: list[Any] = [options.get("clip_arch"), options.get("dino_model")]
+    clip = options.get("clip_weights")
+    if clip is None:  # the seeds' CLIP file, as refine checks it
+        clip = (((seeds_manifest.get("inputs") or {}).get("clip") or {}).get("weights") or {}).get("path")
+    files.append(clip)
+    if "dino" in affinity.lower():
+        dino_model, dino_weights = str(options.get("dino_model")), options.get("dino_weights")
+        if dino_weights is not None:
+            files.append(dino_weights)
+        elif Path(dino_model).suffix == ".json":
+            return None  # a config file's model: resolved only when loaded
+        else:
+            from ssr_cli.models.sources import dino_weights_source
+
+            files.append(dino_weights_source(dino_model, None).path)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    return str(make_key("refine", settings, dataset_fingerprint=dataset_fp, files=files, runs=[seeds],
+                        env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS"]))  # fmt: skip
 
 
 def _recorded(config: dict[str, Any], key: str, default: T) -> T:
