@@ -134,3 +134,15 @@ def remember(out: str | Path, key: str) -> None:
         atomic_write_json(out / "manifest.json", manifest)
     except (OSError, SSRError):
         return  # only a later rerun is slower
+
+
+def nothing_to_do(command: str, out: str | Path, manifest: dict[str, Any], ids: list[str], shard: Any) -> str:
+    """The line a quick rerun prints: the full path's own count line, then "nothing to do"."""
+    folder = Path(out) / str(manifest.get("item_dir", ""))
+    suffix = str(manifest.get("item_suffix", ""))
+    done = [i for i in ids if (folder / f"{i}{suffix}").is_file()]
+    mine = shard.select(done)
+    return (
+        f"{command}: {len(mine)} images in shard {shard}, {len(mine)} already done; the run is complete "
+        f"(fingerprint {manifest.get('fingerprint')}) and its inputs are unchanged: nothing to do"
+    )

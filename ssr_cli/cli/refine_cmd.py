@@ -268,7 +268,7 @@ def refine_command(
     options = {k: v for k, v in locals().items() if k not in _NOT_RESULTS}  # as given, for the quick key
     set_quiet(quiet)
     from ssr_cli.artefacts import parse_shard, read_manifest
-    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
+    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
     from ssr_cli.data.recorded import recorded_root, recorded_vocabulary
@@ -297,7 +297,7 @@ def refine_command(
     key = _quick_key(quick_key, options, dataset.fingerprint(), seeds, seeds_manifest, affinity)
     done = None if overwrite or key is None else finished_unchanged(out, key)
     if done is not None:
-        info(f"refine: {out} (complete, fingerprint {done['fingerprint']}; nothing to do)")
+        info(nothing_to_do("refine", out, done, dataset.ids, shard_))
         return
 
     from ssr_cli.refine.sgc import SGCParams

@@ -123,7 +123,7 @@ def make_seeds(
     """
     set_quiet(quiet)
     from ssr_cli.artefacts import parse_shard
-    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
+    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
 
@@ -147,7 +147,7 @@ def make_seeds(
                         files=[weights_file, config_file], runs=[cmpa], env=["SSR_CLIP_WEIGHTS"])  # fmt: skip
         done = None if overwrite else finished_unchanged(out, key)
         if done is not None:
-            info(f"make-seeds: {out} (complete, fingerprint {done['fingerprint']}; nothing to do)")
+            info(nothing_to_do("make-seeds", out, done, dataset.ids, shard_))
             return
 
     from ssr_cli.stages import make_seeds as stage
