@@ -264,3 +264,74 @@ def test_bad_pseudo_label_is_a_one_line_error_naming_the_file(
     code, _, err = run_cli(args, capsys)
     line = error_line(err)
     assert code == 1 and "label value 9" in line and str(pseudo) in line and "Traceback" not in line
+
+
+def test_deeplabv2_head_trains_with_its_recipe_then_predicts(shapes: Path, tmp_path: Path, capsys) -> None:
+    """--head deeplabv2: CLIP-ES's recipe by default (recorded in the manifest), BatchNorm frozen,
+    output stride 8; explicit flags win; predict rebuilds the model from the model file."""
+    run = tmp_path / "v2"
+    tiny = ["--backbone", "resnet18", "--no-pretrained", "--crop-size", "48", "--batch-size", "2",
+            "--device", "cpu", "-j", "0", "--log-every", "1"]  # fmt: skip
+    code, _, err = run_cli([*base_args(shapes, run), "--head", "deeplabv2", *tiny, "--iters", "3"], capsys)
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert "head deeplabv2, recipe of kazuto1011/deeplab-pytorch" in text and "BatchNorm frozen" in text
+    assert "--freeze-bn with random backbone weights" in text
+    manifest = json.loads((run / "manifest.json").read_text())
+    train, model = manifest["config"]["train"], manifest["config"]["model"]
+    assert (
+        model["head"] == "deeplabv2"
+        and model["output_stride"] == 8
+        and model["aspp_rates"] == [6, 12, 18, 24]
+    )
+    assert (train["lr"], train["head_lr_mult"], train["head_bias_lr_mult"]) == (2.5e-4, 10.0, 20.0)
+    assert (train["weight_decay"], train["momentum"], train["poly_power"]) == (5e-4, 0.9, 0.9)
+    assert train["freeze_bn"] is True and train["bias_decay"] is False
+    recipe = manifest["config"]["recipe"]
+    assert recipe["head"] == "deeplabv2" and recipe["source"].startswith("kazuto1011/deeplab-pytorch")
+    assert "lr" in recipe["from_recipe"] and recipe["given"] == []
+    assert all(r["loss"] == r["loss"] for r in read_log(run) if "loss" in r)  # finite (not NaN)
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "model.safetensors")
+    assert torch.equal(weights["backbone.bn1.running_var"], torch.ones(64))  # never updated: frozen
+    assert torch.equal(weights["backbone.bn1.weight"], torch.ones(64))
+
+    pred = tmp_path / "pred"
+    code, _, err = run_cli(["predict", "--model", run, "--data", shapes, "--split", "val", "--out", pred,
+                            "--device", "cpu", "-j", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert len(list((pred / "labels").glob("*.png"))) == 3
+    code, out, err = run_cli(["eval", pred, "--data", shapes, "--split", "val", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["summary"]["miou"] is not None
+
+    # explicit flags win over the head's recipe
+    mine = tmp_path / "mine"
+    args = [*base_args(shapes, mine), "--head", "deeplabv2", *tiny, "--iters", "1", "--lr", "1e-3",
+            "--train-bn", "--output-stride", "16", "--head-bias-lr-mult", "10"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    config = json.loads((mine / "manifest.json").read_text())["config"]
+    assert (config["train"]["lr"], config["train"]["freeze_bn"], config["train"]["head_bias_lr_mult"]) == (
+        1e-3, False, 10.0,
+    )  # fmt: skip
+    assert config["model"]["output_stride"] == 16 and config["train"]["weight_decay"] == 5e-4
+    assert set(config["recipe"]["given"]) == {"lr", "freeze_bn", "head_bias_lr_mult", "output_stride"}
+
+
+def test_deeplabv3plus_defaults_are_vainf_recipe(shapes: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "v3"
+    args = [*base_args(shapes, run), "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels",
+            "16", "--crop-size", "48", "--batch-size", "2", "--device", "cpu", "-j", "0",
+            "--iters", "1"]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    config = json.loads((run / "manifest.json").read_text())["config"]
+    train = config["train"]
+    assert (train["lr"], train["lr"] * train["head_lr_mult"], train["weight_decay"]) == (1e-3, 1e-2, 1e-4)
+    assert train["freeze_bn"] is False and train["norm_decay"] is False and train["bias_decay"] is False
+    assert config["model"]["output_stride"] == 16
+    assert config["recipe"]["source"] == "VainF/DeepLabV3Plus-Pytorch"
+    code, _, err = run_cli([*args, "--head", "nope", "--overwrite"], capsys)
+    assert code == 1 and "--head 'nope' is not known" in error_line(err)

@@ -239,3 +239,145 @@ def test_upsampling_puts_features_where_resnets_compute_them() -> None:
     assert up.shape == (1, 2, 19, 16)
     assert torch.allclose(up[:, :, ::4, ::4], grid[:, :, :, :4])
     assert torch.allclose(up[:, :, 17:, 12], grid[:, :, 4:5, 3].expand(-1, -1, 2))
+
+
+def _bn_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_deeplabv2_head_is_four_summed_dilated_classifiers_at_stride_8() -> None:
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(num_classes=5, backbone="resnet18", head="deeplabv2", output_stride=8)
+    assert cfg.aspp_rates == (6, 12, 18, 24)
+    model = build_segmenter(cfg).eval()
+    branches = list(model.head.branches)
+    assert len(branches) == 4 and not _bn_layers(model.head)
+    for conv, rate in zip(branches, (6, 12, 18, 24), strict=True):
+        assert isinstance(conv, torch.nn.Conv2d)
+        assert conv.kernel_size == (3, 3) and conv.dilation == (rate, rate) and conv.padding == (rate, rate)
+        assert conv.out_channels == 5 and conv.in_channels == 512 and conv.bias is not None
+        assert torch.all(conv.bias == 0) and 0.005 < float(conv.weight.detach().std()) < 0.015  # N(0, 0.01)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        assert feats[-1].shape[2:] == (8, 10)  # output stride 8
+        summed = sum(conv(feats[-1]) for conv in branches)
+        assert torch.allclose(model.head(feats), summed, atol=1e-6)
+        for conv in branches:  # each branch matters: the sum is not one branch
+            assert not torch.allclose(summed, conv(feats[-1]), atol=1e-3)
+        assert model(x).shape == (1, 5, 64, 80)
+
+
+def _sgd(model: torch.nn.Module, head: str, **flags: object) -> torch.optim.Optimizer:
+    from ssr_cli.seg.recipes import fill_defaults
+    from ssr_cli.seg.train import TrainConfig, _optimizer
+
+    tdict, _, _ = fill_defaults(head, dict(flags), None)
+    cfg = TrainConfig(**tdict)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()  # type: ignore[operator]
+    return _optimizer(model, cfg)
+
+
+def test_frozen_batchnorm_keeps_statistics_and_gets_no_gradients() -> None:
+    torch.manual_seed(0)
+    model = build_segmenter(
+        SegmenterConfig(num_classes=3, backbone="resnet18", head="deeplabv2", output_stride=8)
+    )
+    optimizer = _sgd(model, "deeplabv2", lr=0.1)  # a large step: any change would show
+    model.eval()
+    model.train()  # train() after eval() must not unfreeze BatchNorm (validation does this)
+    assert model.training and all(not bn.training for bn in _bn_layers(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = segmentation_loss(model(torch.randn(2, 3, 48, 48) * 3 + 1), torch.randint(0, 3, (2, 48, 48)))
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    bns = _bn_layers(model)
+    assert bns
+    for bn in bns:
+        assert bn.weight.grad is None and bn.bias.grad is None and not bn.weight.requires_grad
+    bn_keys = [k for k in before if any(s in k for s in ("running_", "num_batches", "bn", "downsample.1"))]
+    assert bn_keys
+    for key in bn_keys:
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["backbone.conv1.weight"], after["backbone.conv1.weight"])
+    assert not torch.equal(before["head.branches.0.bias"], after["head.branches.0.bias"])
+
+    # and the V3+ recipe trains BatchNorm: the same step moves its statistics (the test can fail)
+    torch.manual_seed(0)
+    v3 = build_segmenter(SegmenterConfig(num_classes=3, backbone="resnet18", aspp_channels=16)).train()
+    _sgd(v3, "deeplabv3plus")
+    mean0 = v3.backbone.bn1.running_mean.clone()
+    v3(torch.randn(2, 3, 48, 48) * 3 + 1)
+    assert not torch.equal(mean0, v3.backbone.bn1.running_mean) and v3.backbone.bn1.weight.requires_grad
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> dict[str, tuple[float, float, float]]:
+    return {g["name"]: (g["lr_mult"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+
+
+def test_optimizer_groups_multipliers_and_weight_decay() -> None:
+    v2 = build_segmenter(
+        SegmenterConfig(num_classes=3, backbone="resnet18", head="deeplabv2", output_stride=8)
+    )
+    groups = _groups(_sgd(v2, "deeplabv2"))
+    # resnet convolutions have no biases and frozen BatchNorm is not optimised: three groups, as in DeepLabV2
+    assert groups == {
+        "backbone.weight": (1.0, 2.5e-4, 5e-4),
+        "head.weight": (10.0, 2.5e-3, 5e-4),
+        "head.bias": (20.0, 5e-3, 0.0),
+    }
+    v3 = build_segmenter(SegmenterConfig(num_classes=3, backbone="resnet18", aspp_channels=16))
+    optimizer = _sgd(v3, "deeplabv3plus")
+    groups = _groups(optimizer)
+    assert groups == {
+        "backbone.weight": (1.0, 1e-3, 1e-4),
+        "backbone.norm": (1.0, 1e-3, 0.0),
+        "head.weight": (10.0, 1e-2, 1e-4),
+        "head.bias": (10.0, 1e-2, 0.0),
+        "head.norm": (10.0, 1e-2, 0.0),
+    }
+    seen = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in v3.parameters())  # every parameter, once
+    head_bn = {id(p) for m in _bn_layers(v3.head) for p in m.parameters()}
+    (norm_group,) = [g for g in optimizer.param_groups if g["name"] == "head.norm"]
+    assert {id(p) for p in norm_group["params"]} == head_bn
+    # explicit flags win over the recipe
+    fresh = build_segmenter(SegmenterConfig(num_classes=3, backbone="resnet18", aspp_channels=16))
+    groups = _groups(_sgd(fresh, "deeplabv3plus", norm_decay=True, bias_decay=True, head_bias_lr_mult=20.0))
+    assert groups["backbone.norm"][2] == 1e-4 and groups["head.bias"] == (20.0, 2e-2, 1e-4)
+
+
+def test_recipe_defaults_depend_on_the_head_and_given_flags_win() -> None:
+    from ssr_cli.seg.recipes import fill_defaults
+
+    unset = dict.fromkeys(
+        ("lr", "weight_decay", "head_lr_mult", "head_bias_lr_mult", "freeze_bn", "momentum")
+    )
+    v2, stride, record = fill_defaults("deeplabv2", {**unset, "optimizer": "sgd"}, None)
+    assert stride == 8 and record["source"].startswith("kazuto1011/deeplab-pytorch")
+    assert (v2["lr"], v2["weight_decay"], v2["head_lr_mult"], v2["head_bias_lr_mult"]) == (
+        2.5e-4,
+        5e-4,
+        10,
+        20,
+    )
+    assert v2["freeze_bn"] is True and v2["bias_decay"] is False and v2["momentum"] == 0.9
+    v3, stride, record = fill_defaults("deeplabv3plus", {**unset, "optimizer": "sgd"}, None)
+    assert stride == 16 and record["source"] == "VainF/DeepLabV3Plus-Pytorch"
+    assert (v3["lr"], v3["lr"] * v3["head_lr_mult"], v3["weight_decay"]) == (1e-3, 1e-2, 1e-4)
+    assert v3["freeze_bn"] is False and v3["norm_decay"] is False and v3["bias_decay"] is False
+    given = {**unset, "lr": 0.05, "freeze_bn": False, "weight_decay": 0.0}
+    mine, stride, record = fill_defaults("deeplabv2", given, 16)
+    assert (mine["lr"], mine["freeze_bn"], mine["weight_decay"], stride) == (0.05, False, 0.0, 16)
+    assert mine["head_bias_lr_mult"] == 20  # the rest still from the recipe
+    assert {"lr", "freeze_bn", "weight_decay", "output_stride"} <= set(record["given"])
+    assert "lr" not in record["from_recipe"] and "head_bias_lr_mult" in record["from_recipe"]
+    # a given --head-lr-mult alone: the biases keep the recipe's ratio (2x for DeepLabV2, 1x for V3+)
+    assert fill_defaults("deeplabv2", {**unset, "head_lr_mult": 1.0}, None)[0]["head_bias_lr_mult"] == 2.0
+    assert fill_defaults("deeplabv3plus", {**unset, "head_lr_mult": 1.0}, None)[0]["head_bias_lr_mult"] == 1.0
+    adamw, _, record = fill_defaults("deeplabv2", {**unset, "optimizer": "adamw"}, None)
+    assert (adamw["lr"], adamw["weight_decay"], adamw["freeze_bn"]) == (6e-5, 0.01, True)
+    with pytest.raises(ConfigError, match="--head 'unet'"):
+        fill_defaults("unet", {}, None)

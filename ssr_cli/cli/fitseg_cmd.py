@@ -68,8 +68,18 @@ def fit_seg(
         ),
     ] = None,
     no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random backbone weights.")] = False,
-    head: Annotated[str, typer.Option("--head", help="deeplabv3plus | aspp (DeepLabV3).")] = "deeplabv3plus",
-    output_stride: Annotated[int, typer.Option("--output-stride", help="8, 16 or 32.")] = 16,
+    head: Annotated[
+        str,
+        typer.Option(
+            "--head",
+            help="deeplabv3plus | aspp (DeepLabV3) | deeplabv2 (CLIP-ES's baseline). Sets the defaults "
+            "of the optimizer options below (the recipe of each head, see above).",
+        ),
+    ] = "deeplabv3plus",
+    output_stride: Annotated[
+        Optional[int],
+        typer.Option("--output-stride", help="8, 16 or 32. Default: 8 for deeplabv2, else 16."),
+    ] = None,
     aspp_channels: Annotated[
         int, typer.Option("--aspp-channels", min=8, help="Width of the ASPP head.")
     ] = 256,
@@ -87,18 +97,51 @@ def fit_seg(
         Optional[float],
         typer.Option(
             "--lr",
-            help="Backbone learning rate (head: x10). Default: sgd 2.5e-4, adamw 6e-5.",
+            help="Backbone learning rate. Default: 1e-3 (deeplabv3plus, aspp), 2.5e-4 (deeplabv2); "
+            "adamw 6e-5.",
         ),
     ] = None,
-    momentum: Annotated[float, typer.Option("--momentum", help="SGD momentum.")] = 0.9,
+    momentum: Annotated[
+        Optional[float], typer.Option("--momentum", help="SGD momentum. Default: 0.9.")
+    ] = None,
     weight_decay: Annotated[
         Optional[float],
-        typer.Option("--weight-decay", help="Default: sgd 5e-4, adamw 0.01."),
+        typer.Option(
+            "--weight-decay", help="Default: 1e-4 (deeplabv3plus, aspp), 5e-4 (deeplabv2); adamw 0.01."
+        ),
     ] = None,
-    poly_power: Annotated[float, typer.Option("--poly-power", help="Poly learning-rate decay power.")] = 0.9,
+    poly_power: Annotated[
+        Optional[float], typer.Option("--poly-power", help="Poly learning-rate decay power. Default: 0.9.")
+    ] = None,
     head_lr_mult: Annotated[
-        float, typer.Option("--head-lr-mult", help="Head learning rate multiplier.")
-    ] = 10.0,
+        Optional[float],
+        typer.Option("--head-lr-mult", help="Learning-rate multiplier of the head's weights. Default: 10."),
+    ] = None,
+    head_bias_lr_mult: Annotated[
+        Optional[float],
+        typer.Option(
+            "--head-bias-lr-mult",
+            help="Learning-rate multiplier of the head's biases. Default: --head-lr-mult, twice it "
+            "for deeplabv2 (20).",
+        ),
+    ] = None,
+    freeze_bn: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--freeze-bn/--train-bn",
+            help="Frozen BatchNorm (eval mode, no gradients). Default: frozen for deeplabv2, else trained.",
+        ),
+    ] = None,
+    bias_decay: Annotated[
+        Optional[bool],
+        typer.Option("--bias-decay/--no-bias-decay", help="Weight decay on biases. Default: none."),
+    ] = None,
+    norm_decay: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--norm-decay/--no-norm-decay", help="Weight decay on norm weights and biases. Default: none."
+        ),
+    ] = None,
     loss: Annotated[
         str,
         typer.Option("--loss", help="balanced (background/foreground halves) | ce."),
@@ -138,7 +181,16 @@ def fit_seg(
     quiet: Quiet = False,
 ) -> None:
     """Train a DeepLab-style segmenter on a timm backbone (--head deeplabv3plus, the default:
-    ASPP + decoder; --head aspp: DeepLabV3) on pseudo-labels.
+    ASPP + decoder; --head aspp: DeepLabV3; --head deeplabv2: four dilated 3x3 classifiers,
+    summed, CLIP-ES's baseline) on pseudo-labels.
+
+    Each head has its reference recipe as defaults; flags you give win. deeplabv3plus and
+    aspp: VainF/DeepLabV3Plus-Pytorch (SGD, lr 0.01 on the head and 0.001 on the backbone,
+    momentum 0.9, weight decay 1e-4, poly 0.9, output stride 16, BatchNorm trained; no weight
+    decay on norms and biases, where VainF decays all). deeplabv2: kazuto1011/deeplab-pytorch
+    as CLIP-ES trains it (SGD, lr 2.5e-4 on the backbone, 10x on the head weights, 20x on the
+    head biases, momentum 0.9, weight decay 5e-4 but none on biases, poly 0.9, output stride 8,
+    BatchNorm frozen). All heads: batch 10, crop 321, 20,000 iterations.
 
     \b
     Example:
@@ -156,7 +208,8 @@ def fit_seg(
     train = {
         "iters": iters, "batch_size": batch_size, "crop_size": crop_size, "accum": accum,
         "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-        "poly_power": poly_power, "head_lr_mult": head_lr_mult, "loss": loss,
+        "poly_power": poly_power, "head_lr_mult": head_lr_mult, "head_bias_lr_mult": head_bias_lr_mult,
+        "freeze_bn": freeze_bn, "bias_decay": bias_decay, "norm_decay": norm_decay, "loss": loss,
         "scale_range": parse_range(scale_range, "--scale-range"), "flip": flip, "precision": precision,
         "sync_bn": sync_bn, "seed": seed, "workers": workers, "save_every": save_every,
         "val_every": val_every, "log_every": log_every, "check_sync_every": check_sync_every,

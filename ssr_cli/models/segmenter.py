@@ -1,5 +1,6 @@
-"""DeepLab-style segmenter: an ASPP head (DeepLabV3) or ASPP + low-level decoder (DeepLabV3+)
-on any timm backbone created with ``features_only=True``.
+"""DeepLab-style segmenter: an ASPP head (DeepLabV3), ASPP + low-level decoder (DeepLabV3+) or
+DeepLabV2's ASPP of summed dilated classifiers, on any timm backbone created with
+``features_only=True``.
 
 Tensors are NCHW throughout. ``Segmenter.forward`` takes a normalised image batch
 ``(N, 3, H, W)`` float and returns logits ``(N, K, H, W)`` at the input size.
@@ -24,7 +25,8 @@ from torch import nn
 
 from ssr_cli.errors import ConfigError
 
-HEADS = ("deeplabv3plus", "aspp")
+HEADS = ("deeplabv3plus", "aspp", "deeplabv2")
+DEEPLABV2_RATES = (6, 12, 18, 24)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,10 +35,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class SegmenterConfig:
     """Everything needed to rebuild a segmenter (no weights).
 
-    ``head``: ``deeplabv3plus`` (ASPP + decoder on the stride-4 features) or ``aspp``
-    (DeepLabV3: ASPP on the last features only). ``aspp_rates``: ``None`` picks
-    (6, 12, 18) at output stride 16 and (12, 24, 36) at 8. ``mean``/``std``: the
-    input normalisation of the backbone (RGB in 0..1).
+    ``head``: ``deeplabv3plus`` (ASPP + decoder on the stride-4 features), ``aspp``
+    (DeepLabV3: ASPP on the last features only) or ``deeplabv2`` (four dilated 3x3
+    convolutions straight to the classes, summed; ``aspp_channels``, ``low_level_channels``
+    and ``dropout`` unused). ``aspp_rates``: ``None`` picks (6, 12, 18) at output stride
+    16 and (12, 24, 36) at 8, and DeepLabV2's (6, 12, 18, 24) for ``deeplabv2`` at any
+    stride. ``mean``/``std``: the input normalisation of the backbone (RGB in 0..1).
     """
 
     num_classes: int
@@ -60,7 +64,9 @@ class SegmenterConfig:
             )
         if self.head not in HEADS:
             raise ConfigError(f"--head {self.head!r} is not known", hint=f"use one of {', '.join(HEADS)}")
-        if self.aspp_rates is None:
+        if self.aspp_rates is None and self.head == "deeplabv2":
+            self.aspp_rates = DEEPLABV2_RATES
+        elif self.aspp_rates is None:
             self.aspp_rates = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[self.output_stride]
         self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
@@ -166,6 +172,36 @@ class DeepLabHead(nn.Module):
         return self.classifier(x)
 
 
+class DeepLabV2Head(nn.Module):
+    """DeepLabV2's ASPP: [..., last (N,C,h,w)] -> logits (N,K,h,w).
+
+    One dilated 3x3 convolution (with bias) per rate maps the last features straight to
+    the classes; the branch outputs are summed. Weights start from N(0, 0.01), biases
+    at 0, as in DeepLabV2.
+    """
+
+    def __init__(self, cin: int, num_classes: int, rates: Sequence[int]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(cin, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
+        )
+        for conv in self.branches:
+            assert isinstance(conv, nn.Conv2d)
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            assert conv.bias is not None
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        x = feats[-1]
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+
+
 class Segmenter(nn.Module):
     """Backbone (timm, features_only) + DeepLab head. forward: (N,3,H,W) -> logits (N,K,H,W)."""
 
@@ -175,16 +211,56 @@ class Segmenter(nn.Module):
         super().__init__()
         self.config = cfg
         self.backbone = backbone
-        self.head = DeepLabHead(cfg, channels, strides)
+        self.head: nn.Module
+        if cfg.head == "deeplabv2":
+            self.head = DeepLabV2Head(channels[-1], cfg.num_classes, cfg.aspp_rates or DEEPLABV2_RATES)
+        else:
+            self.head = DeepLabHead(cfg, channels, strides)
         self.logit_stride = int(strides[0] if cfg.head == "deeplabv3plus" else strides[-1])
+        self.bn_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(x))
         return upsample_aligned(logits, self.logit_stride, x.shape[2:])
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone parameters, head parameters): the head trains at 10x the learning rate."""
+        """(backbone parameters, head parameters)."""
         return list(self.backbone.parameters()), list(self.head.parameters())
+
+    def parameter_kinds(self) -> list[tuple[str, str, nn.Parameter]]:
+        """(part, kind, parameter) of every parameter that trains (``requires_grad``).
+
+        part: ``backbone`` or ``head``; kind: ``norm`` (weight or bias of a normalisation
+        layer), ``bias`` (any other bias) or ``weight``. The optimizer's learning-rate and
+        weight-decay groups are built from these (``ssr_cli.seg.train``).
+        """
+        out: list[tuple[str, str, nn.Parameter]] = []
+        for part, module in (("backbone", self.backbone), ("head", self.head)):
+            for sub in module.modules():
+                for name, param in sub.named_parameters(recurse=False):
+                    if not param.requires_grad:
+                        continue
+                    kind = "norm" if isinstance(sub, NORM_TYPES) else ("bias" if name == "bias" else "weight")
+                    out.append((part, kind, param))
+        return out
+
+    def freeze_batchnorm(self) -> None:
+        """Freeze every BatchNorm: running statistics fixed (eval mode, kept by ``train()``)
+        and affine parameters without gradients, as DeepLabV2 trains."""
+        self.bn_frozen = True
+        for sub in self.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                for param in sub.parameters(recurse=False):
+                    param.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        super().train(mode)
+        if self.bn_frozen:
+            for sub in self.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.eval()
+        return self
 
 
 def create_backbone(

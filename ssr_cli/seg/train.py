@@ -1,8 +1,12 @@
 """The segmenter's training loop (single process or DistributedDataParallel under torchrun).
 
-Recipe defaults (METHOD.md section 5, CLIP-ES's DeepLab training): SGD, momentum
-0.9, weight decay 5e-4, learning rate 2.5e-4 with 10x on the head, poly decay
-with power 0.9, crop 321, batch 10, random scale 0.5-1.5 and flips, 255 ignored.
+Recipe defaults: the optimizer settings depend on the head and come from
+``ssr_cli.seg.recipes`` (DeepLabV2: kazuto1011/deeplab-pytorch as CLIP-ES trains it;
+DeepLabV3/V3+: VainF/DeepLabV3Plus-Pytorch); shared by all heads: crop 321, batch 10,
+random scale 0.5-1.5 and flips, 255 ignored. The optimizer has one group per (part, kind)
+of parameter: backbone at ``lr``, head weights at ``lr * head_lr_mult``, head biases at
+``lr * head_bias_lr_mult``; biases and norm parameters without weight decay unless
+``bias_decay`` / ``norm_decay``; ``freeze_bn`` keeps BatchNorm in eval mode, untrained.
 
 Exact resume: the data stream is stateless (``data.py``), torch's global RNG is
 re-seeded from (seed, iteration, rank) at every step, and the checkpoint holds
@@ -35,10 +39,10 @@ from ssr_cli.seg.checkpoint import MODEL_FILE, rng_states, save_checkpoint, save
 from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error
 from ssr_cli.seg.infer import evaluate
 from ssr_cli.seg.loss import LOSSES, segmentation_loss
+from ssr_cli.seg.recipes import RECIPES
 
 OPTIMIZERS = ("sgd", "adamw")
-DEFAULT_LR = {"sgd": 2.5e-4, "adamw": 6e-5}
-DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.01}
+_DEFAULT = RECIPES["deeplabv3plus"]
 LOG_FILE = "log.jsonl"
 
 
@@ -52,11 +56,15 @@ class TrainConfig:
     crop_size: int = 321
     accum: int = 1
     optimizer: str = "sgd"
-    lr: float = DEFAULT_LR["sgd"]
-    momentum: float = 0.9
-    weight_decay: float = DEFAULT_WEIGHT_DECAY["sgd"]
-    poly_power: float = 0.9
-    head_lr_mult: float = 10.0
+    lr: float = _DEFAULT.lr
+    momentum: float = _DEFAULT.momentum
+    weight_decay: float = _DEFAULT.weight_decay
+    poly_power: float = _DEFAULT.poly_power
+    head_lr_mult: float = _DEFAULT.head_lr_mult
+    head_bias_lr_mult: float = _DEFAULT.head_bias_lr_mult
+    freeze_bn: bool = _DEFAULT.freeze_bn
+    bias_decay: bool = _DEFAULT.bias_decay
+    norm_decay: bool = _DEFAULT.norm_decay
     loss: str = "balanced"
     scale_range: tuple[float, float] = (0.5, 1.5)
     flip: bool = True
@@ -71,7 +79,8 @@ class TrainConfig:
 
     RESULT_FIELDS = (
         "iters", "batch_size", "crop_size", "accum", "optimizer", "lr", "momentum", "weight_decay",
-        "poly_power", "head_lr_mult", "loss", "scale_range", "flip", "precision", "sync_bn", "seed",
+        "poly_power", "head_lr_mult", "head_bias_lr_mult", "freeze_bn", "bias_decay", "norm_decay",
+        "loss", "scale_range", "flip", "precision", "sync_bn", "seed",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -82,6 +91,9 @@ class TrainConfig:
             (self.accum >= 1, "--accum must be at least 1"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must not be negative"),
+            (self.head_lr_mult > 0, "--head-lr-mult must be positive"),
+            (self.head_bias_lr_mult > 0, "--head-bias-lr-mult must be positive"),
             (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
             (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
             (self.save_every >= 1, "--save-every must be at least 1"),
@@ -147,9 +159,39 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
+GROUP_ORDER = (
+    ("backbone", "weight"), ("backbone", "bias"), ("backbone", "norm"),
+    ("head", "weight"), ("head", "bias"), ("head", "norm"),
+)  # fmt: skip
+
+
+def optimizer_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one per (part, kind) that has trainable parameters,
+    in :data:`GROUP_ORDER` (so the first is the backbone's weights at ``cfg.lr``).
+
+    Learning rate: backbone ``lr``; head weights and norms ``lr * head_lr_mult``; head
+    biases ``lr * head_bias_lr_mult``. Weight decay: ``weight_decay`` on weights, on biases
+    only with ``bias_decay``, on norm parameters only with ``norm_decay``. Each group has a
+    ``name`` ("head.bias") and its multiplier ``lr_mult``.
+    """
+    found: dict[tuple[str, str], list[torch.nn.Parameter]] = {key: [] for key in GROUP_ORDER}
+    for part, kind, param in model.parameter_kinds():
+        found[(part, kind)].append(param)
+    groups = []
+    for (part, kind), params in found.items():
+        if not params:
+            continue
+        mult = 1.0 if part == "backbone" else (cfg.head_bias_lr_mult if kind == "bias" else cfg.head_lr_mult)
+        decays = {"weight": True, "bias": cfg.bias_decay, "norm": cfg.norm_decay}[kind]
+        groups.append({
+            "params": params, "name": f"{part}.{kind}", "lr_mult": mult, "lr": cfg.lr * mult,
+            "weight_decay": cfg.weight_decay if decays else 0.0,
+        })  # fmt: skip
+    return groups
+
+
 def _optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    backbone, head = model.param_groups()
-    groups = [{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
+    groups = optimizer_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -175,6 +217,8 @@ def train(
     device = env.device
     torch.manual_seed(cfg.seed)  # the head's (and a random backbone's) initial weights follow --seed
     model: Any = build_segmenter(model_cfg, backbone_state)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
     if cfg.sync_bn and env.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device).train()

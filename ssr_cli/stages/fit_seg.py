@@ -50,7 +50,7 @@ class FitSegOptions:
     gt: Path | None = None
     val_split: str | None = None
     backbone: str = "resnet101"
-    output_stride: int = 16
+    output_stride: int | None = None  # None: the head's recipe (ssr_cli.seg.recipes)
     head: str = "deeplabv3plus"
     aspp_channels: int = 256
     backbone_weights: str | None = None
@@ -58,7 +58,7 @@ class FitSegOptions:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields; None: the head's recipe
 
 
 def _now() -> str:
@@ -122,7 +122,8 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
     from ssr_cli.seg import distributed as D
     from ssr_cli.seg.checkpoint import MODEL_FILE, load_checkpoint
     from ssr_cli.seg.data import Sample
-    from ssr_cli.seg.train import DEFAULT_LR, DEFAULT_WEIGHT_DECAY, TrainConfig, train
+    from ssr_cli.seg.recipes import fill_defaults
+    from ssr_cli.seg.train import TrainConfig, train
 
     out = Path(opts.out)
     label_dir, pseudo = resolve_pseudo(opts.pseudo)
@@ -152,19 +153,14 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
         val_desc = val.describe()
 
     device = resolve_device(opts.device)
-    tdict = dict(opts.train)
-    optimizer = tdict.get("optimizer", "sgd")
-    if tdict.get("lr") is None:
-        tdict["lr"] = DEFAULT_LR.get(optimizer, DEFAULT_LR["sgd"])
-    if tdict.get("weight_decay") is None:
-        tdict["weight_decay"] = DEFAULT_WEIGHT_DECAY.get(optimizer, DEFAULT_WEIGHT_DECAY["sgd"])
+    tdict, output_stride, recipe = fill_defaults(opts.head, opts.train, opts.output_stride)
     tdict["precision"] = resolve_precision(tdict.get("precision", "auto"), device)
     tcfg = TrainConfig(**tdict)
     mean, std = backbone_normalisation(opts.backbone)
     model_cfg = SegmenterConfig(
         num_classes=dataset.vocab.num_classes,
         backbone=opts.backbone,
-        output_stride=opts.output_stride,
+        output_stride=output_stride,
         head=opts.head,
         aspp_channels=opts.aspp_channels,
         mean=mean,
@@ -218,7 +214,7 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
                 "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
                 "pseudo": str(absolute(opts.pseudo)), "val_split": opts.val_split, "device": str(device),
                 "world_size": env.world, "model": model_cfg.to_dict(), "train": tcfg.to_dict(),
-                "backbone_weights": weights_desc,
+                "backbone_weights": weights_desc, "recipe": recipe,
             },
             "fingerprint_basis": basis, "fingerprint": fp,
             "upstream": {"pseudo": pseudo["fingerprint"]},
@@ -239,6 +235,13 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
         D.barrier(env)
         info(f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
              f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}")  # fmt: skip
+        info(f"fit-seg: head {opts.head}, recipe of {recipe['source']}; backbone lr {tcfg.lr:g}, "
+             f"head x{tcfg.head_lr_mult:g} (biases x{tcfg.head_bias_lr_mult:g}), weight decay "
+             f"{tcfg.weight_decay:g}, BatchNorm {'frozen' if tcfg.freeze_bn else 'trained'}, "
+             f"output stride {output_stride}")  # fmt: skip
+        if tcfg.freeze_bn and weights_src.is_random and env.is_main:
+            warn("--freeze-bn with random backbone weights keeps BatchNorm at its initial statistics "
+                 "(mean 0, variance 1); the recipe assumes pretrained weights")  # fmt: skip
         summary = train(out, model_cfg, tcfg, samples, val_samples, env, backbone_state, resume_state, fp)
         manifest["items_done"] = tcfg.iters
         manifest["completed"] = True
