@@ -137,3 +137,22 @@ def test_a_complete_refine_reruns_without_torch(project: Path) -> None:
         [*refine[:4], "runs/refine-dino"], project, SSR_CACHE=str(project / "empty-cache")
     )
     assert code == 1 and heavy == [] and err.startswith("ssr: error: no local dino weights for dino_vitb16")
+
+
+def test_a_complete_predict_reruns_without_torch(project: Path) -> None:
+    from ssr_cli.seg.synthetic import make_shapes_dataset
+
+    make_shapes_dataset(project / "shapes", {"train": 3}, size=(40, 48), seed=2)
+    fit = ["fit-seg", "--data", "shapes", "--split", "train", "--pseudo", "shapes/masks", "--out", "runs/seg",
+           "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16", "--crop-size", "32",
+           "--batch-size", "2", "--iters", "2", "--device", "cpu", "--workers", "0"]  # fmt: skip
+    code, _, err, _ = ssr(fit, project)
+    assert code == 0, err
+    predict = ["predict", "--model", "runs/seg", "--data", "shapes", "--split", "train", "--out", "runs/pred",
+               "--device", "cpu", "--workers", "0"]  # fmt: skip
+    code, _, err, heavy = ssr(predict, project)
+    assert code == 0 and "torch" in heavy, err
+    code, _, err, heavy = ssr(predict, project)
+    assert code == 0 and heavy == [] and "3 already done" in err and "nothing to do" in err, err
+    code, _, err, heavy = ssr([*predict, "--flip"], project)  # another setting: the full path refuses
+    assert code == 1 and "torch" in heavy and "--overwrite" in err

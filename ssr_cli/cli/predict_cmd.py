@@ -81,9 +81,26 @@ def predict(
     Then score them with `ssr eval runs/pred --data VOC2012 --split val`. Rerunning the same command
     resumes; `--shard i/n` or torchrun split the images across processes.
     """
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+               if k not in ("out", "workers", "shard", "overwrite", "quiet")}  # fmt: skip
     set_quiet(quiet)
+    from ssr_cli.artefacts import parse_shard
+    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
     from ssr_cli.cli.options import check_device
     from ssr_cli.console import info
+
+    key = None
+    if data is not None and images is None:  # before torch: a complete run with the same inputs
+        from ssr_cli.data.datasets import open_dataset
+
+        dataset = open_dataset(data, layout=layout, split=split, labels="none", vocab=vocab)
+        model_files = [model, model / "model.safetensors"] if model.is_dir() else [model]
+        key = quick_key("predict", options, dataset_fingerprint=dataset.fingerprint(), files=model_files,
+                        runs=[model] if model.is_dir() else [])  # fmt: skip
+        done = None if overwrite else finished_unchanged(out, key)
+        if done is not None:
+            info(nothing_to_do("predict", out, done, dataset.ids, parse_shard(shard)))
+            return
     from ssr_cli.stages import predict as stage
 
     opts = stage.PredictOptions(
@@ -106,6 +123,8 @@ def predict(
         overwrite=overwrite,
     )
     manifest = stage.run(opts)
+    if manifest["completed"] and key is not None:
+        remember(out, key)
     state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
     speed = (manifest.get("summary") or {}).get("images_per_s")
     info(f"predict: {out} ({state}, {speed} img/s, fingerprint {manifest['fingerprint']})")
