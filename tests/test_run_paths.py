@@ -122,6 +122,12 @@ def test_runs_work_from_anywhere_and_after_a_move(tmp_path: Path, tiny, monkeypa
     assert code == 0, err
     assert json.loads(stdout)["summary"]["images"] == 3 and json.loads(stdout)["summary"]["no_gt"] == 2
 
+    # eval without --data: the ground truth of the dataset the run recorded, from anywhere
+    code, stdout, err = run_cli(["eval", runs[1], "--json", "-o", tmp_path / "m2.json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["summary"]["images"] == 3 and str(moved / "mydata") in " ".join(err.split())
+    assert json.loads(stdout)["classes"][2]["name"] == "dog"
+
     # the dataset is gone: a warning naming the places looked in; --strict makes it an error
     shutil.rmtree(moved / "mydata")
     code, _, err = run_cli(["report", *runs, "--out", tmp_path / "rep2"], capsys)

@@ -92,6 +92,19 @@ def _print_bg_search(report: dict[str, Any]) -> None:
     stdout_console.print(table)
 
 
+def _recorded_dataset(pred: Path) -> Any:
+    """The dataset recorded in ``pred``'s manifest (found from any directory), or None."""
+    from ssr_cli.artefacts import MANIFEST, read_manifest
+    from ssr_cli.data.recorded import open_recorded_dataset
+
+    if not (pred / MANIFEST).is_file():
+        return None
+    info = (read_manifest(pred).get("inputs") or {}).get("dataset")
+    if not isinstance(info, dict) or not info.get("root"):
+        return None
+    return open_recorded_dataset(info, pred)
+
+
 @app.command("eval")
 def eval_command(
     pred: Annotated[
@@ -163,8 +176,9 @@ def eval_command(
     One confusion matrix is accumulated over the whole split; ground-truth
     pixels 255 are ignored; mIoU, mean precision and mean recall average over
     the classes present in the ground truth. Ground truth comes from a dataset
-    split (--data, --split) or from a folder of PNGs (--gt; classes from
-    --vocab, default voc). The report is written to PRED/metrics.json (or
+    split (--data, --split), from a folder of PNGs (--gt; classes from
+    --vocab, default voc), or with neither from the dataset a run folder
+    recorded (images without a mask are left out and counted). The report is written to PRED/metrics.json (or
     --out) and printed as a table, or as JSON with --json.
 
     \b
@@ -207,7 +221,12 @@ def eval_command(
                 hint="drop one of the two",
             )
     else:
-        raise ConfigError("no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR")
+        dataset = _recorded_dataset(pred)
+        if dataset is None:
+            raise ConfigError(
+                "no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR"
+            )
+        info(f"ground truth of the dataset the run recorded: {dataset.root} (split {dataset.split})")
 
     report = evaluate(
         pred,
