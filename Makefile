@@ -28,7 +28,7 @@ format: install
 	$(BIN)/ruff check --fix ssr_cli tests benchmarks examples scripts
 
 demo: install
-	PATH="$(abspath $(BIN)):$$PATH" bash examples/pipeline.sh
+	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
 bench: install
 	$(BIN)/python benchmarks/bench_eval.py

@@ -13,10 +13,11 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUNS="${RUNS:-$(cd "$HERE/.." && pwd)/runs/demo-synth}"
 MODELS="$HERE/models"
-IMAGES="${IMAGES:-120}"
+IMAGES="${IMAGES:-100}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 SSR="${SSR:-ssr}"
 DATA="$RUNS/data"
+SEG_ITERS="${SEG_ITERS:-40}"
 CLIP=(--clip-arch "$MODELS/ssr-tiny-clip.json" --clip-weights "$MODELS/tiny_clip.pt")
 DINO=(--dino-model "$MODELS/ssr-tiny-dino.json" --dino-weights "$MODELS/tiny_dino.pth")
 START=$SECONDS
@@ -26,8 +27,8 @@ echo "== 1. a synthetic world with known answers: $IMAGES images, 8 classes (ssr
 $SSR --quiet data check --data "$DATA" --split train >/dev/null
 
 echo "== 2. CMPA heads on frozen tiny CLIP (ssr train-cmpa)"
-$SSR train-cmpa --data "$DATA" --split train --out "$RUNS/cmpa" "${CLIP[@]}" --iters 40 --batch-size 16 \
-  --size 160 --proto-every 20 --dim 64 --save-every 20 --resume
+$SSR train-cmpa --data "$DATA" --split train --out "$RUNS/cmpa" "${CLIP[@]}" --iters 30 --batch-size 16 \
+  --size 160 --proto-every 15 --dim 64 --save-every 15 --init-images 64 --resume
 
 echo "== 3. CAM seeds in the CMPA space (ssr make-seeds)"
 $SSR make-seeds --data "$DATA" --split train --out "$RUNS/seeds" "${CLIP[@]}" --cmpa "$RUNS/cmpa"
@@ -35,10 +36,10 @@ $SSR make-seeds --data "$DATA" --split train --out "$RUNS/seeds" "${CLIP[@]}" --
 echo "== 4. SGC affinity correction + CRF -> pseudo-labels (ssr refine)"
 $SSR refine --seeds "$RUNS/seeds" --out "$RUNS/refine" "${DINO[@]}"
 
-echo "== 5. a segmenter on the pseudo-labels (ssr fit-seg; ResNet-18 from scratch, 120 steps)"
+echo "== 5. a segmenter on the pseudo-labels (ssr fit-seg; ResNet-18 from scratch, $SEG_ITERS steps)"
 $SSR fit-seg --data "$DATA" --split train --pseudo "$RUNS/refine" --out "$RUNS/seg" --backbone resnet18 \
-  --no-pretrained --iters 120 --batch-size 8 --crop-size 160 --optimizer adamw --lr 1e-3 --head-lr-mult 1 \
-  --val-split val --val-every 0 --save-every 60 --resume
+  --no-pretrained --iters "$SEG_ITERS" --batch-size 8 --crop-size 128 --aspp-channels 64 --optimizer adamw \
+  --lr 1e-3 --head-lr-mult 1 --val-split val --val-every 0 --save-every "$SEG_ITERS" --resume
 
 echo "== 6. predict on the val split (ssr predict)"
 $SSR predict --model "$RUNS/seg" --data "$DATA" --split val --out "$RUNS/pred"
@@ -60,7 +61,7 @@ cat <<EOF
  Synthetic world, tiny trained models ($((SECONDS - START)) s). mIoU in % (higher is better):
    CAM seeds + CMPA (train, best background rule)   $SEEDS_MIOU
    + SGC + CRF pseudo-labels (train)                $REFINE_MIOU
-   segmenter (val; 120 steps from scratch)          $PRED_MIOU
+   segmenter (val; $SEG_ITERS steps from scratch)           $PRED_MIOU
  Report: $RUNS/report/index.html
  What the numbers mean: README.md, "Start here". Full ablation table:
    python benchmarks/bench_quality.py --quick
