@@ -335,3 +335,28 @@ def test_deeplabv3plus_defaults_are_vainf_recipe(shapes: Path, tmp_path: Path, c
     assert config["recipe"]["source"] == "VainF/DeepLabV3Plus-Pytorch"
     code, _, err = run_cli([*args, "--head", "nope", "--overwrite"], capsys)
     assert code == 1 and "--head 'nope' is not known" in error_line(err)
+
+
+@pytest.mark.timeout(300)
+def test_validation_on_partial_ground_truth(shapes: Path, tmp_path: Path, capsys) -> None:
+    """A validation split where only some images have masks validates on those (issue 15)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    val_ids = (data / "splits" / "val.txt").read_text().split()
+    (data / "masks" / f"{val_ids[0]}.png").unlink()
+    run = tmp_path / "seg"
+    args = [
+        "fit-seg", "--data", data, "--split", "train", "--pseudo", shapes / "masks", "--out", run,
+        "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16", "--crop-size", "48",
+        "--batch-size", "2", "--iters", "2", "--device", "cpu", "--workers", "0", "--val-split", "val",
+    ]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert f"validating on the {len(val_ids) - 1} of {len(val_ids)} images" in " ".join(err.split())
+    assert [r["iter"] for r in read_log(run) if r["type"] == "val"] == [2]
+    for image_id in val_ids[1:]:  # no mask at all: one line naming the split
+        (data / "masks" / f"{image_id}.png").unlink()
+    code, _, err = run_cli([*args, "--overwrite"], capsys)
+    assert code == 1 and "none of the 3 images of --val-split val has a ground-truth mask" in err

@@ -148,8 +148,17 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
     val_desc = None
     if opts.val_split:
         val = open_dataset(opts.data, layout=opts.layout, split=opts.val_split, labels="none",
-                           vocab=opts.vocab, gt=opts.gt, require_gt=True)  # fmt: skip
+                           vocab=opts.vocab, gt=opts.gt)  # fmt: skip
         val_samples = [Sample(i.id, i.image, i.gt) for i in val.items if i.gt is not None]
+        if not val_samples:
+            raise DataError(
+                f"none of the {len(val)} images of --val-split {opts.val_split} has a ground-truth mask",
+                path=val.root,
+                hint="add masks for some of them, pass --gt DIR, or drop --val-split",
+            )
+        if len(val_samples) < len(val):  # partial ground truth: validate on the images that have it
+            warn(f"validating on the {len(val_samples)} of {len(val)} images of split {opts.val_split} "
+                 "that have a ground-truth mask")  # fmt: skip
         val_desc = val.describe()
 
     device = resolve_device(opts.device)
