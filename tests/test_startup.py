@@ -154,5 +154,7 @@ def test_a_complete_predict_reruns_without_torch(project: Path) -> None:
     assert code == 0 and "torch" in heavy, err
     code, _, err, heavy = ssr(predict, project)
     assert code == 0 and heavy == [] and "3 already done" in err and "nothing to do" in err, err
+    code, stdout, err, _ = ssr(["eval", "runs/pred", "--json"], project)  # GT: the dataset predict recorded
+    assert code == 0 and json.loads(stdout)["summary"]["images"] == 3, err
     code, _, err, heavy = ssr([*predict, "--flip"], project)  # another setting: the full path refuses
     assert code == 1 and "torch" in heavy and "--overwrite" in err

@@ -99,10 +99,12 @@ def _recorded_dataset(pred: Path) -> Any:
 
     if not (pred / MANIFEST).is_file():
         return None
-    info = (read_manifest(pred).get("inputs") or {}).get("dataset")
-    if not isinstance(info, dict) or not info.get("root"):
-        return None
-    return open_recorded_dataset(info, pred)
+    inputs = read_manifest(pred).get("inputs") or {}
+    for key in ("dataset", "images"):  # predict records its dataset as "images"
+        info = inputs.get(key)
+        if isinstance(info, dict) and info.get("root") and info.get("layout"):
+            return open_recorded_dataset(info, pred)
+    return None
 
 
 @app.command("eval")

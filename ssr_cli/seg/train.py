@@ -423,8 +423,13 @@ def _announce_cpu_time(seconds: float, steps: int, remaining: int, cfg: Any) -> 
     total = per_step * remaining
     hours, rest = divmod(int(total), 3600)
     when = f"{hours} h {rest // 60} min" if hours else f"{rest // 60} min {rest % 60} s"
+    advice = (
+        " The defaults are the GPU recipe; for a CPU try --backbone resnet18 --iters 2000 --batch-size 4 "
+        "(docs/METHOD.md section 5)"
+        if total > 600
+        else ""
+    )
     info(
         f"fit-seg on the CPU: {per_step:.2f} s per iteration (batch {cfg.batch_size}, crop {cfg.crop_size}), "
-        f"so the remaining {remaining:,} iterations take about {when}. The defaults are the GPU recipe; "
-        "for a CPU try --backbone resnet18 --iters 2000 --batch-size 4 (docs/METHOD.md section 5)"
+        f"so the remaining {remaining:,} iterations take about {when}.{advice}"
     )
