@@ -360,3 +360,29 @@ def test_validation_on_partial_ground_truth(shapes: Path, tmp_path: Path, capsys
         (data / "masks" / f"{image_id}.png").unlink()
     code, _, err = run_cli([*args, "--overwrite"], capsys)
     assert code == 1 and "none of the 3 images of --val-split val has a ground-truth mask" in err
+
+
+@pytest.mark.timeout(300)
+def test_tensorboard_events_hold_the_log_numbers(shapes: Path, tmp_path: Path, capsys) -> None:
+    """--tensorboard writes the numbers of log.jsonl as TensorBoard scalars (issue 15 item 9)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "seg"
+    args = [
+        *base_args(shapes, run), "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16",
+        "--crop-size", "48", "--batch-size", "2", "--iters", "4", "--log-every", "2", "--device", "cpu",
+        "--workers", "0", "--val-split", "val", "--val-every", "2", "--tensorboard",
+    ]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    log = read_log(run)
+    train = {r["iter"]: r for r in log if r["type"] == "train"}
+    val = {r["iter"]: r for r in log if r["type"] == "val"}
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    miou = {e.step: e.value for e in events.Scalars("val/val_miou")}
+    assert sorted(loss) == sorted(train) == [2, 4] and sorted(miou) == sorted(val) == [2, 4]
+    for step in loss:
+        assert loss[step] == pytest.approx(train[step]["loss"], rel=1e-6)
+        assert miou[step] == pytest.approx(val[step]["val_miou"], rel=1e-6)

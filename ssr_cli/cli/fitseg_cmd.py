@@ -178,6 +178,14 @@ def fit_seg(
     workers: Workers = 2,
     seed: Seed = 0,
     overwrite: Overwrite = False,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard",
+            help="Also write TensorBoard event files (the log.jsonl numbers) to OUT/tensorboard; needs "
+            "the tensorboard package (pip install tensorboard).",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a DeepLab-style segmenter on a timm backbone (--head deeplabv3plus, the default:
@@ -213,6 +221,7 @@ def fit_seg(
         "scale_range": parse_range(scale_range, "--scale-range"), "flip": flip, "precision": precision,
         "sync_bn": sync_bn, "seed": seed, "workers": workers, "save_every": save_every,
         "val_every": val_every, "log_every": log_every, "check_sync_every": check_sync_every,
+        "tensorboard": tensorboard,
     }  # fmt: skip
     opts = stage.FitSegOptions(
         data=data, pseudo=pseudo, out=out, layout=layout, split=split, vocab=vocab, gt=gt,

@@ -76,6 +76,7 @@ class TrainConfig:
     val_every: int = 1000
     log_every: int = 20
     check_sync_every: int = 0
+    tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
 
     RESULT_FIELDS = (
         "iters", "batch_size", "crop_size", "accum", "optimizer", "lr", "momentum", "weight_decay",
@@ -263,10 +264,17 @@ def train(
     images_per_step = cfg.batch_size * cfg.accum * env.world
     class_names = model_cfg.class_names or tuple(str(i) for i in range(model_cfg.num_classes))
 
+    board = tensorboard_writer(out) if cfg.tensorboard and env.is_main else None
+
     def write_log(record: dict[str, Any]) -> None:
         if env.is_main:
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
+            if board is not None:  # the same numbers as log.jsonl (scores as fractions)
+                for name, value in record.items():
+                    if name not in ("type", "iter") and isinstance(value, (int, float)):
+                        board.add_scalar(f"{record.get('type', 'train')}/{name}", value, record["iter"])
+                board.flush()
 
     def checkpoint_state(iteration: int) -> dict[str, Any]:
         return {
@@ -391,6 +399,8 @@ def train(
                 D.barrier(env)
             window["paused"] += time.perf_counter() - paused_from
 
+    if board is not None:
+        board.close()
     if env.is_main:
         save_model_file(out / MODEL_FILE, model.state_dict(), model_cfg)
     D.barrier(env)
@@ -433,3 +443,19 @@ def _announce_cpu_time(seconds: float, steps: int, remaining: int, cfg: Any) -> 
         f"fit-seg on the CPU: {per_step:.2f} s per iteration (batch {cfg.batch_size}, crop {cfg.crop_size}), "
         f"so the remaining {remaining:,} iterations take about {when}.{advice}"
     )
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_writer(out: Path) -> Any:
+    """torch's TensorBoard ``SummaryWriter`` on ``out/tensorboard``; a one-line error without the
+    tensorboard package (an optional extra: ``pip install tensorboard``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package, which is not installed",
+            hint="pip install tensorboard (or pip install 'ssr-cli[tensorboard]'), or drop --tensorboard",
+        ) from None
+    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
