@@ -79,19 +79,25 @@ def quick_key(
     )
 
 
-def _items_stamp(out: Path, manifest: dict[str, Any]) -> str | None:
-    from ssr_cli.artefacts.run import list_item_files
+#: files of a run folder that others rewrite (eval's report) or that the stamp itself changes
+_NOT_STAMPED = ("manifest.json", "metrics.json")
 
-    item_dir, suffix = manifest.get("item_dir"), manifest.get("item_suffix")
-    if not isinstance(item_dir, str) or not isinstance(suffix, str):
-        return None
-    folder = out / item_dir
-    if not folder.is_dir():
+
+def _items_stamp(out: Path, manifest: dict[str, Any]) -> str | None:
+    """A hash of every file of the run folder (item files, refined CAMs, caches): names, sizes,
+    modification times; the manifest and eval's metrics.json left out."""
+    if not isinstance(manifest.get("item_dir"), str) or not (out / manifest["item_dir"]).is_dir():
         return None
     stamps = []
-    for path in list_item_files(folder, suffix):
-        st = path.stat()
-        stamps.append([path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns])
+    for folder, dirs, files in os.walk(out):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            rel = path.relative_to(out).as_posix()
+            if rel in _NOT_STAMPED:
+                continue
+            st = path.stat()
+            stamps.append([rel, st.st_size, st.st_mtime_ns])
     return fingerprint(stamps)
 
 
