@@ -245,10 +245,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2, help="compute threads per command")
     parser.add_argument("-v", "--verbose", action="store_true", help="echo each command on stderr")
-    parser.add_argument("--models", type=Path, default=MODELS, help="folder of the tiny models")
+    parser.add_argument("--models", type=Path, help="folder of the tiny models (default: examples/models)")
     args = parser.parse_args()
     global MODELS
-    MODELS = args.models.resolve()
+    MODELS = (args.models or MODELS).resolve()
     for name in ("ssr-tiny-clip.json", "tiny_clip.pt", "ssr-tiny-dino.json", "tiny_dino.pth"):
         if not (MODELS / name).is_file():
             raise SystemExit(f"bench_quality: {MODELS / name} is missing (see scripts/train_tiny_*.py)")

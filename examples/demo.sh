@@ -13,7 +13,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUNS="${RUNS:-$(cd "$HERE/.." && pwd)/runs/demo-synth}"
 MODELS="$HERE/models"
-IMAGES="${IMAGES:-100}"
+IMAGES="${IMAGES:-80}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 SSR="${SSR:-ssr}"
 DATA="$RUNS/data"
@@ -27,8 +27,8 @@ echo "== 1. a synthetic world with known answers: $IMAGES images, 8 classes (ssr
 $SSR --quiet data check --data "$DATA" --split train >/dev/null
 
 echo "== 2. CMPA heads on frozen tiny CLIP (ssr train-cmpa)"
-$SSR train-cmpa --data "$DATA" --split train --out "$RUNS/cmpa" "${CLIP[@]}" --iters 30 --batch-size 16 \
-  --size 160 --proto-every 15 --dim 64 --save-every 15 --init-images 64 --resume
+$SSR train-cmpa --data "$DATA" --split train --out "$RUNS/cmpa" "${CLIP[@]}" --iters 20 --batch-size 16 \
+  --size 160 --proto-every 10 --dim 64 --save-every 10 --init-images 60 --resume
 
 echo "== 3. CAM seeds in the CMPA space (ssr make-seeds)"
 $SSR make-seeds --data "$DATA" --split train --out "$RUNS/seeds" "${CLIP[@]}" --cmpa "$RUNS/cmpa"
@@ -49,7 +49,7 @@ miou() {  # $1 = run, $2 = split, rest = eval flags -> "mIoU %"
   local run=$1 split=$2
   shift 2
   $SSR --quiet eval "$run" --data "$DATA" --split "$split" --json "$@" |
-    python -c 'import json,sys; s=json.load(sys.stdin)["summary"]; print(f"{100*s[\"miou\"]:5.1f}")'
+    python -c 'import json,sys; s=json.load(sys.stdin)["summary"]; print("%5.1f" % (100 * s["miou"]))'
 }
 SEEDS_MIOU=$(miou "$RUNS/seeds" train --search-bg)
 REFINE_MIOU=$(miou "$RUNS/refine" train)
