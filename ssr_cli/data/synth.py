@@ -400,7 +400,10 @@ def _others_stay_visible(labels: np.ndarray, obj: np.ndarray) -> bool:
 
 
 def render_scene(
-    seed: int, index: int, size_range: tuple[int, int] = DEFAULT_SIZE_RANGE, shape: tuple[int, int] | None = None
+    seed: int,
+    index: int,
+    size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
+    shape: tuple[int, int] | None = None,
 ) -> Scene:
     """Scene ``index`` of the world ``seed``: a pure function of its arguments.
 
