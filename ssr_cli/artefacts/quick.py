@@ -6,9 +6,10 @@ everything the command was given that can change its results, computed without t
 options as given, the dataset fingerprint (file sizes and modification times), the size and
 modification time of every weights or config file it read, the fingerprints of the upstream
 runs, the tool version and the host (``--device auto`` resolves per machine) — plus a stamp of
-the files in the run folder (items, refined CAMs, caches; not the manifest or eval's metrics.json). A rerun whose quick key and item stamp both match stops at once; any
-difference (another option, a touched image or weights file, a missing or rewritten item)
-takes the normal path, which checks everything.
+the files in the run folder (items, refined CAMs, caches; not the manifest or eval's
+metrics.json). A rerun whose quick key and file stamp both match stops at once; any difference
+(another option, a touched image or weights file, a missing or rewritten file) takes the
+normal path, which checks everything.
 """
 
 from __future__ import annotations
