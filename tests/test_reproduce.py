@@ -135,7 +135,7 @@ def test_reproduce_crash_then_resume_prints_the_table(tmp_path, models, examples
     err = resumed.stderr
     assert len(re.findall(r"make-seeds: \d+ images in shard \S+, (\d+) already done", err)) == 3
     assert re.findall(r"refine: \d+ images in shard \S+, 0 already done", err) == []
-    assert len(re.findall(r"refine: (\d+) images in shard \S+, \1 already done", err)) == 7
+    assert len(re.findall(r"refine: (\d+) images in shard \S+, \1 already done", err)) == 8
     assert "train-cmpa:" in err and "already holds these trained heads" in err
     assert "fit-seg:" in err and "already holds this trained model" in err
     assert err.count("already done (") == 8  # the scores of the 8 finished rows are reused
