@@ -4,7 +4,7 @@ CLIP-ES (``eval_cam.py``): background score = (1 - max_c CAM_c) ** alpha (alpha
 searched in {1, 2}), or a constant threshold (0.05 .. 0.6) padded in as the
 background "CAM"; label = argmax over [background, classes] (ties go to the
 first, i.e. background), mapped to class ids. CAMs are brought to image size with
-``cv2.resize`` (bilinear, half-pixel centres), which ``upsample_cams`` reproduces.
+``cv2.resize`` (bilinear, half-pixel centres), which ``upsample_cams`` calls.
 """
 
 from __future__ import annotations
@@ -14,34 +14,29 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def _linear_weights(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Indices and weights of bilinear (align_corners=False) resampling along one axis."""
-    scale = in_size / out_size
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-    src = np.clip(src, 0.0, in_size - 1)
-    lo = np.floor(src).astype(np.int64)
-    hi = np.minimum(lo + 1, in_size - 1)
-    frac = (src - lo).astype(np.float32)
-    return lo, hi, frac
-
-
 def upsample_cams(cams: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """[C, h, w] -> [C, H, W] float32 by bilinear interpolation with half-pixel centres.
 
-    ``size`` is (H, W). Matches ``cv2.resize(..., interpolation=INTER_LINEAR)`` and
-    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
-    (no antialiasing) to float rounding.
+    ``size`` is (H, W). ``cv2.resize(..., interpolation=INTER_LINEAR)`` (what CLIP-ES uses),
+    which equals ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
+    (no antialiasing) to float rounding; OpenCV takes up to 512 channels at once.
     """
+    import cv2
+
     cams = np.asarray(cams, dtype=np.float32)
     if cams.ndim != 3:
         raise ValueError(f"expected CAMs of shape [C, h, w], got {cams.shape}")
     out_h, out_w = int(size[0]), int(size[1])
     if cams.shape[1:] == (out_h, out_w):
         return cams.copy()
-    y0, y1, fy = _linear_weights(out_h, cams.shape[1])
-    x0, x1, fx = _linear_weights(out_w, cams.shape[2])
-    rows = cams[:, y0, :] * (1 - fy)[None, :, None] + cams[:, y1, :] * fy[None, :, None]
-    return rows[:, :, x0] * (1 - fx)[None, None, :] + rows[:, :, x1] * fx[None, None, :]
+    if cams.shape[0] == 0:
+        return np.zeros((0, out_h, out_w), np.float32)
+    chunks = []
+    for start in range(0, cams.shape[0], 512):
+        part = np.ascontiguousarray(cams[start : start + 512].transpose(1, 2, 0))
+        up = cv2.resize(part, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        chunks.append(up.reshape(out_h, out_w, -1).transpose(2, 0, 1))  # a view: [C, H, W]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
 
 def background_score(
