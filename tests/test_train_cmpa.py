@@ -65,7 +65,7 @@ def test_cli_end_to_end_on_examples_then_seeds(tmp_path, tiny, examples_voc, cap
     out = tmp_path / "cmpa"
     args = ["--data", str(examples_voc), "--split", "train", "--out", str(out), *SMALL, "--iters", "6",
             "--proto-every", "3", "--log-every", "2", "--save-every", "3", "--protos-per-class", "2",
-            "--proto-ema", "0.9"]  # fmt: skip
+            "--proto-ema", "0.9", "--tensorboard"]  # fmt: skip
     code, stdout, stderr = _main(capsys, _cli(tiny, *args))
     assert code == 0, stderr
     assert stdout.strip().startswith(str(out / "heads.safetensors")) and "temperature" in stdout
@@ -82,6 +82,8 @@ def test_cli_end_to_end_on_examples_then_seeds(tmp_path, tiny, examples_voc, cap
     assert [r["iter"] for r in losses] == [2, 4, 6]
     assert all(r["loss"] > 0 and 0.01 <= r["temperature"] < 1 for r in losses)
     assert [r["iter"] for r in log if "prototypes" in r] == [0, 3]
+    assert {r["type"] for r in losses} == {"train"} and {r["type"] for r in log} == {"train", "prototypes"}
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # --tensorboard: the same numbers
     labels = Counter(c for ids in [(15,), (8,), (15,), (5, 9, 11, 15)] for c in ids)
     assert log[0]["prototypes"]["features"] == [labels.get(c, 0) for c in range(1, 21)]
     assert (out / "checkpoints" / "last.pt").is_file()

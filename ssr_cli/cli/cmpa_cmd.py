@@ -139,6 +139,12 @@ def train_cmpa(
     log_every: Annotated[
         int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")
     ] = 10,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard", help="Also write log.jsonl's numbers as TensorBoard scalars (RUN/tensorboard/)."
+        ),
+    ] = False,
     check_sync_every: Annotated[
         int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
     ] = 0,
@@ -173,7 +179,7 @@ def train_cmpa(
         "flip": flip, "jitter": jitter, "cam_source": cam_source, "pool": pool, "text_target": text_target,
         "precision": precision, "seed": seed,
         "workers": workers, "save_every": save_every, "log_every": log_every,
-        "check_sync_every": check_sync_every,
+        "check_sync_every": check_sync_every, "tensorboard": tensorboard,
     }  # fmt: skip
     opts = stage.CmpaOptions(
         data=data, out=out, layout=layout, split=split, labels=labels, vocab=vocab, arch=clip_arch,

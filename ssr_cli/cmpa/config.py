@@ -43,6 +43,7 @@ class CmpaConfig:
     save_every: int = 500
     log_every: int = 10
     check_sync_every: int = 0
+    tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
 
     RESULT_FIELDS = (
         "iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",

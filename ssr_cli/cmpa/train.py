@@ -47,6 +47,7 @@ from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
 from ssr_cli.runtime import autocast
 from ssr_cli.seg import distributed as D
+from ssr_cli.seg.train import log_writer
 
 LOG_FILE = "log.jsonl"
 # log-window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
@@ -183,10 +184,7 @@ def train(
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             truncate_log(log_path, start)
 
-        def write_log(record: dict[str, Any]) -> None:
-            if env.is_main:
-                with open(log_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record, sort_keys=True) + "\n")
+        write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
 
         def jobs(it: int) -> list[tuple[Path, int, Any]]:
             idx = stream.indices(it, env.rank)
@@ -229,7 +227,7 @@ def train(
             timing["protos"] += seconds
             record = {"features": found.counts.tolist(), "classes": int(valid.sum()),
                       "seconds": round(seconds, 3)}  # fmt: skip
-            write_log({"iter": it, "prototypes": record})
+            write_log({"type": "prototypes", "iter": it, "prototypes": record})
             return Prototypes(image.to(device), text, back, valid.to(device), found.counts.to(device), it)
 
         def checkpoint_state(iteration: int) -> dict[str, Any]:
@@ -318,11 +316,12 @@ def train(
                     seconds = time.perf_counter() - clock["start"]
                     speed = clock["steps"] / max(seconds, 1e-9)
                     last = {
-                        "iter": done, "loss": w[0] / max(w[9], 1), "loss_i2t": w[1] / w[2] if w[2] else None,
-                        "loss_t2i": w[3] / w[4] if w[4] else None, "sim_same": w[5] / w[6] if w[6] else None,
-                        "sim_other": w[7] / w[8] if w[8] else None, "temperature": heads.temperature,
-                        "lr": optimizer.param_groups[0]["lr"], "iters_per_s": round(speed, 4),
-                        "max_rss_mb": peak_rss_mb(), **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
+                        "type": "train", "iter": done, "loss": w[0] / max(w[9], 1),
+                        "loss_i2t": w[1] / w[2] if w[2] else None, "loss_t2i": w[3] / w[4] if w[4] else None,
+                        "sim_same": w[5] / w[6] if w[6] else None, "sim_other": w[7] / w[8] if w[8] else None,
+                        "temperature": heads.temperature, "lr": optimizer.param_groups[0]["lr"],
+                        "iters_per_s": round(speed, 4), "max_rss_mb": peak_rss_mb(),
+                        **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
                     }  # fmt: skip
                     write_log(last)
                     status = (
@@ -338,7 +337,7 @@ def train(
 
                 if cfg.check_sync_every and done % cfg.check_sync_every == 0:
                     gathered = D.all_gather_object(env, (D.parameter_digest(heads), float(loss.detach())))
-                    write_log({"iter": done, "sync": {"weights": [g[0] for g in gathered],
+                    write_log({"type": "sync", "iter": done, "sync": {"weights": [g[0] for g in gathered],
                                                       "rank_losses": [g[1] for g in gathered]}})  # fmt: skip
                     if len({g[0] for g in gathered}) != 1:
                         raise RuntimeError(f"ranks disagree on the CMPA heads after iteration {done}")
@@ -362,6 +361,8 @@ def train(
         }  # fmt: skip
         if device.type == "cuda":
             summary["max_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        if board is not None:
+            board.close()
         return heads, protos, summary
     finally:
         loader.close()

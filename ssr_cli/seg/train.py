@@ -264,17 +264,7 @@ def train(
     images_per_step = cfg.batch_size * cfg.accum * env.world
     class_names = model_cfg.class_names or tuple(str(i) for i in range(model_cfg.num_classes))
 
-    board = tensorboard_writer(out) if cfg.tensorboard and env.is_main else None
-
-    def write_log(record: dict[str, Any]) -> None:
-        if env.is_main:
-            with open(log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, sort_keys=True) + "\n")
-            if board is not None:  # the same numbers as log.jsonl (scores as fractions)
-                for name, value in record.items():
-                    if name not in ("type", "iter") and isinstance(value, (int, float)):
-                        board.add_scalar(f"{record.get('type', 'train')}/{name}", value, record["iter"])
-                board.flush()
+    write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
 
     def checkpoint_state(iteration: int) -> dict[str, Any]:
         return {
@@ -446,6 +436,26 @@ def _announce_cpu_time(seconds: float, steps: int, remaining: int, cfg: Any) -> 
 
 
 TENSORBOARD_DIR = "tensorboard"
+
+
+def log_writer(out: Path, log_path: Path, is_main: bool, tensorboard: bool) -> tuple[Any, Any]:
+    """(write_log(record), the TensorBoard writer or None) for a training run: each record is a
+    line of ``log_path`` (main process only) and, with ``tensorboard``, the same numbers as
+    scalars ``<type>/<name>`` at step ``iter`` (scores stay fractions, as in the JSON)."""
+    board = tensorboard_writer(out) if tensorboard and is_main else None
+
+    def write_log(record: dict[str, Any]) -> None:
+        if not is_main:
+            return
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if board is not None:
+            for name, value in record.items():
+                if name not in ("type", "iter") and isinstance(value, (int, float)):
+                    board.add_scalar(f"{record.get('type', 'train')}/{name}", value, record["iter"])
+            board.flush()
+
+    return write_log, board
 
 
 def tensorboard_writer(out: Path) -> Any:
