@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ssr_cli.errors import os_error, torch_write_error
+from ssr_cli.procs import pid_alive
 
 TMP_MARK = ".tmp-"
 _HOST = socket.gethostname().replace("-", "_")
@@ -70,16 +71,6 @@ def atomic_write_json(final: str | Path, obj: Any) -> Path:
     return atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temps(folder: str | Path) -> int:
     """Delete temporary files left in ``folder`` (recursively) by dead processes of this host.
 
@@ -98,7 +89,7 @@ def remove_stale_temps(folder: str | Path) -> int:
         host, pid_text, _ = parts
         if host != _HOST or not pid_text.isdigit():
             continue
-        if not _pid_alive(int(pid_text)) or int(pid_text) == os.getpid():
+        if not pid_alive(int(pid_text)) or int(pid_text) == os.getpid():
             path.unlink(missing_ok=True)
             removed += 1
     return removed
