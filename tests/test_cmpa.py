@@ -174,9 +174,9 @@ def test_make_seeds_refuses_heads_of_another_clip(step0, tiny):
 # ----------------------------------------------------------------------------- loss on a synthetic problem
 
 
-def test_training_aligns_the_modalities_on_a_synthetic_problem():
-    """Image tokens of class k are R t_k + noise for a random rotation R, so plain similarity
-    is ~0; a linear ISA can undo R, so the loss must fall and same-class similarity must rise."""
+def _toy_problem():
+    """Image tokens of class k are R t_k + noise for a random rotation R (plain similarity ~0);
+    returns (k, templates, prompts, labels, patches, cams, heads, optimizer, text classes)."""
     gen = torch.Generator().manual_seed(0)
     k, e, length, templates = 4, 32, 16, 2
     prompts = F.normalize(torch.randn(k, templates, e, generator=gen), dim=-1)
@@ -192,6 +192,13 @@ def test_training_aligns_the_modalities_on_a_synthetic_problem():
     heads.set_projection(random_projection(e, 16, seed=0))
     opt = torch.optim.AdamW(heads.parameters(), lr=1e-2, weight_decay=0)
     txt_cls = torch.arange(k).repeat_interleave(templates)
+    return k, templates, prompts, labels, patches, cams, heads, opt, txt_cls
+
+
+def test_training_aligns_the_modalities_on_a_synthetic_problem():
+    """Image tokens of class k are R t_k + noise for a random rotation R, so plain similarity
+    is ~0; a linear ISA can undo R, so the loss must fall and same-class similarity must rise."""
+    k, templates, prompts, labels, patches, cams, heads, opt, txt_cls = _toy_problem()
     idx = torch.arange(32)
 
     def refresh() -> Prototypes:
@@ -207,7 +214,7 @@ def test_training_aligns_the_modalities_on_a_synthetic_problem():
         if step % 25 == 0:
             protos = refresh()
         batch = torch.arange(step * 8, step * 8 + 8) % 32
-        projected, txt, inv_tau = heads(patches[batch], prompts.reshape(k * templates, e))
+        projected, txt, inv_tau = heads(patches[batch], prompts.reshape(k * templates, -1))
         feats, ok = pool_features(cams[batch], projected, torch.arange(8))
         txt_feats = F.normalize(txt, dim=-1)
         loss, _ = prototype_loss(feats[ok], labels[batch][ok], txt_feats, txt_cls, protos, inv_tau)
@@ -321,21 +328,7 @@ def _toy_cmpa(refresh_every: int, live: bool, steps: int = 150) -> tuple[float, 
     image features against the live class text features), means of the last 10 steps."""
     from ssr_cli.cmpa.prototypes import ClassFeatures, image_prototypes, pool_features, text_prototypes
 
-    gen = torch.Generator().manual_seed(0)
-    k, e, length, templates = 4, 32, 16, 2
-    prompts = F.normalize(torch.randn(k, templates, e, generator=gen), dim=-1)
-    rotation, _ = torch.linalg.qr(torch.randn(e, e, generator=gen))
-    centre = F.normalize(prompts.mean(dim=1), dim=-1) @ rotation.t()
-    labels = torch.arange(32) % k
-    patches = 0.2 * torch.randn(32, length, e, generator=gen)
-    patches[:, : length // 2] += centre[labels].unsqueeze(1)
-    cams = torch.zeros(32, length)
-    cams[:, : length // 2] = torch.rand(32, length // 2, generator=gen) + 0.5
-    torch.manual_seed(0)
-    heads = CmpaHeads(HeadConfig(e, 16, 32, "random"))
-    heads.set_projection(random_projection(e, 16, seed=0))
-    opt = torch.optim.AdamW(heads.parameters(), lr=1e-2, weight_decay=0)
-    txt_cls = torch.arange(k).repeat_interleave(templates)
+    k, templates, prompts, labels, patches, cams, heads, opt, txt_cls = _toy_problem()
     same, accuracy = [], []
     protos = None
     for step in range(steps):
@@ -348,7 +341,7 @@ def _toy_cmpa(refresh_every: int, live: bool, steps: int = 150) -> tuple[float, 
                 text = text_prototypes(heads.project_text, prompts)
             protos = Prototypes(image, text, text[:0], valid, counts)
         batch = torch.arange(step * 8, step * 8 + 8) % 32
-        projected, txt, inv_tau = heads(patches[batch], prompts.reshape(k * templates, e))
+        projected, txt, inv_tau = heads(patches[batch], prompts.reshape(k * templates, -1))
         feats, ok = pool_features(cams[batch], projected, torch.arange(8))
         txt_feats = F.normalize(txt, dim=-1)
         text_live = F.normalize(txt_feats.view(k, templates, -1).mean(dim=1), dim=-1)
