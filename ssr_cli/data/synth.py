@@ -21,7 +21,6 @@ Imports numpy, OpenCV and PIL only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -553,7 +552,3 @@ def generate(
     lines = ["# synthetic world of `ssr data synth`: id, then its classes"]
     lines += [f"{i} {' '.join(labels[i])}" for i in ids]
     atomic_write_text(out / "labels.txt", "\n".join(lines) + "\n")
-
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, indent=2)
