@@ -6,7 +6,9 @@ Measures, each as the median wall time of ``--repeat`` fresh ``ssr`` processes:
 - ``ssr weights`` (lists files; goal < 1 s);
 - a missing-weights error of ``ssr make-seeds`` (goal < 2 s);
 - the rerun of a complete ``ssr make-seeds`` run, nothing to do (goal < 2 s);
-- for comparison, the same rerun through the full path (the quick key removed from the
+- the rerun of a complete ``ssr train-cmpa`` run (goal < 2 s; fit-seg and ``predict --images``
+  take the same path, tested in ``tests/test_startup.py``);
+- for comparison, the same make-seeds rerun through the full path (the quick key removed from the
   manifest first: torch and CLIP load, then every item is found done).
 
 The project is made in a temporary folder: a tiny random CLIP (``tests/tinymodels.py``) and a
@@ -28,7 +30,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GOALS = {"ssr weights": 1.0, "missing-weights error": 2.0, "no-op rerun of a complete run": 2.0}
+GOALS = {
+    "ssr weights": 1.0,
+    "missing-weights error": 2.0,
+    "no-op rerun of a complete run": 2.0,
+    "no-op rerun of a complete train-cmpa run": 2.0,
+}
 
 
 def forget_quick_key(manifest: Path) -> None:
@@ -87,6 +94,10 @@ def main() -> None:
         seeds = ["make-seeds", "--data", "data", "--out", "runs/seeds", "--clip-arch", "tiny.json",
                  "--clip-weights", "tiny.safetensors", "--device", "cpu", "-q"]  # fmt: skip
         first = timed(seeds, root, env)
+        cmpa = ["train-cmpa", "--data", "data", "--out", "runs/cmpa", "--clip-arch", "tiny.json",
+                "--clip-weights", "tiny.safetensors", "--iters", "2", "--batch-size", "2", "--dim", "16",
+                "--size", "32", "--init-images", "2", "--device", "cpu", "--workers", "0", "-q"]  # fmt: skip
+        timed(cmpa, root, env)
         cases = {
             "ssr --help": (["--help"], 0),
             "ssr weights": (["weights"], 0),
@@ -96,6 +107,7 @@ def main() -> None:
             ),
             "no-op rerun of a complete run": (seeds, 0),
             "the same rerun through the full path": (seeds, 0),
+            "no-op rerun of a complete train-cmpa run": (cmpa, 0),
         }
         rows = []
         for name, (argv, code) in cases.items():

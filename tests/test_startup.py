@@ -146,8 +146,16 @@ def test_a_complete_predict_reruns_without_torch(project: Path) -> None:
     fit = ["fit-seg", "--data", "shapes", "--split", "train", "--pseudo", "shapes/masks", "--out", "runs/seg",
            "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16", "--crop-size", "32",
            "--batch-size", "2", "--iters", "2", "--device", "cpu", "--workers", "0"]  # fmt: skip
-    code, _, err, _ = ssr(fit, project)
-    assert code == 0, err
+    code, stdout, err, heavy = ssr(fit, project)
+    assert code == 0 and "torch" in heavy, err
+    first_line = stdout
+    code, stdout, err, heavy = ssr(fit, project)  # the complete training run: nothing to do, no torch
+    assert code == 0 and heavy == [] and "nothing to do" in err and stdout == first_line, err
+    code, _, err, heavy = ssr([*fit, "--iters", "3"], project)  # another setting
+    assert code == 1 and "torch" in heavy and "--overwrite" in err
+    (project / "shapes/masks/train_0000.png").touch()  # a touched pseudo-label: the full path checks it
+    code, _, err, heavy = ssr(fit, project)  # (by content: unchanged, so still done)
+    assert code == 0 and "torch" in heavy and "nothing to do" in err, err
     predict = ["predict", "--model", "runs/seg", "--data", "shapes", "--split", "train", "--out", "runs/pred",
                "--device", "cpu", "--workers", "0"]  # fmt: skip
     code, _, err, heavy = ssr(predict, project)
@@ -157,4 +165,33 @@ def test_a_complete_predict_reruns_without_torch(project: Path) -> None:
     code, stdout, err, _ = ssr(["eval", "runs/pred", "--json"], project)  # GT: the dataset predict recorded
     assert code == 0 and json.loads(stdout)["summary"]["images"] == 3, err
     code, _, err, heavy = ssr([*predict, "--flip"], project)  # another setting: the full path refuses
+    assert code == 1 and "torch" in heavy and "--overwrite" in err
+
+    # a plain folder of images (--images): the same quick rerun, and a new image is noticed
+    images = ["predict", "--model", "runs/seg", "--images", "shapes/images", "--out", "runs/pred-folder",
+              "--device", "cpu", "--workers", "0"]  # fmt: skip
+    code, _, err, heavy = ssr(images, project)
+    assert code == 0 and "torch" in heavy, err
+    code, _, err, heavy = ssr(images, project)
+    assert code == 0 and heavy == [] and "nothing to do" in err, err
+    Image.new("RGB", (40, 48)).save(project / "shapes/images/extra.png")
+    code, _, err, heavy = ssr(images, project)
+    assert "torch" in heavy and "nothing to do" not in err
+
+
+def test_a_complete_cmpa_run_reruns_without_torch(project: Path) -> None:
+    cmpa = ["train-cmpa", "--data", "data", "--out", "runs/cmpa", "--clip-arch", "tiny.json", "--clip-weights",
+            "tiny.safetensors", "--iters", "2", "--batch-size", "2", "--dim", "16", "--size", "32",
+            "--init-images", "2", "--device", "cpu", "--workers", "0"]  # fmt: skip
+    code, stdout, err, heavy = ssr([*cmpa, "--overwrite"], project)
+    assert code == 0 and "torch" in heavy, err
+    first_line = stdout
+    code, stdout, err, heavy = ssr(cmpa, project)
+    assert code == 0 and heavy == [] and "nothing to do" in err and stdout == first_line, err
+    (project / "runs/cmpa/heads.safetensors").touch()  # a rewritten output: the full path checks
+    code, _, err, heavy = ssr(cmpa, project)
+    assert code == 0 and "torch" in heavy and "nothing to do" in err, err
+    code, _, err, heavy = ssr(cmpa, project)  # remembered again by the full path
+    assert code == 0 and heavy == [], err
+    code, _, err, heavy = ssr([*cmpa, "--lr", "0.5"], project)  # another setting: the full path refuses
     assert code == 1 and "torch" in heavy and "--overwrite" in err

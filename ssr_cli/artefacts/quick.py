@@ -27,12 +27,15 @@ QUICK = "quick_rerun"
 
 
 def file_stamp(path: str | Path | None) -> list[Any] | None:
-    """[absolute path, size, modification time in ns] of a file, None when it does not exist."""
+    """[absolute path, size, modification time in ns] of a file (of a folder: a stamp of every
+    file in it); None for no path, [path, None, None] when it does not exist."""
     if path is None:
         return None
     try:
         full = Path(os.path.abspath(Path(path).expanduser()))
         st = full.stat()
+        if full.is_dir():  # a folder of weights or labels: every file in it
+            return [str(full), "folder", folder_stamp(full)]
     except OSError:
         return [str(path), None, None]
     return [str(full), st.st_size, st.st_mtime_ns]
@@ -87,15 +90,26 @@ _NOT_STAMPED = ("manifest.json", "metrics.json")
 def _items_stamp(out: Path, manifest: dict[str, Any]) -> str | None:
     """A hash of every file of the run folder (item files, refined CAMs, caches): names, sizes,
     modification times; the manifest and eval's metrics.json left out."""
-    if not isinstance(manifest.get("item_dir"), str) or not (out / manifest["item_dir"]).is_dir():
+    if "item_dir" in manifest:  # a per-item run; training runs have none and stamp every file
+        if not isinstance(manifest["item_dir"], str) or not (out / manifest["item_dir"]).is_dir():
+            return None
+    return folder_stamp(out, skip=_NOT_STAMPED)
+
+
+def folder_stamp(root: str | Path, skip: Iterable[str] = ()) -> str | None:
+    """A hash of the files under ``root`` (relative names, sizes, modification times), ``skip``
+    (relative names) left out; None when ``root`` is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
         return None
+    skipped = set(skip)
     stamps = []
-    for folder, dirs, files in os.walk(out):
+    for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             path = Path(folder) / name
-            rel = path.relative_to(out).as_posix()
-            if rel in _NOT_STAMPED:
+            rel = path.relative_to(root).as_posix()
+            if rel in skipped:
                 continue
             st = path.stat()
             stamps.append([rel, st.st_size, st.st_mtime_ns])

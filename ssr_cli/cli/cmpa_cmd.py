@@ -167,8 +167,35 @@ def train_cmpa(
     --batch-size is per process). Writes heads.safetensors, prototypes.safetensors, log.jsonl and
     checkpoints/last.pt.
     """
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+               if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
     set_quiet(quiet)
+    import os
+
+    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
     from ssr_cli.cli.options import check_device
+    from ssr_cli.console import info
+    from ssr_cli.data import open_dataset
+
+    # Before torch is imported: a complete run with the same inputs answers at once, and
+    # missing weights fail at once.
+    dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab)
+    key = None
+    config_file = Path(clip_arch) if Path(clip_arch).suffix == ".json" else None
+    if config_file is None or clip_weights is not None:  # a config file's model is named inside it
+        from ssr_cli.models.sources import clip_weights_source
+
+        weights_file = clip_weights_source(clip_arch, clip_weights).path
+        key = quick_key("cmpa", options, dataset_fingerprint=dataset.fingerprint(),
+                        files=[weights_file, config_file],
+                        env=["SSR_CLIP_WEIGHTS", "WORLD_SIZE"])  # fmt: skip
+        done = None if overwrite else finished_unchanged(out, key)
+        if done is not None:
+            if os.environ.get("RANK", "0") == "0":
+                info(f"train-cmpa: {out} already holds these trained heads and its inputs are unchanged; "
+                     "nothing to do (--overwrite trains again)")  # fmt: skip
+                print(_result_line(out, done))
+            return
     from ssr_cli.stages import train_cmpa as stage
 
     train = {
@@ -186,11 +213,16 @@ def train_cmpa(
         weights=clip_weights, device=check_device(device), resume=resume, overwrite=overwrite, train=train,
     )  # fmt: skip
     manifest = stage.run(opts)
-    import os
-
     if os.environ.get("RANK", "0") == "0":
-        final = (manifest.get("summary") or {}).get("final") or {}
-        text = str(out / manifest.get("heads_file", "heads.safetensors"))
-        if final.get("loss") is not None:
-            text += f"  loss {final['loss']:.4f}  temperature {final['temperature']:.4f}"
-        print(text)
+        if manifest.get("completed") and key is not None:
+            remember(out, key)
+        print(_result_line(out, manifest))
+
+
+def _result_line(out: Path, manifest: dict) -> str:
+    """The line train-cmpa prints on stdout: the heads file, the final loss and temperature."""
+    final = (manifest.get("summary") or {}).get("final") or {}
+    text = str(out / manifest.get("heads_file", "heads.safetensors"))
+    if final.get("loss") is not None:
+        text += f"  loss {final['loss']:.4f}  temperature {final['temperature']:.4f}"
+    return text

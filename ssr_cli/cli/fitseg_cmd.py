@@ -209,8 +209,24 @@ def fit_seg(
     --batch-size is per process). Writes checkpoints/last.pt, best.pt (with --val-split), log.jsonl and
     model.safetensors; `ssr predict --model RUN` uses the last.
     """
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+               if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
     set_quiet(quiet)
+    import os
+
+    from ssr_cli.artefacts.quick import finished_unchanged, remember
     from ssr_cli.cli.options import check_device
+    from ssr_cli.console import info
+
+    key = _quick_key(options, data, layout, split, vocab, gt, val_split, pseudo, backbone_weights,
+                     no_pretrained)  # fmt: skip
+    done = None if overwrite or key is None else finished_unchanged(out, key)
+    if done is not None:  # before torch: a complete run with the same inputs
+        if os.environ.get("RANK", "0") == "0":
+            info(f"fit-seg: {out} already holds this trained model and its inputs are unchanged; nothing to "
+                 "do (--overwrite trains again)")  # fmt: skip
+            print(_result_line(out, done))
+        return
     from ssr_cli.stages import fit_seg as stage
 
     train = {
@@ -230,12 +246,43 @@ def fit_seg(
         device=check_device(device), resume=resume, overwrite=overwrite, train=train,
     )  # fmt: skip
     manifest = stage.run(opts)
+    if os.environ.get("RANK", "0") == "0":
+        if manifest.get("completed") and key is not None:
+            remember(out, key)
+        print(_result_line(out, manifest))
+
+
+def _result_line(out: Path, manifest: dict) -> str:
+    """The line fit-seg prints on stdout: the model file and the best validation mIoU."""
+    best = (manifest.get("summary") or {}).get("best") or {}
+    text = f"{out / 'model.safetensors'}"
+    if best.get("miou") is not None:
+        text += f"  best val mIoU {100 * best['miou']:.2f} % at iteration {best['iteration']}"
+        text += " (checkpoints/best.pt)"
+    return text
+
+
+def _quick_key(
+    options: dict, data: Path, layout: str, split: str | None, vocab: str | None, gt: Path | None,
+    val_split: str | None, pseudo: Path, backbone_weights: str | None, no_pretrained: bool,
+) -> str | None:  # fmt: skip
+    """The quick rerun key (``artefacts/quick.py``) of this fit-seg command, computed without torch;
+    None when the backbone weights would come from the caches (finding them needs timm)."""
     import os
 
-    if os.environ.get("RANK", "0") == "0":
-        best = (manifest.get("summary") or {}).get("best") or {}
-        text = f"{out / 'model.safetensors'}"
-        if best.get("miou") is not None:
-            text += f"  best val mIoU {100 * best['miou']:.2f} % at iteration {best['iteration']}"
-            text += " (checkpoints/best.pt)"
-        print(text)
+    from ssr_cli.artefacts.quick import quick_key
+    from ssr_cli.data import open_dataset
+
+    if backbone_weights is None and not no_pretrained and not os.environ.get("SSR_BACKBONE_WEIGHTS"):
+        return None
+    dataset = open_dataset(data, layout=layout, split=split, labels="none", vocab=vocab, gt=gt)
+    fps = [dataset.fingerprint()]
+    if val_split:
+        val = open_dataset(data, layout=layout, split=val_split, labels="none", vocab=vocab, gt=gt)
+        fps.append(val.fingerprint())
+    pseudo_is_run = (pseudo / "manifest.json").is_file()
+    env_weights = os.environ.get("SSR_BACKBONE_WEIGHTS")
+    files = [None if pseudo_is_run else pseudo, gt, backbone_weights, env_weights]
+    return quick_key("fit-seg", options, dataset_fingerprint="+".join(fps), files=files,
+                     runs=[pseudo] if pseudo_is_run else [],
+                     env=["SSR_BACKBONE_WEIGHTS", "WORLD_SIZE"])  # fmt: skip

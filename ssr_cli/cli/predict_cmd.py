@@ -90,16 +90,23 @@ def predict(
     from ssr_cli.console import info
 
     key = None
-    if data is not None and images is None:  # before torch: a complete run with the same inputs
-        from ssr_cli.data.datasets import open_dataset
+    if (data is None) != (images is None):  # before torch: a complete run with the same inputs
+        if images is not None:
+            from ssr_cli.data.folder import describe_folder
 
-        dataset = open_dataset(data, layout=layout, split=split, labels="none", vocab=vocab)
+            pairs, described = describe_folder(images)
+            ids, input_fp = [i for i, _ in pairs], described["fingerprint"]
+        else:
+            from ssr_cli.data.datasets import open_dataset
+
+            dataset = open_dataset(data or Path(), layout=layout, split=split, labels="none", vocab=vocab)
+            ids, input_fp = dataset.ids, dataset.fingerprint()
         model_files = [model, model / "model.safetensors"] if model.is_dir() else [model]
-        key = quick_key("predict", options, dataset_fingerprint=dataset.fingerprint(), files=model_files,
+        key = quick_key("predict", options, dataset_fingerprint=input_fp, files=model_files,
                         runs=[model] if model.is_dir() else [])  # fmt: skip
         done = None if overwrite else finished_unchanged(out, key)
         if done is not None:
-            info(nothing_to_do("predict", out, done, dataset.ids, parse_shard(shard)))
+            info(nothing_to_do("predict", out, done, ids, parse_shard(shard)))
             return
     from ssr_cli.stages import predict as stage
 

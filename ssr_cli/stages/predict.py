@@ -21,10 +21,10 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ssr_cli.artefacts import RunFolder, fingerprint, parse_shard, read_manifest
+from ssr_cli.artefacts import RunFolder, parse_shard, read_manifest
 from ssr_cli.artefacts.item_checks import png_check
-from ssr_cli.artefacts.paths import absolute
 from ssr_cli.console import ProgressBar, info
+from ssr_cli.data.folder import describe_folder
 from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE, SizeLimit, plan_sizes, upscale_labels
 from ssr_cli.errors import ConfigError, DataError
 
@@ -54,42 +54,11 @@ class PredictOptions:
     oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
 
 
-def list_images(folder: Path) -> list[tuple[str, Path]]:
-    """(id, path) of every image under ``folder`` (any depth), sorted by id."""
-    from ssr_cli.data.images import IMAGE_EXTENSIONS
-
-    if not folder.is_dir():
-        raise DataError("image folder not found", path=folder, hint="pass a folder of images to --images")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-            image_id = path.relative_to(folder).with_suffix("").as_posix()
-            if image_id in found:
-                raise DataError(f"two images share the id {image_id!r}", path=path,
-                                hint=f"rename one of {found[image_id].name} and {path.name}")  # fmt: skip
-            found[image_id] = path
-    if not found:
-        raise DataError(
-            "no images in this folder", path=folder, hint="extensions: " + ", ".join(IMAGE_EXTENSIONS)
-        )
-    return sorted(found.items())
-
-
 def _inputs(opts: PredictOptions) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     if (opts.images is None) == (opts.data is None):
         raise ConfigError("pass either --data (with --split) or --images DIR", hint="one source of images")
     if opts.images is not None:
-        from ssr_cli.data.datasets import _file_stamp, parallel_map
-
-        pairs = list_images(Path(opts.images))
-        stamps = parallel_map(_file_stamp, [p for _, p in pairs])  # size and mtime, as datasets
-        fp = fingerprint({"ids": [i for i, _ in pairs], "files": stamps})
-        return pairs, {
-            "kind": "folder",
-            "root": str(absolute(opts.images)),
-            "count": len(pairs),
-            "fingerprint": fp,
-        }
+        return describe_folder(Path(opts.images))
     from ssr_cli.data import open_dataset
 
     assert opts.data is not None
