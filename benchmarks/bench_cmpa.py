@@ -116,15 +116,15 @@ def decode_cost(data: Path, args: argparse.Namespace) -> float:
 def bench_correlation(args: argparse.Namespace) -> dict:
     import torch
 
+    from ssr_cli.cam.multiscale import cams_for_batch
     from ssr_cli.cam.prompts import text_embeddings
     from ssr_cli.cmpa.config import CmpaConfig
     from ssr_cli.cmpa.data import Loader, TrainItem
     from ssr_cli.cmpa.train import init_heads
     from ssr_cli.data import open_dataset, read_image
-    from ssr_cli.models.clip import load_clip
+    from ssr_cli.models.clip import load_clip, register_arch
     from ssr_cli.runtime import resolve_device
-    from ssr_cli.seg.distributed import DistEnv
-    from ssr_cli.stages.make_seeds import cams_for_batch, register_arch
+    from ssr_cli.train.distributed import DistEnv
 
     device = resolve_device(args.device)
     model = load_clip(register_arch(args.arch), args.clip_weights, device)

@@ -88,6 +88,7 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
     import cv2
     import torch
 
+    from ssr_cli.artefacts.seeds import load_seed
     from ssr_cli.data import read_image
     from ssr_cli.models.clip import load_clip
     from ssr_cli.models.dino import load_dino
@@ -96,7 +97,6 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
     from ssr_cli.refine.pipeline import ItemJob, single_threaded
     from ssr_cli.refine.sgc import sgc_masks, superpixel_clusters
     from ssr_cli.runtime import torch_threads
-    from ssr_cli.stages.make_seeds import load_seed
     from ssr_cli.stages.refine import main_threads
 
     clip = load_clip("ViT-B-16", "random", seed=0)

@@ -134,8 +134,8 @@ def _run(
 def agreement(a: Path, b: Path) -> dict:
     import numpy as np
 
+    from ssr_cli.artefacts.seeds import load_seed
     from ssr_cli.cam.labels import cams_to_labels, upsample_cams
-    from ssr_cli.stages.make_seeds import load_seed
 
     corr, maxdiff, agree = [], 0.0, []
     for fa in sorted((a / "cams").glob("*.npz")):

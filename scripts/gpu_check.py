@@ -32,7 +32,7 @@ Steps (in this order, the most important first):
 - ``torchrun_*``: train-cmpa and fit-seg under ``torchrun --nproc-per-node 1``; ``torchrun_ddp``:
   a process group with ssr's backend rule (nccl on CUDA, gloo on CPU), ssr's segmenter wrapped
   in DistributedDataParallel, AMP steps and the collectives ssr's distributed helpers use.
-  (At WORLD_SIZE=1 ssr itself creates no process group: ``ssr_cli.seg.distributed``.)
+  (At WORLD_SIZE=1 ssr itself creates no process group: ``ssr_cli.train.distributed``.)
 
 Exit status: 0 when every step succeeded, 1 otherwise (failed, skipped or out of time), 2 for
 bad options. Internal sub-commands (``_env``, ``_seeds_bench``, ``_ddp``) are run by the script
@@ -532,9 +532,9 @@ def cam_agreement(ref: Path, other: Path) -> dict[str, Any]:
     """Per-map Pearson correlation, max |diff| and label agreement of two seeds runs."""
     import numpy as np
 
+    from ssr_cli.artefacts.seeds import load_seed
     from ssr_cli.cam.labels import cams_to_labels, upsample_cams
     from ssr_cli.errors import ArtefactError
-    from ssr_cli.stages.make_seeds import load_seed
 
     corr: list[float] = []
     constant = nonfinite = 0
@@ -737,7 +737,7 @@ def fit_seg_step(precision: str) -> Callable[[Check], dict[str, Any]]:
 
 def grad_scaler_scale(run: Path) -> float | None:
     """The AMP grad scaler's scale in the run's last checkpoint (None when the scaler was off)."""
-    from ssr_cli.seg.checkpoint import load_checkpoint
+    from ssr_cli.seg.checkpoint import load_checkpoint_file as load_checkpoint
 
     state = load_checkpoint(run / "checkpoints" / "last.pt").get("scaler") or {}
     scale = state.get("scale")
@@ -1200,7 +1200,7 @@ def _append(path: str | Path, row: dict[str, Any]) -> None:
 def child_ddp(argv: list[str]) -> None:
     """``_ddp`` under torchrun: ssr's backend rule, its segmenter in DDP, AMP steps, collectives.
 
-    ssr itself joins no process group at WORLD_SIZE=1 (``ssr_cli.seg.distributed``), and NCCL
+    ssr itself joins no process group at WORLD_SIZE=1 (``ssr_cli.train.distributed``), and NCCL
     refuses two ranks on one GPU, so on a one-GPU machine this is where nccl runs: the same
     calls ``init_distributed``, ``barrier``, ``all_reduce_sum``, ``all_gather_object`` and
     ``broadcast_object`` make, with ssr's loss and autocast."""
@@ -1216,7 +1216,7 @@ def child_ddp(argv: list[str]) -> None:
     from ssr_cli.seg.loss import segmentation_loss
 
     device = resolve_device(a.device)
-    backend = "nccl" if device.type == "cuda" else "gloo"  # ssr_cli.seg.distributed.init_distributed
+    backend = "nccl" if device.type == "cuda" else "gloo"  # ssr_cli.train.distributed.init_distributed
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)

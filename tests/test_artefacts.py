@@ -275,7 +275,7 @@ def test_bad_shards_through_the_cli(tmp_path, monkeypatch, capsys):
 def test_training_checks_torchrun_variables(monkeypatch, env):
     import torch
 
-    from ssr_cli.seg.distributed import init_distributed
+    from ssr_cli.train.distributed import init_distributed
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)

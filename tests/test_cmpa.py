@@ -23,7 +23,7 @@ from ssr_cli.cmpa.prototypes import (
     text_prototypes,
 )
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
-from ssr_cli.seg.distributed import DistEnv
+from ssr_cli.train.distributed import DistEnv
 
 pytestmark = pytest.mark.timeout(120)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "voc"
@@ -159,9 +159,8 @@ def test_step0_cams_with_heads_match_plain_clip(step0):
 
 def test_make_seeds_refuses_heads_of_another_clip(step0, tiny):
     from ssr_cli.errors import ConfigError
-    from ssr_cli.models.clip import load_clip
+    from ssr_cli.models.clip import load_clip, register_arch
     from ssr_cli.models.cmpa import load_heads
-    from ssr_cli.stages.make_seeds import register_arch
 
     run = step0[(24, "pca")]["run"]
     heads, fp = load_heads(run, "cpu", clip=load_clip(register_arch(tiny["arch"]), tiny["weights"]))

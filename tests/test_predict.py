@@ -14,7 +14,8 @@ from ssr_cli.cli import main
 from ssr_cli.data import read_image, read_mask
 from ssr_cli.data.vocab import VOC_CLASSES
 from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
-from ssr_cli.seg.checkpoint import save_checkpoint, save_model_file
+from ssr_cli.seg.checkpoint import save_model_file
+from ssr_cli.train.state import save_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 

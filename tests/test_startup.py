@@ -180,9 +180,9 @@ def test_a_complete_predict_reruns_without_torch(project: Path) -> None:
 
 
 def test_a_complete_cmpa_run_reruns_without_torch(project: Path) -> None:
-    cmpa = ["train-cmpa", "--data", "data", "--out", "runs/cmpa", "--clip-arch", "tiny.json", "--clip-weights",
-            "tiny.safetensors", "--iters", "2", "--batch-size", "2", "--dim", "16", "--size", "32",
-            "--init-images", "2", "--device", "cpu", "--workers", "0"]  # fmt: skip
+    cmpa = ["train-cmpa", "--data", "data", "--out", "runs/cmpa", "--clip-arch", "tiny.json",
+            "--clip-weights", "tiny.safetensors", "--iters", "2", "--batch-size", "2", "--dim", "16",
+            "--size", "32", "--init-images", "2", "--device", "cpu", "--workers", "0"]  # fmt: skip
     code, stdout, err, heavy = ssr([*cmpa, "--overwrite"], project)
     assert code == 0 and "torch" in heavy, err
     first_line = stdout

@@ -37,8 +37,56 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def _now() -> str:
+def now_utc() -> str:
+    """The time stamp of manifests: UTC, ISO 8601, to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_manifest(
+    stage: str,
+    *,
+    config: dict[str, Any],
+    basis: dict[str, Any],
+    upstream: dict[str, Any],
+    inputs: dict[str, Any],
+    item_dir: str,
+    item_suffix: str,
+    item_count: int,
+    notices: Iterable[str] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest of a new run, the same for per-item runs (``RunFolder.open``) and training
+    runs (train-cmpa, fit-seg): ``basis`` is what the fingerprint hashes; ``extra`` are the
+    stage's own top-level keys."""
+    stamp = now_utc()
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "ssr-cli",
+        "tool_version": __version__,
+        "stage": stage,
+        "created": stamp,
+        "updated": stamp,
+        "host": socket.gethostname(),
+        "config": config,
+        "fingerprint_basis": basis,
+        "fingerprint": fingerprint(basis),
+        "upstream": upstream,
+        "inputs": inputs,
+        "item_dir": item_dir,
+        "item_suffix": item_suffix,
+        "item_count": item_count,
+        "items_done": 0,
+        "completed": False,
+        "notices": list(notices),
+        "timing": {},
+        **extra,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Stamp ``updated`` and write ``folder/manifest.json`` atomically (the one manifest writer)."""
+    manifest["updated"] = now_utc()
+    atomic_write_json(Path(folder) / MANIFEST, manifest)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -167,11 +215,11 @@ def _manifest_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         keys: list[str] = []
         for key in sorted(set(old) | set(new)):
-            keys += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+            keys += changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
         return keys
     return [] if old == new else [prefix.rstrip(".") or "(value)"]
 
@@ -230,31 +278,14 @@ class RunFolder:
         input_fps = {k: v.get("fingerprint") for k, v in inputs.items() if isinstance(v, dict)}
         basis = {"stage": stage, "config": result_config, "upstream": upstream, "inputs": input_fps}
         fp = fingerprint(basis)
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "tool": "ssr-cli",
-            "tool_version": __version__,
-            "stage": stage,
-            "created": _now(),
-            "updated": _now(),
-            "host": socket.gethostname(),
-            "config": config,
-            "fingerprint_basis": basis,
-            "fingerprint": fp,
-            "upstream": upstream,
-            "inputs": inputs,
-            "item_dir": item_dir,
-            "item_suffix": item_suffix,
-            "item_count": len(ids),
-            "items_done": 0,
-            "completed": False,
-            "notices": list(notices),
-            "timing": {},
-        }
+        manifest = new_manifest(
+            stage, config=config, basis=basis, upstream=upstream, inputs=inputs, item_dir=item_dir,
+            item_suffix=item_suffix, item_count=len(ids), notices=notices,
+        )  # fmt: skip
         known = [item_dir, *(extra_items or {}), *KNOWN_EXTRAS]
         old = read_old_manifest(root, stage=stage, overwrite=overwrite, known=known)
         if old is not None and old.get("fingerprint") != fp and not overwrite:
-            changed = _changed_keys(old.get("fingerprint_basis", {}), basis)
+            changed = changed_keys(old.get("fingerprint_basis", {}), basis)
             raise ArtefactError(
                 f"holds a {stage} run made with different settings or inputs "
                 f"(changed: {', '.join(changed[:6]) or 'unknown'})",
@@ -357,8 +388,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------ manifest
     def _write_manifest(self) -> None:
-        self.manifest["updated"] = _now()
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+        write_manifest(self.root, self.manifest)
         self._manifest_key = ()  # re-read at the next check
 
     def count_done(self, ids: Sequence[str]) -> int:
@@ -384,7 +414,7 @@ class RunFolder:
             "shard": str(self.shard),
             "items": self._done_here,
             "seconds": round(seconds, 3),
-            "finished": _now(),
+            "finished": now_utc(),
         }
         if loop_seconds is not None:
             entry["loop_seconds"] = round(loop_seconds, 3)

@@ -12,8 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ssr_cli.artefacts.atomic import remove_stale_temps
 from ssr_cli.artefacts.fingerprint import fingerprint
-from ssr_cli.artefacts.run import KNOWN_EXTRAS, MANIFEST, _changed_keys, read_old_manifest
+from ssr_cli.artefacts.run import (
+    KNOWN_EXTRAS,
+    MANIFEST,
+    changed_keys,
+    now_utc,
+    read_manifest,
+    read_old_manifest,
+    write_manifest,
+)
 from ssr_cli.errors import ArtefactError, ConfigError
 
 
@@ -47,7 +56,7 @@ def prepare_training_run(
                 f"the run's {old_iters}",
                 hint=f"resume with --iters {old_iters}; to train longer, start a new run in another folder",
             )
-        changed = _changed_keys(old.get("fingerprint_basis", {}), basis)
+        changed = changed_keys(old.get("fingerprint_basis", {}), basis)
         what = "--resume needs the same settings as the interrupted run" if resume else f"holds a {stage} run"
         raise ArtefactError(
             f"{what} made with different settings or inputs (changed: {', '.join(changed[:6]) or 'unknown'})",
@@ -74,3 +83,32 @@ def prepare_training_run(
             )  # fmt: skip
         return "resume"
     return "fresh"  # stopped before the first checkpoint: nothing to keep
+
+
+def start_training_manifest(out: Path, manifest: dict[str, Any], *, resumed: bool) -> None:
+    """Write the manifest of a training run that starts (main process only): a resumed run
+    keeps its creation time and the timing of its earlier attempts; stale temporary files of
+    an interrupted write go."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed:
+        old = read_manifest(out)
+        manifest["created"] = old.get("created", manifest["created"])
+        manifest["timing"] = old.get("timing", {})
+    remove_stale_temps(out)
+    write_manifest(out, manifest)
+
+
+def finish_training_manifest(
+    out: Path, manifest: dict[str, Any], *, iters: int, summary: dict[str, Any], write: bool
+) -> dict[str, Any]:
+    """Mark a training run complete with its summary and this attempt's timing; ``write`` on the
+    main process only (every rank returns the same manifest)."""
+    manifest["items_done"] = iters
+    manifest["completed"] = True
+    manifest["summary"] = summary
+    manifest["timing"].setdefault("runs", []).append(
+        {"from_iteration": summary["resumed_from"], "seconds": summary["seconds"], "finished": now_utc()}
+    )
+    if write:
+        write_manifest(out, manifest)
+    return manifest

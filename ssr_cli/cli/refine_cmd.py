@@ -26,9 +26,19 @@ from ssr_cli.cli.options import (
     check_device,
 )
 from ssr_cli.console import set_quiet
+from ssr_cli.refine.config import (
+    BOX_THRESH,
+    BOX_THRESH_DEFAULT,
+    CRF_IMAGES,
+    CRFParams,
+    RefineConfig,
+    SGCParams,
+)
 
 _SGC = "SGC mask (--mask sgc)"
 _CRF = "Dense CRF"
+_R, _S, _C = RefineConfig, SGCParams, CRFParams  # every default of this command lives there
+_C_IMAGE = CRF_IMAGES[0]
 
 T = TypeVar("T")
 
@@ -41,9 +51,9 @@ def parse_weights(text: str) -> tuple[float, float]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 2 or min(values) < 0 or sum(values) <= 0:
+    if len(values) != 2:  # (their range: RefineConfig.check)
         raise ConfigError(
-            f"--affinity-weights {text!r} must be two weights >= 0 for CLIP,DINO",
+            f"--affinity-weights {text!r} must be two numbers, the CLIP and DINO weights",
             hint="e.g. --affinity-weights 0.4,0.6",
         )
     return values[0], values[1]
@@ -79,19 +89,19 @@ def refine_command(
     gt: GtDir = None,
     affinity: Annotated[
         str, typer.Option("--affinity", help="Attention affinity: none | clip | dino | clip+dino (SSR).")
-    ] = "clip+dino",
+    ] = _R.affinity,
     affinity_weights: Annotated[
         str,
         typer.Option("--affinity-weights", help="CLIP,DINO weights of the fused affinity (paper: 0.4,0.6)."),
-    ] = "0.4,0.6",
+    ] = ",".join(f"{w:g}" for w in _R.affinity_weights),
     mask: Annotated[
         str,
         typer.Option("--mask", help="Column mask: none | box (CLIP-ES's CAA) | sgc (SSR's superpixel mask)."),
-    ] = "sgc",
+    ] = _R.mask,
     clip_blocks: Annotated[
         int,
         typer.Option("--clip-blocks", min=1, help="CLIP attention: mean of the last N blocks (CLIP-ES: 8)."),
-    ] = 8,
+    ] = _R.clip_blocks,
     clip_attention: Annotated[
         str,
         typer.Option(
@@ -100,7 +110,7 @@ def refine_command(
             "(make-seeds --save-attn: no CLIP forward, CLIP not loaded), else recompute it; "
             "seeds: require the stored one; recompute: always run CLIP (float32 instead of float16).",
         ),
-    ] = "auto",
+    ] = _R.clip_attention,
     clip_arch: Annotated[
         Optional[str],
         typer.Option("--clip-arch", help="Only if the seeds' CLIP config JSON moved: its new path."),
@@ -119,7 +129,7 @@ def refine_command(
             help="dino_vitb16 | dino_vits16 | dinov2_vits14 | dinov2_vitb14 | ..._reg4, or a JSON "
             'file {"model": name, "overrides": {timm arguments}}.',
         ),
-    ] = "dino_vitb16",
+    ] = _R.dino_model,
     dino_weights: Annotated[
         Optional[str],
         typer.Option(
@@ -130,14 +140,15 @@ def refine_command(
     ] = None,
     dino_blocks: Annotated[
         str, typer.Option("--dino-blocks", help="DINO attention blocks, averaged (default: the last).")
-    ] = "-1",
+    ] = ",".join(str(b) for b in _R.dino_blocks),
     box_thresh: Annotated[
         Optional[float],
         typer.Option(
             "--box-thresh",
             min=0.0,
             max=1.0,
-            help="Box mask: CAM threshold x max (default 0.4; 0.7 for COCO).",
+            help=f"Box mask: CAM threshold x max (default {BOX_THRESH_DEFAULT:g}; "
+            f"{BOX_THRESH['coco']:g} for COCO).",
         ),
     ] = None,
     box_style: Annotated[
@@ -147,26 +158,28 @@ def refine_command(
             help="Box mask: clip-es = CLIP-ES exactly (threshold on the 8-bit CAM, a box touching "
             "the right/bottom edge loses its last column/row); full = whole boxes, threshold x float max.",
         ),
-    ] = "clip-es",
-    sgc_slic: Annotated[str, typer.Option("--sgc-slic", help=f"{_SGC}: SLIC | SLICO | MSLIC.")] = "SLICO",
+    ] = _R.box_style,
+    sgc_slic: Annotated[
+        str, typer.Option("--sgc-slic", help=f"{_SGC}: SLIC | SLICO | MSLIC.")
+    ] = _S.slic_algorithm,
     sgc_region_size: Annotated[
         int,
         typer.Option("--sgc-region-size", min=2, help=f"{_SGC}: superpixel size in pixels (one CLIP patch)."),
-    ] = 16,
-    sgc_ruler: Annotated[float, typer.Option("--sgc-ruler", help=f"{_SGC}: SLIC compactness.")] = 10.0,
+    ] = _S.region_size,
+    sgc_ruler: Annotated[float, typer.Option("--sgc-ruler", help=f"{_SGC}: SLIC compactness.")] = _S.ruler,
     sgc_iterations: Annotated[
         int, typer.Option("--sgc-iterations", min=1, help=f"{_SGC}: SLIC iterations.")
-    ] = 10,
+    ] = _S.iterations,
     sgc_clusters: Annotated[
         int, typer.Option("--sgc-clusters", min=1, help=f"{_SGC}: K-means colour clusters.")
-    ] = 8,
+    ] = _S.n_clusters,
     sgc_region_mode: Annotated[
         str, typer.Option("--sgc-region-mode", help=f"{_SGC}: connected (pieces of a cluster) | cluster.")
-    ] = "connected",
+    ] = _S.region_mode,
     sgc_high_conf: Annotated[
         float,
         typer.Option("--sgc-high-conf", min=0.0, max=1.0, help=f"{_SGC}: high-confidence CAM level x max."),
-    ] = 0.5,
+    ] = _S.high_conf,
     sgc_region_thresh: Annotated[
         float,
         typer.Option(
@@ -175,30 +188,38 @@ def refine_command(
             max=1.0,
             help=f"{_SGC}: share of high-confidence pixels that makes a region a target.",
         ),
-    ] = 0.3,
+    ] = _S.region_thresh,
     sgc_patch_fraction: Annotated[
         float,
         typer.Option(
             "--sgc-patch-fraction", min=0.0, max=1.0, help=f"{_SGC}: share of a patch in targets to keep it."
         ),
-    ] = 0.5,
+    ] = _S.patch_fraction,
     bg_alpha: Annotated[
         float,
         typer.Option("--bg-alpha", min=0.0, help="Background score (1 - max CAM) ** alpha (CLIP-ES: 1)."),
-    ] = 1.0,
+    ] = _R.bg_alpha,
     crf: Annotated[
         bool, typer.Option("--crf/--no-crf", help=f"{_CRF} on the CAMs (docs/METHOD.md section 4).")
-    ] = True,
+    ] = _R.crf,
     crf_iters: Annotated[
         int, typer.Option("--crf-iters", min=1, help=f"{_CRF}: mean-field iterations.")
-    ] = 10,
-    crf_gauss_sxy: Annotated[float, typer.Option("--crf-gauss-sxy", help=f"{_CRF}: Gaussian sxy.")] = 1.0,
+    ] = _C.iters,
+    crf_gauss_sxy: Annotated[
+        float, typer.Option("--crf-gauss-sxy", help=f"{_CRF}: Gaussian sxy.")
+    ] = _C.gauss_sxy,
     crf_gauss_compat: Annotated[
         float, typer.Option("--crf-gauss-compat", help=f"{_CRF}: Gaussian compat.")
-    ] = 3.0,
-    crf_bi_sxy: Annotated[float, typer.Option("--crf-bi-sxy", help=f"{_CRF}: bilateral sxy.")] = 67.0,
-    crf_bi_srgb: Annotated[float, typer.Option("--crf-bi-srgb", help=f"{_CRF}: bilateral srgb.")] = 3.0,
-    crf_bi_compat: Annotated[float, typer.Option("--crf-bi-compat", help=f"{_CRF}: bilateral compat.")] = 4.0,
+    ] = _C.gauss_compat,
+    crf_bi_sxy: Annotated[
+        float, typer.Option("--crf-bi-sxy", help=f"{_CRF}: bilateral sxy.")
+    ] = _C.bilateral_sxy,
+    crf_bi_srgb: Annotated[
+        float, typer.Option("--crf-bi-srgb", help=f"{_CRF}: bilateral srgb.")
+    ] = _C.bilateral_srgb,
+    crf_bi_compat: Annotated[
+        float, typer.Option("--crf-bi-compat", help=f"{_CRF}: bilateral compat.")
+    ] = _C.bilateral_compat,
     crf_image: Annotated[
         str,
         typer.Option(
@@ -206,7 +227,7 @@ def refine_command(
             help=f"{_CRF}: the image of the bilateral term: rgb (default: the photo) | clip-es (CLIP-ES's "
             "BGR minus the ImageNet mean cast to uint8, wrap-around included, for exact reproduction).",
         ),
-    ] = "rgb",
+    ] = _C_IMAGE,
     conf_thresh: Annotated[
         Optional[float],
         typer.Option(
@@ -220,17 +241,17 @@ def refine_command(
     save_cams: Annotated[
         bool,
         typer.Option("--save-cams", help="Also write the refined CAMs (cams/<id>.npz, float16, patch grid)."),
-    ] = False,
+    ] = _R.save_cams,
     precision: Annotated[
         str,
         typer.Option(
             "--precision",
             help="auto | fp32 | bf16 | fp16 for the attention (auto: fp32 on CPU, bf16 on GPU).",
         ),
-    ] = "auto",
+    ] = _R.precision,
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="Images of one size per attention forward.")
-    ] = 1,
+    ] = _R.batch_size,
     max_side: Annotated[
         Optional[int],
         typer.Option(
@@ -300,10 +321,9 @@ def refine_command(
         info(nothing_to_do("refine", out, done, dataset.ids, shard_))
         return
 
-    from ssr_cli.refine.sgc import SGCParams
     from ssr_cli.stages import refine as stage
 
-    cfg = stage.RefineConfig(
+    cfg = RefineConfig(
         affinity=affinity.strip().lower(),
         affinity_weights=parse_weights(affinity_weights),
         mask=mask.strip().lower(),
@@ -331,13 +351,10 @@ def refine_command(
         bg_alpha=bg_alpha,
         crf=crf,
         crf_params={
-            "iters": crf_iters,
-            "gauss_sxy": crf_gauss_sxy,
-            "gauss_compat": crf_gauss_compat,
-            "bilateral_sxy": crf_bi_sxy,
-            "bilateral_srgb": crf_bi_srgb,
-            "bilateral_compat": crf_bi_compat,
-            **({"image": crf_image} if crf_image != "rgb" else {}),
+            **CRFParams(
+                crf_iters, crf_gauss_sxy, crf_gauss_compat, crf_bi_sxy, crf_bi_srgb, crf_bi_compat
+            ).to_dict(),
+            **({"image": crf_image} if crf_image != _C_IMAGE else {}),
         },
         conf_thresh=conf_thresh,
         save_cams=save_cams,
@@ -349,8 +366,7 @@ def refine_command(
         max_side=max_side if max_side is not None else _recorded(recorded_cfg, "max_side", DEFAULT_MAX_SIDE),
         oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
     )
-    cfg.check()
-    try:
+    try:  # (the stage checks cfg)
         manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite)
     except stage.ItemFailure as exc:
         if os.environ.get("SSR_DEBUG", "") not in ("", "0") and exc.detail:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ssr_cli.cmpa.data import Loader, TrainItem, iter_plain_batches
-from ssr_cli.seg import distributed as D
+from ssr_cli.train import distributed as D
 
 
 @dataclass

@@ -46,8 +46,8 @@ from ssr_cli.console import ProgressBar, info, progress_enabled
 from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
 from ssr_cli.runtime import autocast
-from ssr_cli.seg import distributed as D
 from ssr_cli.seg.train import log_writer
+from ssr_cli.train import distributed as D
 
 LOG_FILE = "log.jsonl"
 # log-window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
@@ -140,7 +140,7 @@ def train(
     Rank 0 writes ``checkpoints/last.pt`` every ``save_every`` iterations and at the
     end, and ``log.jsonl``. ``resume``: a loaded ``last.pt`` to continue from.
     """
-    from ssr_cli.seg.checkpoint import rng_states, save_checkpoint, set_rng_states
+    from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states
 
     device, precision = env.device, cfg.precision
     if not items:

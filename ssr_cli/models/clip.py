@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssr_cli.errors import ConfigError, WeightsError
+from ssr_cli.errors import ConfigError, DataError, WeightsError
 from ssr_cli.models.sources import clip_cache_candidates as clip_cache_candidates  # re-exported
 from ssr_cli.models.sources import clip_weights_source, openai_cfg
 from ssr_cli.models.weights import (
@@ -417,3 +417,28 @@ class ClipModel:
         if not chunks:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat(chunks, dim=0)
+
+
+def register_arch(arch: str) -> str:
+    """``arch`` is an open_clip model name, or a model-config JSON file (registered, then
+    used by its file stem), e.g. a custom or tiny test architecture."""
+    if not arch.endswith(".json"):
+        return arch
+    import open_clip
+
+    path = Path(arch)
+    if not path.is_file():
+        raise DataError(
+            "CLIP architecture config file not found",
+            path=path,
+            hint="pass an open_clip model name or an existing config JSON",
+        )
+    try:
+        open_clip.add_model_config(path)
+    except Exception as exc:
+        raise DataError(
+            f"unreadable CLIP architecture config ({type(exc).__name__})",
+            path=path,
+            hint="it must be an open_clip model config JSON",
+        ) from None
+    return path.stem

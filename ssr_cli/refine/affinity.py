@@ -31,13 +31,12 @@ import numpy as np
 import torch
 
 from ssr_cli.errors import ConfigError
+from ssr_cli.refine.config import AFFINITY_WEIGHTS, BOX_THRESH_DEFAULT
 
-#: SSR's fusion weights (paper: CLIP attention : DINO attention = 0.4 : 0.6).
-DEFAULT_WEIGHTS: dict[str, float] = {"clip": 0.4, "dino": 0.6}
+#: SSR's fusion weights (``refine.config.AFFINITY_WEIGHTS``; paper: CLIP : DINO = 0.4 : 0.6).
+DEFAULT_WEIGHTS: dict[str, float] = {"clip": AFFINITY_WEIGHTS[0], "dino": AFFINITY_WEIGHTS[1]}
 #: CLIP-ES: one column/row pass, then two more (3 in all).
 NORMALISE_ITERS = 3
-#: CLIP-ES box threshold for VOC (0.7 for COCO), relative to the CAM's maximum.
-BOX_THRESHOLD = 0.4
 _TINY = 1e-12
 
 
@@ -107,7 +106,7 @@ def fuse_affinity(
 
 
 def box_mask(
-    cam: torch.Tensor | np.ndarray, threshold: float = BOX_THRESHOLD, *, clip_es_edges: bool = False
+    cam: torch.Tensor | np.ndarray, threshold: float = BOX_THRESH_DEFAULT, *, clip_es_edges: bool = False
 ) -> torch.Tensor | np.ndarray:
     """CLIP-ES's class mask: 1 inside the bounding box of every contour of the thresholded CAM.
 
@@ -149,7 +148,7 @@ def box_mask(
 
 
 def box_masks(
-    cams: torch.Tensor, threshold: float = BOX_THRESHOLD, *, clip_es_edges: bool = False
+    cams: torch.Tensor, threshold: float = BOX_THRESH_DEFAULT, *, clip_es_edges: bool = False
 ) -> torch.Tensor:
     """:func:`box_mask` for each class of ``cams`` ``[C, h, w]`` -> ``[C, h, w]`` float32 {0, 1}."""
     arr = cams.detach().float().cpu().numpy()

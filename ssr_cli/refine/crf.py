@@ -28,20 +28,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from ssr_cli.errors import ConfigError
+from ssr_cli.refine.config import CRFParams
 
 IGNORE = 255
-#: CLIP-ES's CRF settings (also DeepLab's): Gaussian and bilateral kernels, iterations.
-CRF_DEFAULTS = {
-    "iters": 10,
-    "gauss_sxy": 1.0,
-    "gauss_compat": 3.0,
-    "bilateral_sxy": 67.0,
-    "bilateral_srgb": 3.0,
-    "bilateral_compat": 4.0,
-}
 
 
-CRF_IMAGES = ("rgb", "clip-es")
 CLIP_ES_MEAN_BGR = (104.008, 116.669, 122.675)  # CLIP-ES's eval_cam_with_crf.py
 
 
@@ -99,12 +90,12 @@ def dense_crf(
     image: np.ndarray,
     probs: np.ndarray,
     *,
-    iters: int = 10,
-    gauss_sxy: float = 1.0,
-    gauss_compat: float = 3.0,
-    bilateral_sxy: float = 67.0,
-    bilateral_srgb: float = 3.0,
-    bilateral_compat: float = 4.0,
+    iters: int = CRFParams.iters,
+    gauss_sxy: float = CRFParams.gauss_sxy,
+    gauss_compat: float = CRFParams.gauss_compat,
+    bilateral_sxy: float = CRFParams.bilateral_sxy,
+    bilateral_srgb: float = CRFParams.bilateral_srgb,
+    bilateral_compat: float = CRFParams.bilateral_compat,
     clip: float = 1e-5,
 ) -> np.ndarray:
     """Fully connected CRF posterior (Kraehenbuehl & Koltun, via pydensecrf).

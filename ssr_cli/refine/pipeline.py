@@ -44,9 +44,8 @@ from typing import Any
 import numpy as np
 
 from ssr_cli.errors import SSRError
+from ssr_cli.refine.config import BOX_THRESH_DEFAULT, MASKS
 
-MASKS = ("none", "box", "sgc")
-BOX_STYLES = ("clip-es", "full")
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -60,7 +59,7 @@ class RefineParams:
     """
 
     mask: str = "sgc"
-    box_thresh: float = 0.4
+    box_thresh: float = BOX_THRESH_DEFAULT
     box_style: str = "clip-es"
     sgc: Any = None
     bg_alpha: float = 1.0
@@ -120,20 +119,13 @@ def encode_label_png(labels: np.ndarray) -> bytes:
 
 
 def encode_cams(cams: np.ndarray, seed: dict[str, np.ndarray]) -> bytes:
-    """Refined CAMs ``[C, h, w]`` as a seed-format ``.npz`` (float32; ``make_seeds.load_seed`` reads it)."""
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        cams=np.asarray(cams, dtype=np.float32),
-        class_ids=np.asarray(seed["class_ids"], dtype=np.int16),
-        image_hw=np.asarray(seed["image_hw"], dtype=np.int32),
-        scales=np.asarray(seed["scales"], dtype=np.float32),
-        flip=np.asarray(seed["flip"]),
-    )
-    return buf.getvalue()
+    """Refined CAMs ``[C, h, w]`` as a seeds file (``ssr_cli/artefacts/seeds.py``), no attention."""
+    from ssr_cli.artefacts.seeds import encode_seed
+
+    return encode_seed(cams, seed["class_ids"], seed["image_hw"], seed["scales"], bool(seed["flip"]))
 
 
-def clip_es_box_mask(cam: np.ndarray, threshold: float = 0.4) -> np.ndarray:
+def clip_es_box_mask(cam: np.ndarray, threshold: float = BOX_THRESH_DEFAULT) -> np.ndarray:
     """CLIP-ES's class mask exactly (its ``scoremap2bbox``, every contour): ``[h, w]`` -> {0, 1}.
 
     The CAM is cast to 8 bits as ``uint8(cam * 255)`` (truncation; CLIP-ES's CAMs are

@@ -57,9 +57,7 @@ from typing import Any
 import numpy as np
 
 from ssr_cli.errors import ConfigError
-
-SLIC_ALGORITHMS = ("SLIC", "SLICO", "MSLIC")
-REGION_MODES = ("connected", "cluster")
+from ssr_cli.refine.config import REGION_MODES, SLIC_ALGORITHMS, SGCParams
 
 
 @dataclass
@@ -244,32 +242,6 @@ def target_regions(
         if not targets[c].any():
             targets[c, int(np.argmax(shares[c]))] = True
     return shares, targets
-
-
-@dataclass
-class SGCParams:
-    """SGC settings (defaults and their reasons: the module docstring)."""
-
-    slic_algorithm: str = "SLICO"
-    region_size: int = 16
-    ruler: float = 10.0
-    iterations: int = 10
-    n_clusters: int = 8
-    region_mode: str = "connected"
-    high_conf: float = 0.5
-    region_thresh: float = 0.3
-    patch_fraction: float = 0.5
-    seed: int = 0
-
-    def check(self) -> None:
-        for name in ("high_conf", "region_thresh", "patch_fraction"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"SGC {name.replace('_', ' ')} must be in [0, 1], got {value}")
-        if self.region_mode not in REGION_MODES:
-            raise ConfigError(
-                f"unknown SGC region mode {self.region_mode!r}", hint=f"use one of {REGION_MODES}"
-            )
 
 
 def sgc_regions(

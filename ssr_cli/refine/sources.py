@@ -33,7 +33,7 @@ import torch
 from ssr_cli.artefacts import read_manifest
 from ssr_cli.data import Dataset
 from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
-from ssr_cli.stages.make_seeds import register_arch
+from ssr_cli.models.clip import register_arch
 
 
 @dataclass

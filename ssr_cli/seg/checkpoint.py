@@ -1,6 +1,6 @@
 """Training checkpoints and final model files of the segmenter.
 
-- ``checkpoints/last.pt`` (and ``best.pt``): ``torch.save`` of a dict with the
+- ``checkpoints/last.pt`` (and ``best.pt``): ``ssr_cli.train.state.save_checkpoint`` of a dict with the
   iteration, model, optimizer, scheduler and AMP-scaler state dicts, the RNG
   states (python, numpy, torch, CUDA), the model and training configs and the
   run fingerprint. Only tensors and plain Python values, so they load with
@@ -13,70 +13,30 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ssr_cli.artefacts import atomic_write, read_manifest
 from ssr_cli.errors import WeightsError
 from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
+from ssr_cli.train.state import load_training_state
+
+#: what a fit-seg checkpoint must hold, and what to do when it does not
+CHECKPOINT_KEYS = ("model", "model_config")
+CHECKPOINT_HINT = (
+    "pass a checkpoint written by ssr fit-seg (RUN/checkpoints/last.pt), or start again with --overwrite"
+)
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A fit-seg checkpoint (``last.pt``, ``best.pt``) on the CPU."""
+    return load_training_state(path, stage="fit-seg", keys=CHECKPOINT_KEYS, hint=CHECKPOINT_HINT)
+
 
 CONFIG_KEY = "ssr_segmenter_config"
 MODEL_FILE = "model.safetensors"
-
-
-def rng_states() -> dict[str, Any]:
-    """Every global RNG state as weights_only-loadable values."""
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = np_state["state"]["key"].tolist()
-    version, internal, gauss = random.getstate()
-    states: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": np_state,
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`rng_states` recorded."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = dict(states["numpy"])
-    np_state["state"] = dict(np_state["state"], key=np.asarray(np_state["state"]["key"], dtype=np.uint32))
-    np.random.set_state(np_state)
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Atomically ``torch.save`` ``state`` to ``path``."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` onto the CPU."""
-    from ssr_cli.models.weights import load_failure
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        what, _hint = load_failure(exc, "checkpoint")
-        raise WeightsError(
-            what, path=path, hint="pass a checkpoint written by ssr fit-seg, or start again with --overwrite"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise WeightsError("not an ssr fit-seg checkpoint", path=path, hint="pass RUN/checkpoints/last.pt")
-    return state
 
 
 def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], cfg: SegmenterConfig) -> Path:
@@ -134,7 +94,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Segmente
             )
         cfg = SegmenterConfig.from_dict(json.loads(meta[CONFIG_KEY]))
         return state, cfg, file
-    ckpt = load_checkpoint(file)
+    ckpt = load_checkpoint_file(file)
     return ckpt["model"], SegmenterConfig.from_dict(ckpt["model_config"]), file
 
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from ssr_cli.runtime import autocast
 from ssr_cli.seg.data import Sample, read_pair
-from ssr_cli.seg.distributed import DistEnv, all_reduce_sum
 from ssr_cli.seg.transforms import normalize
+from ssr_cli.train.distributed import DistEnv, all_reduce_sum
 
 
 @torch.no_grad()

@@ -34,12 +34,13 @@ from ssr_cli.errors import ConfigError, SSRError
 from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
 from ssr_cli.procs import worker_guard
 from ssr_cli.runtime import autocast
-from ssr_cli.seg import distributed as D
-from ssr_cli.seg.checkpoint import MODEL_FILE, rng_states, save_checkpoint, save_model_file, set_rng_states
+from ssr_cli.seg.checkpoint import MODEL_FILE, save_model_file
 from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error
 from ssr_cli.seg.infer import evaluate
 from ssr_cli.seg.loss import LOSSES, segmentation_loss
 from ssr_cli.seg.recipes import RECIPES
+from ssr_cli.train import distributed as D
+from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states
 
 OPTIMIZERS = ("sgd", "adamw")
 _DEFAULT = RECIPES["deeplabv3plus"]

@@ -85,8 +85,8 @@ def bg_candidates(search: bool, alpha: float | None, threshold: float | None) ->
 def _seed_source(pred: Path, manifest: dict[str, Any], candidates: list[dict[str, float]]) -> PredSource:
     """A ``seeds`` run (``cams/*.npz``): CAMs are upsampled to the image size (bilinear) and
     turned into labels by each background rule in ``candidates`` (METHOD.md section 4)."""
+    from ssr_cli.artefacts.seeds import load_seed
     from ssr_cli.cam.labels import cams_to_labels, upsample_cams
-    from ssr_cli.stages.make_seeds import load_seed
 
     item_root = pred / manifest.get("item_dir", "cams")
     suffix = manifest.get("item_suffix", ".npz")

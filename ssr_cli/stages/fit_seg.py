@@ -18,19 +18,15 @@ Imports torch: only import inside command bodies.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ssr_cli import __version__
-from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_manifest
-from ssr_cli.artefacts.atomic import remove_stale_temps
+from ssr_cli.artefacts import MANIFEST, fingerprint, read_manifest
 from ssr_cli.artefacts.fingerprint import file_sha256
 from ssr_cli.artefacts.paths import absolute, locate_inputs
-from ssr_cli.artefacts.run import SCHEMA_VERSION
-from ssr_cli.artefacts.training import prepare_training_run
+from ssr_cli.artefacts.run import new_manifest
+from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
 from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
 
@@ -59,10 +55,6 @@ class FitSegOptions:
     resume: bool = False
     overwrite: bool = False
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields; None: the head's recipe
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_pseudo(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -106,11 +98,6 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
     )  # fmt: skip
 
 
-def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    manifest["updated"] = _now()
-    atomic_write_json(out / MANIFEST, manifest)
-
-
 def run(opts: FitSegOptions) -> dict[str, Any]:
     """Train the segmenter as ``opts`` says; returns the final manifest (on every rank)."""
     import torch
@@ -119,11 +106,11 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
     from ssr_cli.models.backbone_weights import resolve_backbone_state
     from ssr_cli.models.segmenter import SegmenterConfig, backbone_normalisation
     from ssr_cli.runtime import resolve_device, resolve_precision
-    from ssr_cli.seg import distributed as D
-    from ssr_cli.seg.checkpoint import MODEL_FILE, load_checkpoint
+    from ssr_cli.seg.checkpoint import MODEL_FILE, load_checkpoint_file
     from ssr_cli.seg.data import Sample
     from ssr_cli.seg.recipes import fill_defaults
     from ssr_cli.seg.train import TrainConfig, train
+    from ssr_cli.train import distributed as D
 
     out = Path(opts.out)
     label_dir, pseudo = resolve_pseudo(opts.pseudo)
@@ -211,36 +198,27 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
             return read_manifest(out)
         resume_state = None
         if decision == "resume":
-            resume_state = load_checkpoint(out / "checkpoints" / "last.pt")
+            resume_state = load_checkpoint_file(out / "checkpoints" / "last.pt")
             if resume_state.get("fingerprint") != fp:
                 raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
                                     hint="start again with --overwrite")  # fmt: skip
             info(f"fit-seg: resuming {out} at iteration {resume_state['iteration']} of {tcfg.iters}")
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION, "tool": "ssr-cli", "tool_version": __version__,
-            "stage": STAGE, "created": _now(), "updated": _now(), "host": socket.gethostname(),
-            "config": {
+        manifest = new_manifest(
+            STAGE,
+            config={
                 "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
                 "pseudo": str(absolute(opts.pseudo)), "val_split": opts.val_split, "device": str(device),
                 "world_size": env.world, "model": model_cfg.to_dict(), "train": tcfg.to_dict(),
                 "backbone_weights": weights_desc, "recipe": recipe,
             },
-            "fingerprint_basis": basis, "fingerprint": fp,
-            "upstream": {"pseudo": pseudo["fingerprint"]},
-            "inputs": locate_inputs({"dataset": dataset.describe(), "val": val_desc,
-                                     "pseudo": {**pseudo, "dir": str(label_dir)}}, out),
-            "item_dir": "checkpoints", "item_suffix": ".pt", "item_count": tcfg.iters, "items_done": 0,
-            "completed": False, "notices": [], "timing": {},
-            "samples": len(samples), "model_file": MODEL_FILE,
-        }  # fmt: skip
+            basis=basis, upstream={"pseudo": pseudo["fingerprint"]},
+            inputs=locate_inputs({"dataset": dataset.describe(), "val": val_desc,
+                                  "pseudo": {**pseudo, "dir": str(label_dir)}}, out),
+            item_dir="checkpoints", item_suffix=".pt", item_count=tcfg.iters,
+            samples=len(samples), model_file=MODEL_FILE,
+        )  # fmt: skip
         if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume_state is not None:
-                old = read_manifest(out)
-                manifest["created"] = old.get("created", manifest["created"])
-                manifest["timing"] = old.get("timing", {})
-            remove_stale_temps(out)
-            _write_manifest(out, manifest)
+            start_training_manifest(out, manifest, resumed=resume_state is not None)
         D.barrier(env)
         info(f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
              f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}")  # fmt: skip
@@ -252,15 +230,7 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
             warn("--freeze-bn with random backbone weights keeps BatchNorm at its initial statistics "
                  "(mean 0, variance 1); the recipe assumes pretrained weights")  # fmt: skip
         summary = train(out, model_cfg, tcfg, samples, val_samples, env, backbone_state, resume_state, fp)
-        manifest["items_done"] = tcfg.iters
-        manifest["completed"] = True
-        manifest["summary"] = summary
-        manifest["timing"].setdefault("runs", []).append(
-            {"from_iteration": summary["resumed_from"], "seconds": summary["seconds"], "finished": _now()}
-        )
-        if env.is_main:
-            _write_manifest(out, manifest)
-        return manifest
+        return finish_training_manifest(out, manifest, iters=tcfg.iters, summary=summary, write=env.is_main)
     finally:
         if torch.distributed.is_available():
             D.shutdown(env)

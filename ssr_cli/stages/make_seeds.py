@@ -1,26 +1,12 @@
 """Stage ``make-seeds``: CLIP GradCAM seeds, one ``cams/<id>.npz`` per image.
 
-Each item file holds (numpy ``.npz``):
-
-- ``cams``      float32 [C, h, w] (float16 in files of earlier versions): min-max normalised
-                CAMs of the C present classes at patch resolution of the scale-1.0 input
-                (h = H'/16, w = W'/16)
-- ``class_ids`` int16 [C]: foreground class ids (1..K) in the order of ``cams``
-- ``image_hw``  int32 [2]: original image height, width
-- ``scales``    float32 [S]; ``flip`` bool
-- ``attn``      float16 [hw, hw] (only with ``save_attn``): CLIP's patch-to-patch attention of
-                the scale-1.0 un-flipped input (hw = h*w, CLS dropped), averaged over heads
-                and the last ``attn_blocks`` blocks, rows not renormalised
-                (``ClipModel.attention``); computed in the CAMs' forward, read by ``refine``
-                so that it needs no CLIP forward (~1.2 MB per VOC image)
-- ``attn_blocks`` int16 [k]: the block indices averaged into ``attn``
+Each item file is a seeds file (``ssr_cli/artefacts/seeds.py`` describes the format).
 
 Imports torch: only import inside command bodies.
 """
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +18,8 @@ import numpy as np
 import torch
 
 from ssr_cli.artefacts import RunFolder, Shard
+from ssr_cli.artefacts.seeds import save_seed, seed_readable
+from ssr_cli.cam.multiscale import cams_and_attention
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
@@ -42,7 +30,8 @@ from ssr_cli.data.size_limit import (
     plan_sizes,
     read_downscaled,
 )
-from ssr_cli.errors import ArtefactError, DataError
+from ssr_cli.errors import DataError
+from ssr_cli.models.clip import register_arch
 
 STAGE = "seeds"
 ITEM_DIR = "cams"
@@ -70,90 +59,6 @@ class SeedsConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def save_seed(
-    path: Path,
-    cams: np.ndarray,
-    class_ids: Sequence[int],
-    image_hw: tuple[int, int],
-    scales: Sequence[float],
-    flip: bool,
-    attn: np.ndarray | None = None,
-    attn_blocks: Sequence[int] = (),
-) -> None:
-    """Write one seeds item (see the module docstring); ``attn`` [hw, hw] is optional."""
-    buf = io.BytesIO()
-    arrays: dict[str, np.ndarray] = {
-        "cams": cams.astype(np.float32),  # float16 moved CAA's box threshold (issue 13)
-        "class_ids": np.asarray(class_ids, dtype=np.int16),
-        "image_hw": np.asarray(image_hw, dtype=np.int32),
-        "scales": np.asarray(scales, dtype=np.float32),
-        "flip": np.asarray(flip),
-    }
-    if attn is not None:
-        arrays["attn"] = attn.astype(np.float16)
-        arrays["attn_blocks"] = np.asarray(attn_blocks, dtype=np.int16)
-    np.savez(buf, **arrays)  # type: ignore[arg-type]  # (numpy stubs: allow_pickle is a keyword too)
-    path.write_bytes(buf.getvalue())
-
-
-def load_seed(path: str | Path, *, with_attn: bool = True) -> dict[str, np.ndarray]:
-    """Read one seeds item; a damaged file is a one-line error naming it.
-
-    Keys ``cams``, ``class_ids``, ``image_hw``, ``scales``, ``flip``; also ``attn`` and
-    ``attn_blocks`` when the file holds them and ``with_attn`` (seeds made without
-    ``--save-attn``, and refined CAMs, have none).
-    """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            out = {k: data[k] for k in ("cams", "class_ids", "image_hw", "scales", "flip")}
-            if with_attn and "attn" in data.files:
-                out["attn"], out["attn_blocks"] = data["attn"], data["attn_blocks"]
-    except FileNotFoundError:
-        raise ArtefactError(
-            "seed file is missing", path=path, hint="rerun make-seeds into that folder"
-        ) from None
-    except Exception as exc:  # zipfile/BadZip/ValueError/KeyError
-        raise ArtefactError(
-            f"unreadable seed file ({type(exc).__name__})",
-            path=path,
-            hint="delete it and rerun make-seeds into the same folder to recompute it",
-        ) from None
-    problem = seed_problem(out)
-    if problem:
-        raise ArtefactError(
-            f"malformed seed file: {problem}",
-            path=path,
-            hint="delete it and rerun make-seeds into the same folder to recompute it",
-        )
-    return out
-
-
-def seed_problem(seed: dict[str, np.ndarray]) -> str | None:
-    """What is wrong with a loaded seed (shapes, types, values), or None."""
-    cams, class_ids, hw = seed["cams"], seed["class_ids"], seed["image_hw"]
-    if cams.ndim != 3 or cams.dtype.kind != "f":
-        return f"cams must be a float array [C, h, w], not {cams.dtype} {list(cams.shape)}"
-    if class_ids.ndim != 1 or class_ids.dtype.kind not in "iu" or len(class_ids) != cams.shape[0]:
-        found = f"{class_ids.dtype} {list(class_ids.shape)}"
-        return f"class_ids must be {cams.shape[0]} integers (one per CAM), not {found}"
-    if len(class_ids) and (class_ids.min() < 1 or class_ids.max() > 254):
-        return "class_ids must be in 1..254"
-    if hw.shape != (2,) or hw.dtype.kind not in "iu" or hw.min() < 1:
-        return f"image_hw must be two positive integers, not {hw.tolist()}"
-    if cams.size and not np.isfinite(cams).all():
-        return "cams hold NaN or infinite values"
-    return None
-
-
-def _seed_readable(path: Path) -> bool:
-    """``check_item`` of seeds runs: the file loads and is well formed (attention not read)."""
-    try:
-        load_seed(path, with_attn=False)
-    except ArtefactError:
-        return False
-    return True
-
-
 def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: int) -> list[list[str]]:
     """Consecutive ids with the same network input size, at most ``batch_size`` each.
 
@@ -167,31 +72,6 @@ def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: 
         else:
             batches.append([item_id])
     return batches
-
-
-def register_arch(arch: str) -> str:
-    """``arch`` is an open_clip model name, or a model-config JSON file (registered, then
-    used by its file stem), e.g. a custom or tiny test architecture."""
-    if not arch.endswith(".json"):
-        return arch
-    import open_clip
-
-    path = Path(arch)
-    if not path.is_file():
-        raise DataError(
-            "CLIP architecture config file not found",
-            path=path,
-            hint="pass an open_clip model name or an existing config JSON",
-        )
-    try:
-        open_clip.add_model_config(path)
-    except Exception as exc:
-        raise DataError(
-            f"unreadable CLIP architecture config ({type(exc).__name__})",
-            path=path,
-            hint="it must be an open_clip model config JSON",
-        ) from None
-    return path.stem
 
 
 def _read(dataset: Dataset, item_id: str, plan: SizePlan | None) -> np.ndarray:
@@ -221,108 +101,6 @@ def _prefetch(
             batch, fs = futures.pop(0)
             submit()
             yield batch, [f.result() for f in fs]
-
-
-def cams_for_batch(
-    model: Any,
-    images: Sequence[np.ndarray],
-    present: Sequence[Sequence[int]],
-    fg: torch.Tensor,
-    bg: torch.Tensor,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    precision: str = "fp32",
-    image_head: Any = None,
-    text_head: Any = None,
-    target: str | None = None,
-) -> list[torch.Tensor]:
-    """CAMs [C_i, h, w] for images of one network size (h, w: the scale-1.0 patch grid).
-
-    One GradCAM call per (scale, flip) variant covers every image and class of the
-    batch. With one scale and no flip the CAMs are GradCAM's as they are (CLIP-ES);
-    otherwise they are merged by ``merge_scales`` (resize to the scale-1.0 grid, sum,
-    min-max normalise).
-    """
-    cams, _ = cams_and_attention(
-        model,
-        images,
-        present,
-        fg,
-        bg,
-        scales=scales,
-        flip=flip,
-        precision=precision,
-        image_head=image_head,
-        text_head=text_head,
-        target=target,
-    )
-    return cams
-
-
-def cams_and_attention(
-    model: Any,
-    images: Sequence[np.ndarray],
-    present: Sequence[Sequence[int]],
-    fg: torch.Tensor,
-    bg: torch.Tensor,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    precision: str = "fp32",
-    image_head: Any = None,
-    text_head: Any = None,
-    attn_blocks: int | None = None,
-    target: str | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """``cams_for_batch``'s CAMs and, with ``attn_blocks`` (n = the last n blocks), CLIP's
-    attention [N, h*w, h*w] float32 (CPU) of the scale-1.0 un-flipped input (``ClipModel.attention``).
-
-    The attention comes from the same forward as the scale-1.0 un-flipped CAMs
-    (``ImageTokens`` passed to GradCAM), which it does not change: the trunk's tokens
-    are the same with or without it. Without a scale 1.0 it costs a forward of its own.
-    """
-    from ssr_cli.cam.gradcam import gradcam, merge_scales
-
-    p = model.patch_size
-    h0, w0 = model.resized_size(*images[0].shape[:2], 1.0)
-    grid = (h0 // p, w0 // p)
-    variants: list[list[tuple[torch.Tensor, bool]]] = [[] for _ in images]
-    attn: torch.Tensor | None = None
-    for scale in scales:
-        x = torch.stack([model.preprocess(im, scale) for im in images]).to(model.device)
-        for flipped in (False, True) if flip else (False,):
-            source: Any = x.flip(-1) if flipped else x
-            if attn_blocks is not None and attn is None and scale == 1.0 and not flipped:
-                source = model.image_tokens(
-                    x, grad_last_block=False, attn_blocks=attn_blocks, precision=precision
-                )
-                attn = source.attn.float().cpu()
-            cams = gradcam(
-                model,
-                source,
-                present,
-                fg,
-                bg,
-                image_head=image_head,
-                text_head=text_head,
-                precision=precision,
-                target=target,
-            )
-            for i, cam in enumerate(cams):
-                variants[i].append((cam, flipped))
-    if attn_blocks is not None and attn is None:  # no scale 1.0: a forward of its own
-        x = torch.stack([model.preprocess(im, 1.0) for im in images]).to(model.device)
-        attn = model.attention(x, blocks=attn_blocks, precision=precision).cpu()
-    out = []
-    for parts in variants:
-        if len(parts) == 1 and tuple(parts[0][0].shape[-2:]) == grid:
-            out.append(parts[0][0])
-        elif parts[0][0].shape[0] == 0:
-            out.append(torch.zeros(0, *grid))
-        else:
-            out.append(merge_scales([c for c, _ in parts], grid, [f for _, f in parts]))
-    return out, attn
 
 
 def run(
@@ -396,7 +174,7 @@ def run(
         shard=shard,
         overwrite=overwrite,
         notices=notices,
-        check_item=_seed_readable,
+        check_item=seed_readable,
     )
     for notice in notices:
         warn(notice)

@@ -98,9 +98,10 @@ def run(opts: PredictOptions) -> dict[str, Any]:
 
     from ssr_cli.models.weights import file_sha256_cached
     from ssr_cli.procs import worker_guard
+    from ssr_cli.refine.config import CRFParams
     from ssr_cli.runtime import resolve_device, resolve_precision
     from ssr_cli.seg.checkpoint import load_segmenter
-    from ssr_cli.seg.crf import CRFParams, dense_crf
+    from ssr_cli.seg.crf import dense_crf
     from ssr_cli.seg.data import clean_worker_error
     from ssr_cli.seg.infer import predict_probs
 

@@ -1,6 +1,6 @@
 """Stage ``refine``: seeds -> pseudo-label PNGs (CAA / SGC affinity refinement, background rule, CRF).
 
-Reads a ``seeds`` run folder (``cams/<id>.npz``, ``make_seeds.load_seed``) and the images;
+Reads a ``seeds`` run folder (``cams/<id>.npz``, ``ssr_cli.artefacts.seeds.load_seed``) and the images;
 writes ``labels/<id>.png`` (VOC palette; 0 background, class ids, 255 uncertain) and,
 with ``save_cams``, ``cams/<id>.npz`` (refined CAMs, float32 ``[C, h, w]`` on the
 seeds' patch grid, seed format). Per image (METHOD.md sections 1, 3, 4):
@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,10 @@ import numpy as np
 
 from ssr_cli.artefacts import RunFolder, Shard, atomic_write_bytes
 from ssr_cli.artefacts.item_checks import png_check
+from ssr_cli.artefacts.seeds import load_seed
 from ssr_cli.console import ProgressBar, info, progress_enabled, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
-    DEFAULT_MAX_SIDE,
     SizeLimit,
     SizePlan,
     image_size,
@@ -53,11 +53,9 @@ from ssr_cli.data.size_limit import (
     read_downscaled,
     upscale_labels,
 )
-from ssr_cli.errors import ArtefactError, ConfigError
-from ssr_cli.refine.crf import CRF_DEFAULTS, CRF_IMAGES
+from ssr_cli.errors import ArtefactError
+from ssr_cli.refine.config import BOX_THRESH, BOX_THRESH_DEFAULT, RefineConfig
 from ssr_cli.refine.pipeline import (
-    BOX_STYLES,
-    MASKS,
     ItemFailure,
     ItemFn,
     ItemJob,
@@ -65,7 +63,6 @@ from ssr_cli.refine.pipeline import (
     WorkerPool,
     process_item,
 )
-from ssr_cli.refine.sgc import SGCParams
 from ssr_cli.refine.sources import (
     SeedsRun,
     batch_affinity,
@@ -74,85 +71,12 @@ from ssr_cli.refine.sources import (
     open_seeds,
     resolve_clip,
 )
-from ssr_cli.stages.make_seeds import load_seed
 
 STAGE = "refine"
 ITEM_DIR = "labels"
 ITEM_SUFFIX = ".png"
 CAMS_DIR = "cams"
 REFINE_VERSION = "refine-1"  # bump when the computation changes results
-AFFINITIES = ("none", "clip", "dino", "clip+dino")
-#: where the CLIP attention comes from: the seeds when they hold it, else recomputed (auto)
-CLIP_ATTENTION = ("auto", "seeds", "recompute")
-#: CLIP-ES's box threshold relative to the CAM's max: 0.4 for VOC, 0.7 for COCO.
-BOX_THRESH = {"coco": 0.7}
-BOX_THRESH_DEFAULT = 0.4
-
-
-@dataclass
-class RefineConfig:
-    """Settings of ``ssr refine`` (the CLI's options; defaults = the full SSR method)."""
-
-    affinity: str = "clip+dino"
-    affinity_weights: tuple[float, float] = (0.4, 0.6)  # CLIP, DINO
-    mask: str = "sgc"
-    clip_blocks: int = 8
-    clip_attention: str = "auto"  # auto | seeds (required) | recompute (always run CLIP)
-    clip_arch: str | None = None  # None: the seeds' architecture
-    clip_weights: str | None = None  # None: the seeds' weights file
-    dino_model: str = "dino_vitb16"
-    dino_weights: str | None = None
-    dino_blocks: tuple[int, ...] = (-1,)
-    box_thresh: float | None = None  # None: 0.4, or 0.7 for the COCO vocabulary
-    box_style: str = "clip-es"
-    sgc: SGCParams = field(default_factory=SGCParams)
-    bg_alpha: float = 1.0
-    crf: bool = True
-    crf_params: dict[str, Any] = field(default_factory=lambda: dict(CRF_DEFAULTS))  # + "image": rgb | clip-es
-    conf_thresh: float | None = None  # None: 0.95 with the CRF, no threshold without
-    save_cams: bool = False
-    precision: str = "auto"
-    batch_size: int = 1
-    device: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    max_side: int = DEFAULT_MAX_SIDE  # longer image side; larger images: see oversize
-    oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
-
-    def sources(self) -> list[str]:
-        if self.affinity not in AFFINITIES:
-            raise ConfigError(f"--affinity {self.affinity!r} is not one of {', '.join(AFFINITIES)}")
-        return [] if self.affinity == "none" else self.affinity.split("+")
-
-    def check(self) -> None:
-        self.sources()
-        SizeLimit(self.max_side, self.oversize).check()
-        if self.mask not in MASKS:
-            raise ConfigError(f"--mask {self.mask!r} is not one of {', '.join(MASKS)}")
-        if self.clip_attention not in CLIP_ATTENTION:
-            raise ConfigError(
-                f"--clip-attention {self.clip_attention!r} is not one of {', '.join(CLIP_ATTENTION)}"
-            )
-        if self.box_style not in BOX_STYLES:
-            raise ConfigError(f"--box-style {self.box_style!r} is not one of {', '.join(BOX_STYLES)}")
-        if (
-            len(self.affinity_weights) != 2
-            or min(self.affinity_weights) < 0
-            or sum(self.affinity_weights) <= 0
-        ):
-            raise ConfigError(
-                f"--affinity-weights {self.affinity_weights} must be two weights >= 0, not both 0"
-            )
-        for name, value in (("--box-thresh", self.box_thresh), ("--conf-thresh", self.conf_thresh)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {value}")
-        if self.bg_alpha <= 0 or self.clip_blocks < 1 or self.batch_size < 1:
-            raise ConfigError("--bg-alpha must be > 0, --clip-blocks and --batch-size >= 1")
-        if self.crf and int(self.crf_params.get("iters", 1)) < 1:
-            raise ConfigError("--crf-iters must be at least 1")
-        if self.crf_params.get("image", "rgb") not in CRF_IMAGES:
-            raise ConfigError(f"--crf-image must be one of {', '.join(CRF_IMAGES)}")
-        self.sgc.check()
 
 
 def _batches(
@@ -227,7 +151,7 @@ def _prefetch(
 
 def _item_check(out: Path, save_cams: bool) -> Callable[[Path], bool]:
     """A finished item is a readable label PNG and, with ``--save-cams``, a well-formed CAM file."""
-    from ssr_cli.stages.make_seeds import load_seed
+    from ssr_cli.artefacts.seeds import load_seed
 
     def check(label: Path) -> bool:
         if not png_check(label):

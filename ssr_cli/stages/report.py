@@ -63,7 +63,7 @@ class Source:
         path = self.cams_dir / f"{item_id}.npz"
         if not path.is_file():
             return None
-        from ssr_cli.stages.make_seeds import load_seed
+        from ssr_cli.artefacts.seeds import load_seed
 
         return load_seed(path, with_attn=False)
 

@@ -23,20 +23,16 @@ Imports torch: only import inside command bodies.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ssr_cli import __version__
-from ssr_cli.artefacts import MANIFEST, atomic_write_json, fingerprint, read_manifest
-from ssr_cli.artefacts.atomic import remove_stale_temps
+from ssr_cli.artefacts import fingerprint, read_manifest
 from ssr_cli.artefacts.paths import absolute, locate_inputs
-from ssr_cli.artefacts.run import SCHEMA_VERSION
-from ssr_cli.artefacts.training import prepare_training_run
+from ssr_cli.artefacts.run import new_manifest
+from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
 from ssr_cli.console import info, warn
-from ssr_cli.errors import ArtefactError, WeightsError
+from ssr_cli.errors import ArtefactError
 
 STAGE = "cmpa"
 CMPA_VERSION = "cmpa-1"  # bump when the training computation changes results
@@ -61,10 +57,6 @@ class CmpaOptions:
     train: dict[str, Any] = field(default_factory=dict)  # CmpaConfig fields
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
     """Check ``out`` against the new run: "fresh", "resume" or "done" (may clear the folder).
 
@@ -79,29 +71,12 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
     )  # fmt: skip
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A ``last.pt`` written by train-cmpa, on the CPU (``weights_only``)."""
-    import warnings
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A ``last.pt`` written by train-cmpa, on the CPU."""
+    from ssr_cli.train.state import load_training_state
 
-    import torch
-
-    from ssr_cli.models.weights import load_failure
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        what, _hint = load_failure(exc, "checkpoint")
-        raise WeightsError(what, path=path, hint="start again with --overwrite") from None
-    if not isinstance(state, dict) or "heads" not in state or "prototypes" not in state:
-        raise WeightsError("not a train-cmpa checkpoint", path=path, hint="start again with --overwrite")
-    return state
-
-
-def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    manifest["updated"] = _now()
-    atomic_write_json(out / MANIFEST, manifest)
+    return load_training_state(path, stage="train-cmpa", keys=("heads", "prototypes"),
+                               hint="start again with --overwrite")  # fmt: skip
 
 
 def run(opts: CmpaOptions) -> dict[str, Any]:
@@ -112,11 +87,10 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
     from ssr_cli.cmpa.prototypes import save_prototypes
     from ssr_cli.cmpa.train import CmpaConfig, train
     from ssr_cli.data import open_dataset
-    from ssr_cli.models.clip import load_clip
+    from ssr_cli.models.clip import load_clip, register_arch
     from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE, clip_identity, save_heads
     from ssr_cli.runtime import resolve_device, resolve_precision
-    from ssr_cli.seg import distributed as D
-    from ssr_cli.stages.make_seeds import register_arch
+    from ssr_cli.train import distributed as D
 
     out = Path(opts.out)
     dataset = open_dataset(
@@ -159,35 +133,27 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             return read_manifest(out)
         resume_state = None
         if decision == "resume":
-            resume_state = load_checkpoint(out / CHECKPOINT)
+            resume_state = load_checkpoint_file(out / CHECKPOINT)
             if resume_state.get("fingerprint") != fp:
                 raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
                                     hint="start again with --overwrite")  # fmt: skip
             if env.is_main:
                 info(f"train-cmpa: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
-        manifest: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION, "tool": "ssr-cli", "tool_version": __version__, "stage": STAGE,
-            "created": _now(), "updated": _now(), "host": socket.gethostname(),
-            "config": {
+        manifest = new_manifest(
+            STAGE,
+            config={
                 "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
                 "labels": opts.labels, "vocab": dataset.vocab.name, "arch": arch,
                 "clip_arch_option": opts.arch, "weights": opts.weights, "device": str(device),
                 "world_size": env.world, "train": cfg.to_dict(),
             },
-            "fingerprint_basis": basis, "fingerprint": fp, "upstream": {},
-            "inputs": locate_inputs({"dataset": dataset.describe(), "clip": model.describe()}, out),
-            "item_dir": "checkpoints", "item_suffix": ".pt", "item_count": cfg.iters, "items_done": 0,
-            "completed": False, "notices": notices, "timing": {}, "images": len(items),
-            "heads_file": HEADS_FILE, "prototypes_file": PROTOTYPES_FILE,
-        }  # fmt: skip
+            basis=basis, upstream={},
+            inputs=locate_inputs({"dataset": dataset.describe(), "clip": model.describe()}, out),
+            item_dir="checkpoints", item_suffix=".pt", item_count=cfg.iters, notices=notices,
+            images=len(items), heads_file=HEADS_FILE, prototypes_file=PROTOTYPES_FILE,
+        )  # fmt: skip
         if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if resume_state is not None:
-                old = read_manifest(out)
-                manifest["created"] = old.get("created", manifest["created"])
-                manifest["timing"] = old.get("timing", {})
-            remove_stale_temps(out)
-            _write_manifest(out, manifest)
+            start_training_manifest(out, manifest, resumed=resume_state is not None)
             for notice in notices:
                 warn(notice)
         D.barrier(env)
@@ -204,14 +170,7 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
                     "background": json.dumps(list(dataset.vocab.background)),
                     "refreshed_at": str(protos.iteration), "fingerprint": fp}  # fmt: skip
             save_prototypes(out / PROTOTYPES_FILE, protos, meta)
-        manifest["items_done"] = cfg.iters
-        manifest["completed"] = True
-        manifest["summary"] = summary
-        manifest["timing"].setdefault("runs", []).append(
-            {"from_iteration": summary["resumed_from"], "seconds": summary["seconds"], "finished": _now()}
-        )
-        if env.is_main:
-            _write_manifest(out, manifest)
+        finish_training_manifest(out, manifest, iters=cfg.iters, summary=summary, write=env.is_main)
         D.barrier(env)
         return manifest
     finally:
