@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from ssr_cli.errors import ConfigError
 
 CAM_SOURCES = ("heads", "clip")
@@ -85,8 +83,3 @@ class CmpaConfig:
     def result_dict(self) -> dict[str, Any]:
         data = self.to_dict()
         return {k: data[k] for k in self.RESULT_FIELDS}
-
-
-def step_seed(seed: int, iteration: int, rank: int) -> int:
-    """torch's seed for one step: a pure function of (seed, iteration, rank)."""
-    return int(np.random.default_rng([seed, 0xC3BA, iteration, rank]).integers(0, 2**62))

@@ -19,7 +19,6 @@ Imports torch: import lazily.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssr_cli.cmpa.config import CmpaConfig, step_seed
+from ssr_cli.cmpa.config import CmpaConfig
 from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_augment
 from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
 from ssr_cli.cmpa.prototypes import (
@@ -46,12 +45,13 @@ from ssr_cli.console import ProgressBar, info, progress_enabled
 from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
 from ssr_cli.runtime import autocast
-from ssr_cli.seg.train import log_writer
 from ssr_cli.train import distributed as D
+from ssr_cli.train.log import LOG_FILE, log_writer, peak_memory_mb, truncate_log
+from ssr_cli.train.state import step_seed
 
-LOG_FILE = "log.jsonl"
 # log-window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
 _WINDOW = 10
+STAGE = "train-cmpa"  # (its step seeds)
 
 
 def prompt_embeddings(model: Any, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,30 +97,6 @@ def init_heads(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
-
-
-def truncate_log(path: Path, last_iteration: int) -> None:
-    """Keep the records of ``path`` up to ``last_iteration`` (the resumed checkpoint)."""
-    from ssr_cli.artefacts import atomic_write_text
-
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the crash
-            continue
-        it = record.get("iter", 0)
-        if it < last_iteration or (it == last_iteration and "prototypes" not in record):
-            kept.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
 
 
 def train(
@@ -182,7 +158,7 @@ def train(
         log_path, ckpt_dir = out / LOG_FILE, out / "checkpoints"
         if env.is_main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            truncate_log(log_path, start)
+            truncate_log(log_path, start, redone_at_last=lambda r: "prototypes" in r)  # refreshed again
 
         write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
 
@@ -213,7 +189,9 @@ def train(
                 cam_heads=cfg.cam_source == "heads", precision=precision, env=env, loader=loader,
                 keep=cfg.protos_per_class > 1, on_batch=progress, pool=cfg.pool,
             )  # fmt: skip
-            image, valid = image_prototypes(found, cfg.protos_per_class, step_seed(cfg.seed, it, 0) % 2**31)
+            image, valid = image_prototypes(
+                found, cfg.protos_per_class, step_seed(cfg.seed, it, 0, STAGE) % 2**31
+            )
             if cfg.protos_per_class > 1:
                 image = D.broadcast_object(env, image)
             with torch.no_grad():
@@ -252,7 +230,7 @@ def train(
             for it in range(start, cfg.iters):
                 if it % cfg.proto_every == 0 or protos is None:
                     protos = refresh(it)
-                torch.manual_seed(step_seed(cfg.seed, it, env.rank))
+                torch.manual_seed(step_seed(cfg.seed, it, env.rank, STAGE))
                 t0 = time.perf_counter()
                 idx = stream.indices(it, env.rank)
                 for ahead in range(it + 1, min(it + 1 + loader.ahead, cfg.iters)):
@@ -320,7 +298,7 @@ def train(
                         "loss_i2t": w[1] / w[2] if w[2] else None, "loss_t2i": w[3] / w[4] if w[4] else None,
                         "sim_same": w[5] / w[6] if w[6] else None, "sim_other": w[7] / w[8] if w[8] else None,
                         "temperature": heads.temperature, "lr": optimizer.param_groups[0]["lr"],
-                        "iters_per_s": round(speed, 4), "max_rss_mb": peak_rss_mb(),
+                        "iters_per_s": round(speed, 4), **peak_memory_mb(device),
                         **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
                     }  # fmt: skip
                     write_log(last)
@@ -357,10 +335,8 @@ def train(
             "iterations": cfg.iters, "resumed_from": start, "final": last, "temperature": heads.temperature,
             "seconds": round(seconds, 2), "iters_per_s": round(steps / max(seconds, 1e-9), 4),
             "time_share": {key: round(v / busy, 4) for key, v in timing.items()} if busy > 0 else {},
-            "rank_digests": digests, "max_rss_mb": peak_rss_mb(),
+            "rank_digests": digests, **peak_memory_mb(device),
         }  # fmt: skip
-        if device.type == "cuda":
-            summary["max_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         if board is not None:
             board.close()
         return heads, protos, summary

@@ -18,8 +18,6 @@ model, optimizer, scheduler, AMP scaler and RNG states; so a run resumed from
 from __future__ import annotations
 
 import contextlib
-import json
-import resource
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -40,11 +38,11 @@ from ssr_cli.seg.infer import evaluate
 from ssr_cli.seg.loss import LOSSES, segmentation_loss
 from ssr_cli.seg.recipes import RECIPES
 from ssr_cli.train import distributed as D
-from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states
+from ssr_cli.train.log import LOG_FILE, log_writer, peak_memory_mb, truncate_log
+from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states, step_seed
 
 OPTIMIZERS = ("sgd", "adamw")
 _DEFAULT = RECIPES["deeplabv3plus"]
-LOG_FILE = "log.jsonl"
 
 
 @dataclass
@@ -116,13 +114,6 @@ class TrainConfig:
         return {k: data[k] for k in self.RESULT_FIELDS}
 
 
-def step_seed(seed: int, iteration: int, rank: int) -> int:
-    """The torch seed of one step: a pure function of (seed, iteration, rank)."""
-    import numpy as np
-
-    return int(np.random.default_rng([seed, 0x70C4, iteration, rank]).integers(0, 2**62))
-
-
 class _Batches:
     """``batch_sampler`` for the DataLoader: this rank's position lists from ``start`` on."""
 
@@ -134,31 +125,6 @@ class _Batches:
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.layout.accum
-
-
-def truncate_log(path: Path, last_iteration: int) -> None:
-    """Keep only the records of ``path`` up to ``last_iteration`` (the resumed checkpoint)."""
-    from ssr_cli.artefacts import atomic_write_text
-
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the crash
-            continue
-        if record.get("iter", 0) <= last_iteration:
-            kept.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process (MiB) and, on a GPU, peak allocated GPU memory."""
-    out = {"max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
-    if device.type == "cuda":
-        out["max_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
 
 
 GROUP_ORDER = (
@@ -434,39 +400,3 @@ def _announce_cpu_time(seconds: float, steps: int, remaining: int, cfg: Any) -> 
         f"fit-seg on the CPU: {per_step:.2f} s per iteration (batch {cfg.batch_size}, crop {cfg.crop_size}), "
         f"so the remaining {remaining:,} iterations take about {when}.{advice}"
     )
-
-
-TENSORBOARD_DIR = "tensorboard"
-
-
-def log_writer(out: Path, log_path: Path, is_main: bool, tensorboard: bool) -> tuple[Any, Any]:
-    """(write_log(record), the TensorBoard writer or None) for a training run: each record is a
-    line of ``log_path`` (main process only) and, with ``tensorboard``, the same numbers as
-    scalars ``<type>/<name>`` at step ``iter`` (scores stay fractions, as in the JSON)."""
-    board = tensorboard_writer(out) if tensorboard and is_main else None
-
-    def write_log(record: dict[str, Any]) -> None:
-        if not is_main:
-            return
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-        if board is not None:
-            for name, value in record.items():
-                if name not in ("type", "iter") and isinstance(value, (int, float)):
-                    board.add_scalar(f"{record.get('type', 'train')}/{name}", value, record["iter"])
-            board.flush()
-
-    return write_log, board
-
-
-def tensorboard_writer(out: Path) -> Any:
-    """torch's TensorBoard ``SummaryWriter`` on ``out/tensorboard``; a one-line error without the
-    tensorboard package (an optional extra: ``pip install tensorboard``)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError(
-            "--tensorboard needs the tensorboard package, which is not installed",
-            hint="pip install tensorboard (or pip install 'ssr-cli[tensorboard]'), or drop --tensorboard",
-        ) from None
-    return SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))

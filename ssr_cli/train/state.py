@@ -65,3 +65,13 @@ def load_training_state(path: Path, *, stage: str, keys: tuple[str, ...], hint: 
     if not isinstance(state, dict) or any(k not in state for k in keys):
         raise WeightsError(f"not an ssr {stage} checkpoint", path=path, hint=hint)
     return state
+
+
+#: the salt of each stage's step seeds (a constant per stage keeps its seeds as they were)
+STEP_SALT = {"fit-seg": 0x70C4, "train-cmpa": 0xC3BA}
+
+
+def step_seed(seed: int, iteration: int, rank: int, stage: str = "fit-seg") -> int:
+    """torch's seed for one training step: a pure function of (seed, iteration, rank), so that a
+    resumed run draws what an uninterrupted one drew."""
+    return int(np.random.default_rng([seed, STEP_SALT[stage], iteration, rank]).integers(0, 2**62))
