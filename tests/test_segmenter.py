@@ -270,13 +270,13 @@ def test_deeplabv2_head_is_four_summed_dilated_classifiers_at_stride_8() -> None
 
 def _sgd(model: torch.nn.Module, head: str, **flags: object) -> torch.optim.Optimizer:
     from ssr_cli.seg.recipes import fill_defaults
-    from ssr_cli.seg.train import TrainConfig, _optimizer
+    from ssr_cli.seg.train import TrainConfig, build_optimizer
 
     tdict, _, _ = fill_defaults(head, dict(flags), None)
     cfg = TrainConfig(**tdict)
     if cfg.freeze_bn:
         model.freeze_batchnorm()  # type: ignore[operator]
-    return _optimizer(model, cfg)
+    return build_optimizer(model, cfg)
 
 
 def test_frozen_batchnorm_keeps_statistics_and_gets_no_gradients() -> None:

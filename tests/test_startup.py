@@ -106,7 +106,7 @@ def test_tables_match_open_clip_timm_and_torch(monkeypatch: pytest.MonkeyPatch, 
     import open_clip
     import torch
 
-    from ssr_cli.models.backbone_weights import _hub_files
+    from ssr_cli.models.backbone_weights import hub_files
     from ssr_cli.models.sources import OPENAI_CLIP, TIMM_HUB, torch_hub_dir
 
     openai = {a for a in open_clip.list_models() if "openai" in open_clip.list_pretrained_tags_by_model(a)}
@@ -115,7 +115,7 @@ def test_tables_match_open_clip_timm_and_torch(monkeypatch: pytest.MonkeyPatch, 
         real = open_clip.get_pretrained_cfg(arch, "openai")
         assert cfg == {"url": real["url"], "hf_hub": real["hf_hub"]}, arch
     for name, (repo, files) in TIMM_HUB.items():
-        assert _hub_files(name) == (repo, files), name
+        assert hub_files(name) == (repo, files), name
     assert torch_hub_dir() == Path(torch.hub.get_dir())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     assert torch_hub_dir() == Path(torch.hub.get_dir()) == tmp_path / "th" / "hub"

@@ -20,18 +20,9 @@ from ssr_cli.cli.options import (
     Split,
     Vocab,
     Workers,
+    parse_range,
 )
 from ssr_cli.console import set_quiet
-
-
-def _range(text: str, name: str) -> tuple[float, float]:
-    from ssr_cli.errors import ConfigError
-
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{name} {text!r} is not MIN,MAX", hint=f"e.g. {name} 0.75,1.25") from None
-    return low, high
 
 
 @app.command("train-cmpa")
@@ -202,7 +193,7 @@ def train_cmpa(
         "iters": iters, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "dim": dim,
         "hidden": hidden or dim, "head_init": head_init, "init_images": init_images,
         "protos_per_class": protos_per_class, "proto_every": proto_every, "proto_ema": proto_ema,
-        "temperature": temperature, "size": size, "scale_range": _range(scale_range, "--scale-range"),
+        "temperature": temperature, "size": size, "scale_range": parse_range(scale_range, "--scale-range"),
         "flip": flip, "jitter": jitter, "cam_source": cam_source, "pool": pool, "text_target": text_target,
         "precision": precision, "seed": seed,
         "workers": workers, "save_every": save_every, "log_every": log_every,

@@ -20,19 +20,9 @@ from ssr_cli.cli.options import (
     Split,
     Vocab,
     Workers,
+    parse_range,
 )
 from ssr_cli.console import set_quiet
-
-
-def parse_range(text: str, name: str) -> tuple[float, float]:
-    """``"0.5,1.5"`` -> (0.5, 1.5)."""
-    from ssr_cli.errors import ConfigError
-
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"{name} {text!r} is not MIN,MAX", hint=f"e.g. {name} 0.5,1.5") from None
-    return low, high
 
 
 @app.command("fit-seg")

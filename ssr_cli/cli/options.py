@@ -123,3 +123,14 @@ Resume = Annotated[
         "is refused).",
     ),
 ]
+
+
+def parse_range(text: str, name: str) -> tuple[float, float]:
+    """``"0.5,1.5"`` (an option's MIN,MAX) -> (0.5, 1.5); a one-line error naming ``name``."""
+    from ssr_cli.errors import ConfigError
+
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} {text!r} is not MIN,MAX", hint=f"e.g. {name} 0.5,1.5") from None
+    return low, high

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from ssr_cli.artefacts import atomic_write_text
-from ssr_cli.data.datasets import Dataset, Item, parallel_map
+from ssr_cli.data.datasets import Dataset, Item
 from ssr_cli.data.images import read_image, read_mask
 from ssr_cli.data.labelfile import format_label_file
 from ssr_cli.errors import DataError
+from ssr_cli.parallel import parallel_map
 
 __all__ = ["decode_all", "summarize", "write_label_file"]
 

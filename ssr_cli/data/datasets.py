@@ -17,10 +17,8 @@ their files must exist.
 
 from __future__ import annotations
 
-import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +30,7 @@ from ssr_cli.data.labelfile import read_label_file
 from ssr_cli.data.layouts import LAYOUTS, Resolved, detect_layout, resolve_coco, resolve_custom, resolve_voc
 from ssr_cli.data.vocab import Vocabulary, load_vocabulary
 from ssr_cli.errors import ConfigError, DataError
+from ssr_cli.parallel import parallel_map
 
 __all__ = ["Dataset", "Item", "open_dataset", "parallel_map"]
 
@@ -164,33 +163,6 @@ def file_stamp(path: Path) -> list[int]:
         return [stat.st_size, stat.st_mtime_ns]
     except OSError as exc:
         raise DataError(f"cannot read image file: {exc.strerror or exc}", path=path) from None
-
-
-def parallel_map(
-    fn: Callable[[T], R], values: Sequence[T], description: str = "", workers: int = 0
-) -> list[R]:
-    """``[fn(v) for v in values]`` on a thread pool (for I/O + decoding), in order.
-
-    A progress bar shows on stderr when ``description`` is given and stderr is a terminal.
-    """
-    if not values:
-        return []
-    workers = workers or min(8, 2 * (os.cpu_count() or 1))
-    if len(values) < 4 or workers == 1:
-        return [fn(v) for v in values]
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        results: Iterator[R] = pool.map(fn, values)
-        if description:
-            from ssr_cli.console import track
-
-            results = track(results, total=len(values), description=description)
-        return list(results)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # do not finish the rest after an error
-        raise
-    finally:
-        pool.shutdown(wait=True)
 
 
 def _mask_labels(path: Path, num_classes: int) -> tuple[int, ...]:

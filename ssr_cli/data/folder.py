@@ -37,7 +37,8 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
 def describe_folder(folder: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """The images of ``folder`` and the manifest's description of them (the fingerprint covers
     the ids and each file's size and modification time, as a dataset's does)."""
-    from ssr_cli.data.datasets import file_stamp, parallel_map
+    from ssr_cli.data.datasets import file_stamp
+    from ssr_cli.parallel import parallel_map
 
     pairs = list_images(Path(folder))
     stamps = parallel_map(file_stamp, [p for _, p in pairs])

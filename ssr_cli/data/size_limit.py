@@ -108,7 +108,7 @@ def scaled_hw(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def plan_sizes(ids: Sequence[str], paths: Sequence[Path], limit: SizeLimit, *, stage: str) -> SizePlan:
     """Check every image against ``limit`` (headers only); raises or plans per ``limit.oversize``."""
-    from ssr_cli.data.datasets import parallel_map
+    from ssr_cli.parallel import parallel_map
 
     limit.check()
     over: dict[str, tuple[int, int]] = {}

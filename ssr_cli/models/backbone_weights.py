@@ -90,7 +90,7 @@ def check_state_dict(name: str, state: dict[str, Any], source: str) -> None:
         )
 
 
-def _hub_files(name: str) -> tuple[str | None, list[str]]:
+def hub_files(name: str) -> tuple[str | None, list[str]]:
     """(hub repo id, candidate file names) of ``name``'s default timm weights."""
     import timm
 
@@ -119,7 +119,7 @@ def resolve_backbone_state(
     """
     if not pretrained and weights is None:
         return None, WeightsSource(kind="backbone", name=name, path=None, origin="random")
-    hub_id, hub_names = _hub_files(name)
+    hub_id, hub_names = hub_files(name)
     ours = weights_cache_dir("backbone")
     candidates = [ours / f"{name}.safetensors", ours / f"{name}.pth"]
     if hub_id:

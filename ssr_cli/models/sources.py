@@ -183,8 +183,8 @@ def timm_hub(name: str) -> tuple[str | None, list[str]]:
         return repo, list(files)
     import timm
 
-    from ssr_cli.models.backbone_weights import _hub_files
+    from ssr_cli.models.backbone_weights import hub_files
 
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm backbone {name!r}", hint="use a timm model name such as resnet101")
-    return _hub_files(name)
+    return hub_files(name)

@@ -57,7 +57,7 @@ def predict_probs(
     return (total / count).cpu()
 
 
-def evaluate(
+def validation_miou(
     model: torch.nn.Module,
     samples: Sequence[Sample],
     num_classes: int,

@@ -34,7 +34,7 @@ from ssr_cli.procs import worker_guard
 from ssr_cli.runtime import autocast
 from ssr_cli.seg.checkpoint import MODEL_FILE, save_model_file
 from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error
-from ssr_cli.seg.infer import evaluate
+from ssr_cli.seg.infer import validation_miou
 from ssr_cli.seg.loss import LOSSES, segmentation_loss
 from ssr_cli.seg.recipes import RECIPES
 from ssr_cli.train import distributed as D
@@ -158,7 +158,7 @@ def optimizer_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def _optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = optimizer_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -190,7 +190,7 @@ def train(
     if cfg.sync_bn and env.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device).train()
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1.0 - step / cfg.iters) ** cfg.poly_power
     )
@@ -327,7 +327,7 @@ def train(
                         bar.update(advance=0, status=f"validating {seen}/{total}")
 
                 val_status(0, -(-len(val_samples) // env.world))
-                result = evaluate(
+                result = validation_miou(
                     model, val_samples, model_cfg.num_classes, class_names, model_cfg.mean, model_cfg.std,
                     env, cfg.precision, progress=val_status,
                 )  # fmt: skip

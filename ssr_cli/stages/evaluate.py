@@ -13,11 +13,10 @@ memory does not grow with the number of images.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +24,9 @@ from ssr_cli import __version__
 from ssr_cli.artefacts import MANIFEST, read_manifest
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
 from ssr_cli.metrics import PRED_IGNORE_MODES, confusion_matrix, empty_confusion, scores
+from ssr_cli.parallel import bounded_map
 
 IGNORE_INDEX = 255
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 @dataclass
@@ -159,35 +157,6 @@ def _gt_ids(gt_dir: Path) -> list[str]:
     return ids
 
 
-def _bounded_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
-    """``fn`` over ``items`` on ``workers`` threads, at most 2*workers in flight, results unordered.
-
-    The first exception is raised as soon as its result comes back; queued work is cancelled.
-    """
-    if workers <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    limit = 2 * workers
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ssr-eval") as pool:
-        inflight: set[Future[_R]] = set()
-        try:
-            for item in items:
-                inflight.add(pool.submit(fn, item))
-                if len(inflight) >= limit:
-                    done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        yield fut.result()
-            while inflight:
-                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield fut.result()
-        except BaseException:
-            for fut in inflight:
-                fut.cancel()
-            raise
-
-
 def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> list[str]:
     if class_names is None:
         if num_classes is None:
@@ -316,7 +285,9 @@ def evaluate(
     confs = np.stack([empty_confusion(k, pred_ignore) for _ in rules])
     started = time.perf_counter()
     with ProgressBar("eval", total=len(todo)) as bar:
-        for done, matrices in enumerate(_bounded_map(one, todo, workers), start=1):
+        for done, matrices in enumerate(
+            bounded_map(one, todo, workers, ordered=False, name="ssr-eval"), start=1
+        ):
             confs += matrices
             status = None
             if done % 25 == 0 or done == len(todo):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from ssr_cli.data.size_limit import (
     upscale_labels,
 )
 from ssr_cli.errors import ArtefactError
+from ssr_cli.parallel import bounded_map
 from ssr_cli.refine.config import BOX_THRESH, BOX_THRESH_DEFAULT, RefineConfig
 from ssr_cli.refine.pipeline import (
     ItemFailure,
@@ -136,17 +136,12 @@ def _prefetch(
     attn: bool = False,
     plan: SizePlan | None = None,
 ) -> Iterator[tuple[list[str], list]]:
-    """Read the images and seeds of upcoming batches on a thread (two batches ahead)."""
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ssr-refine-read") as pool:
-        queue: list = []
-        it = iter(batches)
-        for batch in it:
-            queue.append((batch, [pool.submit(_read, dataset, seeds, i, attn, plan) for i in batch]))
-            if len(queue) > 2:
-                head, futures = queue.pop(0)
-                yield head, [f.result() for f in futures]
-        for head, futures in queue:
-            yield head, [f.result() for f in futures]
+    """Read the images and seeds of upcoming batches on two threads (a few batches ahead)."""
+
+    def read(batch: list[str]) -> tuple[list[str], list]:
+        return batch, [_read(dataset, seeds, i, attn, plan) for i in batch]
+
+    yield from bounded_map(read, batches, 2, ahead=3, name="ssr-refine-read")
 
 
 def _item_check(out: Path, save_cams: bool) -> Callable[[Path], bool]:

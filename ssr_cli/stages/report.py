@@ -17,7 +17,6 @@ import json
 import random
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 
 from ssr_cli.artefacts import MANIFEST, read_manifest
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
+from ssr_cli.parallel import bounded_map
 
 SAMPLES = ("worst", "random", "first")
 IOU_RULE = "mean IoU over the classes present in the image's ground truth or prediction (GT 255 ignored)"
@@ -311,8 +311,8 @@ def build_report(
     counted = {src.name: 0 for src in labelled}
     ious: dict[str, float | None] = {}
     classes_of: dict[str, list[int]] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ProgressBar("score", total=len(ids)) as bar:
-        for item_id, matrices, found in pool.map(score, ids):
+    with ProgressBar("score", total=len(ids)) as bar:
+        for item_id, matrices, found in bounded_map(score, ids, workers, name="ssr-report"):
             for name, matrix in matrices.items():
                 confs[name] += matrix
                 counted[name] += 1
@@ -340,12 +340,9 @@ def build_report(
             thumb=thumb,
         )
 
-    with (
-        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
-        ProgressBar("render", total=len(shown)) as bar,
-    ):
+    with ProgressBar("render", total=len(shown)) as bar:
         rows = []
-        for row in pool.map(render, shown):
+        for row in bounded_map(render, shown, workers, name="ssr-report"):
             row["iou"] = ious.get(row["id"])
             row["classes"] = classes_of.get(row["id"], [])
             rows.append(row)
