@@ -98,8 +98,15 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], Segmente
     return ckpt["model"], SegmenterConfig.from_dict(ckpt["model_config"]), file
 
 
-def load_segmenter(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, SegmenterConfig, Path]:
-    """Rebuild a trained segmenter (eval mode, on ``device``) from a run folder or model file."""
+def load_segmenter(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, Any, Path]:
+    """Rebuild a trained segmenter (eval mode, on ``device``) from a run folder or model file:
+    (model, its config: ``SegmenterConfig``, or ``onestage.decoder.DecoderConfig`` for an
+    ``ssr train`` run, whose model is frozen CLIP + the decoder; both have ``num_classes``,
+    ``mean``, ``std`` and ``to_dict``, all that predict needs, file)."""
+    from ssr_cli.onestage.decoder import is_ssr_model, load_ssr_segmenter
+
+    if is_ssr_model(Path(path)):
+        return load_ssr_segmenter(path, device)
     state, cfg, file = read_model_file(path)
     model = build_segmenter(cfg)
     try:

@@ -121,7 +121,8 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     upstream = {"model": model_sha[:16]}
     model_dir = Path(opts.model)
     if model_dir.is_dir():
-        upstream["fit-seg"] = str(read_manifest(model_dir).get("fingerprint"))
+        model_run = read_manifest(model_dir)  # a fit-seg run, or an ssr train run (single-stage)
+        upstream[str(model_run.get("stage") or "fit-seg")] = str(model_run.get("fingerprint"))
     crf = CRFParams() if opts.crf else None
     result_config = {
         "scales": list(opts.scales),

@@ -68,7 +68,7 @@ def load_training_state(path: Path, *, stage: str, keys: tuple[str, ...], hint: 
 
 
 #: the salt of each stage's step seeds (a constant per stage keeps its seeds as they were)
-STEP_SALT = {"fit-seg": 0x70C4, "train-cmpa": 0xC3BA}
+STEP_SALT = {"fit-seg": 0x70C4, "train-cmpa": 0xC3BA, "train": 0x55A1}
 
 
 def step_seed(seed: int, iteration: int, rank: int, stage: str = "fit-seg") -> int:

@@ -1,0 +1,302 @@
+"""``ssr train``: single-stage SSR (CMPA heads + a segmentation decoder on online pseudo-masks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ssr_cli.cli import app
+from ssr_cli.cli.options import (
+    DataRoot,
+    Device,
+    LabelSource,
+    Layout,
+    Overwrite,
+    Quiet,
+    Resume,
+    Seed,
+    Split,
+    Vocab,
+    Workers,
+)
+from ssr_cli.console import set_quiet
+from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
+
+_SGC = SGCParams()
+
+
+def _numbers(text: str, name: str, count: int | None, kind: type = float) -> tuple:
+    """``"0.75,1.25"`` -> (0.75, 1.25): ``count`` comma-separated numbers (None: any number)."""
+    from ssr_cli.errors import ConfigError
+
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count):
+        raise ConfigError(f"{name} {text!r} is not {count or 'a list of'} comma-separated numbers")
+    return values
+
+
+@app.command("train")
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
+    data: DataRoot,
+    layout: Layout = "auto",
+    split: Split = None,
+    labels: LabelSource = "auto",
+    vocab: Vocab = None,
+    val_split: Annotated[
+        Optional[str],
+        typer.Option("--val-split", help="Split with ground truth for periodic validation mIoU (best.pt)."),
+    ] = None,
+    val_every: Annotated[
+        int, typer.Option("--val-every", min=0, help="Validate every N steps (0: only at the end).")
+    ] = 1000,
+    clip_arch: Annotated[
+        str, typer.Option("--clip-arch", help="open_clip architecture name, or a model-config JSON file.")
+    ] = "ViT-B-16",
+    clip_weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--clip-weights",
+            help="CLIP weights file or folder; 'random' for a smoke test. "
+            "Default: $SSR_CLIP_WEIGHTS, the local caches, then a download when online.",
+        ),
+    ] = None,  # fmt: skip
+    dino_model: Annotated[
+        str, typer.Option("--dino-model", help="DINO for the affinity: a name, or a JSON model spec.")
+    ] = "dino_vitb16",
+    dino_weights: Annotated[
+        Optional[str], typer.Option("--dino-weights", help="DINO weights file; 'random' for a smoke test.")
+    ] = None,
+    gamma: Annotated[
+        float,
+        typer.Option("--gamma", min=0.0, help="Weight of the segmentation loss: L_proto + gamma L_seg."),
+    ] = 0.1,
+    iters: Annotated[int, typer.Option("--iters", min=0, help="Optimizer steps.")] = 20000,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per step per process.")
+    ] = 4,
+    size: Annotated[
+        int,
+        typer.Option("--size", min=16, help="Training side: images are resized to SIZE x SIZE (no crop)."),
+    ] = 448,
+    scale_range: Annotated[
+        str, typer.Option("--scale-range", help="Random per-step scale of --size, MIN,MAX.")
+    ] = "0.75,1.25",
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
+    jitter: Annotated[
+        float, typer.Option("--jitter", min=0.0, max=0.99, help="Colour jitter strength (0: off).")
+    ] = 0.2,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate of the CMPA heads.")] = 1e-4,
+    weight_decay: Annotated[
+        float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay of the CMPA heads.")
+    ] = 1e-4,
+    dim: Annotated[int, typer.Option("--dim", min=1, help="Dimension d2 of CMPA's shared space.")] = 256,
+    hidden: Annotated[
+        Optional[int], typer.Option("--hidden", min=1, help="Width of the heads' MLP (default: --dim).")
+    ] = None,
+    head_init: Annotated[
+        str,
+        typer.Option("--head-init", help="Step-0 projection of the heads: pca | random (see train-cmpa)."),
+    ] = "pca",
+    init_images: Annotated[
+        int, typer.Option("--init-images", min=1, help="Images sampled for the pca initial projection.")
+    ] = 256,
+    protos_per_class: Annotated[
+        int, typer.Option("--protos-per-class", min=1, help="K-means image prototypes per class.")
+    ] = 1,
+    proto_every: Annotated[
+        int,
+        typer.Option("--proto-every", min=1, help="Recompute the prototypes over the split every N steps."),
+    ] = 5000,
+    proto_ema: Annotated[
+        float,
+        typer.Option("--proto-ema", min=0.0, max=0.999999, help="Also move prototypes by EMA (0: off)."),
+    ] = 0.0,
+    temperature: Annotated[
+        float,
+        typer.Option("--temperature", help="Initial temperature tau of the prototype loss (learnable)."),
+    ] = 0.05,
+    pool: Annotated[str, typer.Option("--pool", help="Foreground features: tokens | projected.")] = "tokens",
+    text_target: Annotated[
+        str, typer.Option("--text-target", help="Image features scored against: live | snapshot.")
+    ] = "live",
+    cam_target: Annotated[
+        str,
+        typer.Option(
+            "--cam-target", help="GradCAM target: auto (log-odds in CMPA's space) | prob | logodds."
+        ),
+    ] = "auto",
+    seg_loss: Annotated[
+        str, typer.Option("--seg-loss", help="balanced (mean of background and foreground CE) | ce.")
+    ] = "balanced",
+    decoder_dim: Annotated[int, typer.Option("--decoder-dim", min=8, help="Decoder channels.")] = 256,
+    decoder_layers: Annotated[
+        Optional[str],
+        typer.Option(
+            "--decoder-layers", help="CLIP blocks the decoder reads, e.g. -4,-3,-2,-1 (default: all)."
+        ),
+    ] = None,
+    decoder_convs: Annotated[
+        int, typer.Option("--decoder-convs", min=0, help="3x3 convolutions after the fusion.")
+    ] = 2,
+    seg_lr: Annotated[
+        float, typer.Option("--seg-lr", min=0.0, help="AdamW learning rate of the decoder.")
+    ] = 2e-4,
+    seg_weight_decay: Annotated[
+        float, typer.Option("--seg-weight-decay", min=0.0, help="AdamW weight decay of the decoder.")
+    ] = 1e-2,
+    poly_power: Annotated[
+        float, typer.Option("--poly-power", min=0.0, help="Poly decay of the decoder's learning rate.")
+    ] = 0.9,
+    affinity: Annotated[
+        str, typer.Option("--affinity", help="Online affinity: clip+dino | clip | none.")
+    ] = "clip+dino",
+    affinity_weights: Annotated[
+        str, typer.Option("--affinity-weights", help="CLIP,DINO fusion weights (paper: 0.4,0.6).")
+    ] = ",".join(f"{w:g}" for w in AFFINITY_WEIGHTS),
+    clip_blocks: Annotated[
+        int, typer.Option("--clip-blocks", min=1, help="CLIP attention: the last N blocks.")
+    ] = 8,
+    dino_blocks: Annotated[str, typer.Option("--dino-blocks", help="DINO attention blocks, e.g. -1.")] = "-1",
+    mask: Annotated[str, typer.Option("--mask", help="Column mask of the affinity: sgc | none.")] = "sgc",
+    sgc_clusters: Annotated[
+        int, typer.Option("--sgc-clusters", min=1, help="SGC: colour clusters of the superpixels.")
+    ] = _SGC.n_clusters,
+    sgc_region_size: Annotated[
+        int, typer.Option("--sgc-region-size", min=2, help="SGC: SLIC superpixel size in pixels.")
+    ] = _SGC.region_size,
+    sgc_region_thresh: Annotated[
+        float, typer.Option("--sgc-region-thresh", min=0.0, max=1.0, help="SGC: target-region share.")
+    ] = _SGC.region_thresh,
+    bg_alpha: Annotated[
+        float, typer.Option("--bg-alpha", min=0.0, help="Background score (1 - max CAM) ** ALPHA.")
+    ] = 1.0,
+    conf_thresh: Annotated[
+        float,
+        typer.Option(
+            "--conf-thresh",
+            min=0.0,
+            max=1.0,
+            help="Pseudo-mask pixels whose top normalised score is below this are ignored (0: none).",
+        ),
+    ] = 0.0,  # fmt: skip
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
+    ] = "auto",
+    save_every: Annotated[
+        int, typer.Option("--save-every", min=1, help="Write checkpoints/last.pt every N steps.")
+    ] = 500,
+    log_every: Annotated[
+        int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")
+    ] = 10,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars (RUN/tensorboard/).")
+    ] = False,
+    check_sync_every: Annotated[
+        int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
+    ] = 0,
+    resume: Resume = False,
+    device: Device = "auto",
+    workers: Workers = 2,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Single-stage SSR, the paper's regime: CMPA heads and a segmentation decoder trained together
+    (L_proto + gamma L_seg) on pseudo-masks made online from the heads' CAMs.
+
+    Example:
+
+    \b
+        ssr train --data VOC2012 --split train_aug --val-split val --out runs/ssr
+        ssr predict --model runs/ssr --data VOC2012 --split val --scales 0.75,1.0,1.25 --flip --out runs/pred
+        ssr eval runs/pred --data VOC2012 --split val
+
+    Several processes: torchrun --nproc-per-node 4 -m ssr_cli train ... (--batch-size is per
+    process). Writes model.safetensors (the decoder), heads.safetensors, prototypes.safetensors,
+    log.jsonl and checkpoints/last.pt (best.pt with --val-split).
+    """
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+               if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
+    set_quiet(quiet)
+    import os
+
+    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
+    from ssr_cli.cli.options import check_device
+    from ssr_cli.console import info
+    from ssr_cli.data import open_dataset
+
+    # Before torch is imported: a complete run with the same inputs answers at once.
+    dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab)
+    key = None
+    config_file = Path(clip_arch) if Path(clip_arch).suffix == ".json" else None
+    dino_file = Path(dino_model) if Path(dino_model).suffix == ".json" else None
+    if (config_file is None or clip_weights is not None) and (affinity != "clip+dino" or dino_weights):
+        from ssr_cli.models.sources import clip_weights_source
+
+        weights_file = clip_weights_source(clip_arch, clip_weights).path
+        val_fp = None
+        if val_split:
+            val_fp = open_dataset(
+                data, layout=layout, split=val_split, labels="none", vocab=vocab
+            ).fingerprint()
+        settings = {**options, "val_fingerprint": val_fp}
+        key = quick_key("train", settings, dataset_fingerprint=dataset.fingerprint(),
+                        files=[weights_file, config_file, dino_file,
+                               Path(dino_weights) if dino_weights and dino_weights != "random" else None],
+                        env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS", "WORLD_SIZE"])  # fmt: skip
+        done = None if overwrite else finished_unchanged(out, key)
+        if done is not None:
+            if os.environ.get("RANK", "0") == "0":
+                info(f"train: {out} already holds this trained model and its inputs are unchanged; "
+                     "nothing to do (--overwrite trains again)")  # fmt: skip
+                print(_result_line(out, done))
+            return
+    from ssr_cli.stages import train_ssr as stage
+
+    sgc = {**SGCParams().__dict__, "n_clusters": sgc_clusters, "region_size": sgc_region_size,
+           "region_thresh": sgc_region_thresh, "seed": seed}  # fmt: skip
+    cfg = {
+        "iters": iters, "batch_size": batch_size, "size": size,
+        "scale_range": _numbers(scale_range, "--scale-range", 2), "flip": flip, "jitter": jitter, "lr": lr,
+        "weight_decay": weight_decay, "dim": dim, "hidden": hidden or dim, "head_init": head_init,
+        "init_images": init_images, "protos_per_class": protos_per_class, "proto_every": proto_every,
+        "proto_ema": proto_ema, "temperature": temperature, "pool": pool, "text_target": text_target,
+        "cam_target": cam_target, "gamma": gamma, "seg_loss": seg_loss, "decoder_dim": decoder_dim,
+        "decoder_layers": _numbers(decoder_layers, "--decoder-layers", None, int) if decoder_layers else (),
+        "decoder_convs": decoder_convs, "seg_lr": seg_lr, "seg_weight_decay": seg_weight_decay,
+        "poly_power": poly_power, "affinity": affinity,
+        "affinity_weights": _numbers(affinity_weights, "--affinity-weights", 2),
+        "clip_blocks": clip_blocks, "dino_blocks": _numbers(dino_blocks, "--dino-blocks", None, int),
+        "mask": mask, "sgc": sgc, "bg_alpha": bg_alpha, "conf_thresh": conf_thresh, "precision": precision,
+        "seed": seed, "workers": workers, "save_every": save_every, "log_every": log_every,
+        "val_every": val_every, "check_sync_every": check_sync_every, "tensorboard": tensorboard,
+    }  # fmt: skip
+    opts = stage.TrainOptions(
+        data=data, out=out, layout=layout, split=split, labels=labels, vocab=vocab, val_split=val_split,
+        arch=clip_arch, weights=clip_weights, dino_model=dino_model, dino_weights=dino_weights,
+        device=check_device(device), resume=resume, overwrite=overwrite, train=cfg,
+    )  # fmt: skip
+    manifest = stage.run(opts)
+    if os.environ.get("RANK", "0") == "0":
+        if manifest.get("completed") and key is not None:
+            remember(out, key)
+        print(_result_line(out, manifest))
+
+
+def _result_line(out: Path, manifest: dict) -> str:
+    """The line ``ssr train`` prints on stdout: the model file, the final loss, the best val mIoU."""
+    summary = manifest.get("summary") or {}
+    final = summary.get("final") or {}
+    text = str(out / manifest.get("model_file", "model.safetensors"))
+    if final.get("loss") is not None:
+        text += f"  loss {final['loss']:.4f}"
+    best = (summary.get("best") or {}).get("miou")
+    if best is not None:
+        text += f"  best val mIoU {100 * best:.2f} %"
+    return text
