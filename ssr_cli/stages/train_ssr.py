@@ -13,7 +13,7 @@ Run folder::
 
 The fingerprint covers the settings that change results, the CLIP and DINO identities and
 the dataset's (and validation split's) fingerprint. ``ssr predict --model RUN`` runs frozen
-CLIP + the decoder; ``ssr make-seeds --cmpa RUN`` can use the heads too.
+CLIP + the decoder (``RUN/checkpoints/best.pt`` also works as ``--model``).
 
 ``--resume`` is crash recovery (exact; a different ``--iters`` is refused), as for train-cmpa.
 
