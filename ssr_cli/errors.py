@@ -62,7 +62,7 @@ _OS_ADVICE: dict[str, tuple[str, str]] = {
     "EFBIG": (
         "file too large for this file system or the process's file size limit",
         "choose another output folder or raise the limit (ulimit -f)",
-    ),  # fmt: skip
+    ),
     "EROFS": ("read-only file system", "choose an output folder on a writable disk"),
     "EACCES": ("permission denied", "choose a folder you may write to, or fix its permissions"),
     "EPERM": ("operation not permitted", "choose a folder you may write to, or fix its permissions"),

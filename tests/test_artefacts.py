@@ -296,3 +296,28 @@ def test_a_shard_whose_item_folder_was_replaced_says_so(tmp_path):
     with pytest.raises(ArtefactError, match="replaced this run folder"):
         old.write_item(IDS[2], lambda p: p.write_text("old"))
     assert not (root / "items").exists() or not any((root / "items").iterdir())
+
+
+def test_open_run_gives_one_typed_view_of_every_run(tmp_path: Path) -> None:
+    import json
+
+    from ssr_cli.artefacts.manifest import Manifest, open_run
+    from ssr_cli.errors import ArtefactError
+
+    run = tmp_path / "seeds"
+    run.mkdir()
+    manifest = {"schema_version": 1, "tool": "ssr-cli", "stage": "seeds", "fingerprint": "f" * 16,
+                "completed": True, "inputs": {"dataset": {"split": "train"}}}  # fmt: skip
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    opened = open_run(run, "seeds")
+    assert isinstance(opened, Manifest) and opened.stage == "seeds" and opened.completed
+    # a manifest without item_dir (an older run): the stage's folder, in one place for every reader
+    assert opened.item_path("a/b") == run / "cams" / "a/b.npz"
+    assert opened.dataset == {"split": "train"}
+    (run / "manifest.json").write_text(json.dumps({**manifest, "item_dir": "x", "item_suffix": ".npz"}))
+    assert open_run(run).item_path("i") == run / "x" / "i.npz"
+    with pytest.raises(ArtefactError) as err:
+        open_run(run, ("refine", "predict"), option="--pseudo")
+    text = str(err.value)
+    assert "'seeds' run, not a refine or a predict run" in text
+    assert "ssr refine or ssr predict to --pseudo" in (err.value.hint or "")

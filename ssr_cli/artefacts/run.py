@@ -279,9 +279,16 @@ class RunFolder:
         basis = {"stage": stage, "config": result_config, "upstream": upstream, "inputs": input_fps}
         fp = fingerprint(basis)
         manifest = new_manifest(
-            stage, config=config, basis=basis, upstream=upstream, inputs=inputs, item_dir=item_dir,
-            item_suffix=item_suffix, item_count=len(ids), notices=notices,
-        )  # fmt: skip
+            stage,
+            config=config,
+            basis=basis,
+            upstream=upstream,
+            inputs=inputs,
+            item_dir=item_dir,
+            item_suffix=item_suffix,
+            item_count=len(ids),
+            notices=notices,
+        )
         known = [item_dir, *(extra_items or {}), *KNOWN_EXTRAS]
         old = read_old_manifest(root, stage=stage, overwrite=overwrite, known=known)
         if old is not None and old.get("fingerprint") != fp and not overwrite:

@@ -78,9 +78,10 @@ def prepare_training_run(
     if (out / checkpoint).is_file():
         if not resume:
             raise ArtefactError(
-                f"holds an interrupted {stage} run with the same settings", path=out,
+                f"holds an interrupted {stage} run with the same settings",
+                path=out,
                 hint=f"pass --resume to continue it from {checkpoint}, or --overwrite to start again",
-            )  # fmt: skip
+            )
         return "resume"
     return "fresh"  # stopped before the first checkpoint: nothing to keep
 

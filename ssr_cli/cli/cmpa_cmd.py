@@ -158,8 +158,11 @@ def train_cmpa(
     --batch-size is per process). Writes heads.safetensors, prototypes.safetensors, log.jsonl and
     checkpoints/last.pt.
     """
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-               if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
+    options = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in locals().items()
+        if k not in ("out", "resume", "overwrite", "quiet")
+    }
     set_quiet(quiet)
     import os
 
@@ -177,32 +180,66 @@ def train_cmpa(
         from ssr_cli.models.sources import clip_weights_source
 
         weights_file = clip_weights_source(clip_arch, clip_weights).path
-        key = quick_key("cmpa", options, dataset_fingerprint=dataset.fingerprint(),
-                        files=[weights_file, config_file],
-                        env=["SSR_CLIP_WEIGHTS", "WORLD_SIZE"])  # fmt: skip
+        key = quick_key(
+            "cmpa",
+            options,
+            dataset_fingerprint=dataset.fingerprint(),
+            files=[weights_file, config_file],
+            env=["SSR_CLIP_WEIGHTS", "WORLD_SIZE"],
+        )
         done = None if overwrite else finished_unchanged(out, key)
         if done is not None:
             if os.environ.get("RANK", "0") == "0":
-                info(f"train-cmpa: {out} already holds these trained heads and its inputs are unchanged; "
-                     "nothing to do (--overwrite trains again)")  # fmt: skip
+                info(
+                    f"train-cmpa: {out} already holds these trained heads and its inputs are unchanged; "
+                    "nothing to do (--overwrite trains again)"
+                )
                 print(_result_line(out, done))
             return
     from ssr_cli.stages import train_cmpa as stage
 
     train = {
-        "iters": iters, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "dim": dim,
-        "hidden": hidden or dim, "head_init": head_init, "init_images": init_images,
-        "protos_per_class": protos_per_class, "proto_every": proto_every, "proto_ema": proto_ema,
-        "temperature": temperature, "size": size, "scale_range": parse_range(scale_range, "--scale-range"),
-        "flip": flip, "jitter": jitter, "cam_source": cam_source, "pool": pool, "text_target": text_target,
-        "precision": precision, "seed": seed,
-        "workers": workers, "save_every": save_every, "log_every": log_every,
-        "check_sync_every": check_sync_every, "tensorboard": tensorboard,
-    }  # fmt: skip
+        "iters": iters,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "dim": dim,
+        "hidden": hidden or dim,
+        "head_init": head_init,
+        "init_images": init_images,
+        "protos_per_class": protos_per_class,
+        "proto_every": proto_every,
+        "proto_ema": proto_ema,
+        "temperature": temperature,
+        "size": size,
+        "scale_range": parse_range(scale_range, "--scale-range"),
+        "flip": flip,
+        "jitter": jitter,
+        "cam_source": cam_source,
+        "pool": pool,
+        "text_target": text_target,
+        "precision": precision,
+        "seed": seed,
+        "workers": workers,
+        "save_every": save_every,
+        "log_every": log_every,
+        "check_sync_every": check_sync_every,
+        "tensorboard": tensorboard,
+    }
     opts = stage.CmpaOptions(
-        data=data, out=out, layout=layout, split=split, labels=labels, vocab=vocab, arch=clip_arch,
-        weights=clip_weights, device=check_device(device), resume=resume, overwrite=overwrite, train=train,
-    )  # fmt: skip
+        data=data,
+        out=out,
+        layout=layout,
+        split=split,
+        labels=labels,
+        vocab=vocab,
+        arch=clip_arch,
+        weights=clip_weights,
+        device=check_device(device),
+        resume=resume,
+        overwrite=overwrite,
+        train=train,
+    )
     manifest = stage.run(opts)
     if os.environ.get("RANK", "0") == "0":
         if manifest.get("completed") and key is not None:

@@ -255,8 +255,10 @@ def eval_command(
         print(json.dumps(report, sort_keys=True))
         no_gt = report["summary"]["no_gt"]
         if no_gt:
-            info(f"scored {report['summary']['images']} of {report['summary']['images_total']} images; "
-                 f"{no_gt} have no ground truth")  # fmt: skip
+            info(
+                f"scored {report['summary']['images']} of {report['summary']['images_total']} images; "
+                f"{no_gt} have no ground truth"
+            )
     else:
         _print_table(report)
     info(f"wrote {target}")

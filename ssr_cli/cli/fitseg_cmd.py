@@ -199,8 +199,11 @@ def fit_seg(
     --batch-size is per process). Writes checkpoints/last.pt, best.pt (with --val-split), log.jsonl and
     model.safetensors; `ssr predict --model RUN` uses the last.
     """
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-               if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
+    options = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in locals().items()
+        if k not in ("out", "resume", "overwrite", "quiet")
+    }
     set_quiet(quiet)
     import os
 
@@ -208,33 +211,68 @@ def fit_seg(
     from ssr_cli.cli.options import check_device
     from ssr_cli.console import info
 
-    key = _quick_key(options, data, layout, split, vocab, gt, val_split, pseudo, backbone_weights,
-                     no_pretrained)  # fmt: skip
+    key = _quick_key(
+        options, data, layout, split, vocab, gt, val_split, pseudo, backbone_weights, no_pretrained
+    )
     done = None if overwrite or key is None else finished_unchanged(out, key)
     if done is not None:  # before torch: a complete run with the same inputs
         if os.environ.get("RANK", "0") == "0":
-            info(f"fit-seg: {out} already holds this trained model and its inputs are unchanged; nothing to "
-                 "do (--overwrite trains again)")  # fmt: skip
+            info(
+                f"fit-seg: {out} already holds this trained model and its inputs are unchanged; nothing to "
+                "do (--overwrite trains again)"
+            )
             print(_result_line(out, done))
         return
     from ssr_cli.stages import fit_seg as stage
 
     train = {
-        "iters": iters, "batch_size": batch_size, "crop_size": crop_size, "accum": accum,
-        "optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-        "poly_power": poly_power, "head_lr_mult": head_lr_mult, "head_bias_lr_mult": head_bias_lr_mult,
-        "freeze_bn": freeze_bn, "bias_decay": bias_decay, "norm_decay": norm_decay, "loss": loss,
-        "scale_range": parse_range(scale_range, "--scale-range"), "flip": flip, "precision": precision,
-        "sync_bn": sync_bn, "seed": seed, "workers": workers, "save_every": save_every,
-        "val_every": val_every, "log_every": log_every, "check_sync_every": check_sync_every,
+        "iters": iters,
+        "batch_size": batch_size,
+        "crop_size": crop_size,
+        "accum": accum,
+        "optimizer": optimizer,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "poly_power": poly_power,
+        "head_lr_mult": head_lr_mult,
+        "head_bias_lr_mult": head_bias_lr_mult,
+        "freeze_bn": freeze_bn,
+        "bias_decay": bias_decay,
+        "norm_decay": norm_decay,
+        "loss": loss,
+        "scale_range": parse_range(scale_range, "--scale-range"),
+        "flip": flip,
+        "precision": precision,
+        "sync_bn": sync_bn,
+        "seed": seed,
+        "workers": workers,
+        "save_every": save_every,
+        "val_every": val_every,
+        "log_every": log_every,
+        "check_sync_every": check_sync_every,
         "tensorboard": tensorboard,
-    }  # fmt: skip
+    }
     opts = stage.FitSegOptions(
-        data=data, pseudo=pseudo, out=out, layout=layout, split=split, vocab=vocab, gt=gt,
-        val_split=val_split, backbone=backbone, output_stride=output_stride, head=head,
-        aspp_channels=aspp_channels, backbone_weights=backbone_weights, pretrained=not no_pretrained,
-        device=check_device(device), resume=resume, overwrite=overwrite, train=train,
-    )  # fmt: skip
+        data=data,
+        pseudo=pseudo,
+        out=out,
+        layout=layout,
+        split=split,
+        vocab=vocab,
+        gt=gt,
+        val_split=val_split,
+        backbone=backbone,
+        output_stride=output_stride,
+        head=head,
+        aspp_channels=aspp_channels,
+        backbone_weights=backbone_weights,
+        pretrained=not no_pretrained,
+        device=check_device(device),
+        resume=resume,
+        overwrite=overwrite,
+        train=train,
+    )
     manifest = stage.run(opts)
     if os.environ.get("RANK", "0") == "0":
         if manifest.get("completed") and key is not None:
@@ -253,9 +291,17 @@ def _result_line(out: Path, manifest: dict) -> str:
 
 
 def _quick_key(
-    options: dict, data: Path, layout: str, split: str | None, vocab: str | None, gt: Path | None,
-    val_split: str | None, pseudo: Path, backbone_weights: str | None, no_pretrained: bool,
-) -> str | None:  # fmt: skip
+    options: dict,
+    data: Path,
+    layout: str,
+    split: str | None,
+    vocab: str | None,
+    gt: Path | None,
+    val_split: str | None,
+    pseudo: Path,
+    backbone_weights: str | None,
+    no_pretrained: bool,
+) -> str | None:
     """The quick rerun key (``artefacts/quick.py``) of this fit-seg command, computed without torch;
     None when the backbone weights would come from the caches (finding them needs timm)."""
     import os
@@ -273,6 +319,11 @@ def _quick_key(
     pseudo_is_run = (pseudo / "manifest.json").is_file()
     env_weights = os.environ.get("SSR_BACKBONE_WEIGHTS")
     files = [None if pseudo_is_run else pseudo, gt, backbone_weights, env_weights]
-    return quick_key("fit-seg", options, dataset_fingerprint="+".join(fps), files=files,
-                     runs=[pseudo] if pseudo_is_run else [],
-                     env=["SSR_BACKBONE_WEIGHTS", "WORLD_SIZE"])  # fmt: skip
+    return quick_key(
+        "fit-seg",
+        options,
+        dataset_fingerprint="+".join(fps),
+        files=files,
+        runs=[pseudo] if pseudo_is_run else [],
+        env=["SSR_BACKBONE_WEIGHTS", "WORLD_SIZE"],
+    )

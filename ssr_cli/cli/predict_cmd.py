@@ -81,8 +81,11 @@ def predict(
     Then score them with `ssr eval runs/pred --data VOC2012 --split val`. Rerunning the same command
     resumes; `--shard i/n` or torchrun split the images across processes.
     """
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-               if k not in ("out", "workers", "shard", "overwrite", "quiet")}  # fmt: skip
+    options = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in locals().items()
+        if k not in ("out", "workers", "shard", "overwrite", "quiet")
+    }
     set_quiet(quiet)
     from ssr_cli.artefacts import parse_shard
     from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
@@ -102,8 +105,13 @@ def predict(
             dataset = open_dataset(data or Path(), layout=layout, split=split, labels="none", vocab=vocab)
             ids, input_fp = dataset.ids, dataset.fingerprint()
         model_files = [model, model / "model.safetensors"] if model.is_dir() else [model]
-        key = quick_key("predict", options, dataset_fingerprint=input_fp, files=model_files,
-                        runs=[model] if model.is_dir() else [])  # fmt: skip
+        key = quick_key(
+            "predict",
+            options,
+            dataset_fingerprint=input_fp,
+            files=model_files,
+            runs=[model] if model.is_dir() else [],
+        )
         done = None if overwrite else finished_unchanged(out, key)
         if done is not None:
             info(nothing_to_do("predict", out, done, ids, parse_shard(shard)))

@@ -288,20 +288,17 @@ def refine_command(
     """
     options = {k: v for k, v in locals().items() if k not in _NOT_RESULTS}  # as given, for the quick key
     set_quiet(quiet)
-    from ssr_cli.artefacts import parse_shard, read_manifest
+    from ssr_cli.artefacts import parse_shard
+    from ssr_cli.artefacts.manifest import open_run
     from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
     from ssr_cli.data.recorded import recorded_root, recorded_vocabulary
     from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
-    from ssr_cli.errors import ArtefactError
 
     # Before torch: the seeds run, the dataset and the weights files; a complete run with the
     # same inputs answers "nothing to do" in well under a second.
-    seeds_manifest = read_manifest(seeds)
-    if seeds_manifest.get("stage") != "seeds":
-        raise ArtefactError(f"this is a '{seeds_manifest.get('stage')}' run, not a seeds run", path=seeds,
-                            hint="pass the output folder of ssr make-seeds to --seeds")  # fmt: skip
+    seeds_manifest = open_run(seeds, "seeds", option="--seeds").data
     seeds_dataset = (seeds_manifest.get("inputs") or {}).get("dataset") or {}
     recorded = {k: v for k, v in seeds_dataset.items() if isinstance(v, str)}  # what the seeds used
     recorded_cfg = seeds_manifest.get("config", {})
@@ -409,8 +406,16 @@ def _quick_key(
 
             files.append(dino_weights_source(dino_model, None).path)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    return str(make_key("refine", settings, dataset_fingerprint=dataset_fp, files=files, runs=[seeds],
-                        env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS"]))  # fmt: skip
+    return str(
+        make_key(
+            "refine",
+            settings,
+            dataset_fingerprint=dataset_fp,
+            files=files,
+            runs=[seeds],
+            env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS"],
+        )
+    )
 
 
 def _recorded(config: dict[str, Any], key: str, default: T) -> T:

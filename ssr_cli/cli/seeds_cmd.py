@@ -138,13 +138,29 @@ def make_seeds(
 
         weights_file = clip_weights_source(clip_arch, clip_weights).path
         settings = {
-            "arch": clip_arch, "weights": clip_weights, "cmpa": None if cmpa is None else str(cmpa),
-            "scales": scales, "flip": flip, "precision": precision, "save_attn": save_attn,
-            "attn_blocks": attn_blocks, "cam_target": cam_target, "max_side": max_side,
-            "oversize": oversize, "device": device, "seed": seed, "batch_size": batch_size,
-        }  # fmt: skip
-        key = quick_key("seeds", settings, dataset_fingerprint=dataset.fingerprint(),
-                        files=[weights_file, config_file], runs=[cmpa], env=["SSR_CLIP_WEIGHTS"])  # fmt: skip
+            "arch": clip_arch,
+            "weights": clip_weights,
+            "cmpa": None if cmpa is None else str(cmpa),
+            "scales": scales,
+            "flip": flip,
+            "precision": precision,
+            "save_attn": save_attn,
+            "attn_blocks": attn_blocks,
+            "cam_target": cam_target,
+            "max_side": max_side,
+            "oversize": oversize,
+            "device": device,
+            "seed": seed,
+            "batch_size": batch_size,
+        }
+        key = quick_key(
+            "seeds",
+            settings,
+            dataset_fingerprint=dataset.fingerprint(),
+            files=[weights_file, config_file],
+            runs=[cmpa],
+            env=["SSR_CLIP_WEIGHTS"],
+        )
         done = None if overwrite else finished_unchanged(out, key)
         if done is not None:
             info(nothing_to_do("make-seeds", out, done, dataset.ids, shard_))

@@ -44,10 +44,28 @@ class CmpaConfig:
     tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
 
     RESULT_FIELDS = (
-        "iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",
-        "protos_per_class", "proto_every", "proto_ema", "temperature", "size", "scale_range", "flip",
-        "jitter", "cam_source", "pool", "text_target", "precision", "seed",
-    )  # fmt: skip
+        "iters",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "dim",
+        "hidden",
+        "head_init",
+        "init_images",
+        "protos_per_class",
+        "proto_every",
+        "proto_ema",
+        "temperature",
+        "size",
+        "scale_range",
+        "flip",
+        "jitter",
+        "cam_source",
+        "pool",
+        "text_target",
+        "precision",
+        "seed",
+    )
 
     def __post_init__(self) -> None:
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))

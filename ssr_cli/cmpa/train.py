@@ -71,9 +71,14 @@ def class_embeddings(prompts: torch.Tensor) -> torch.Tensor:
 
 
 def init_heads(
-    model: Any, items: list[TrainItem], cfg: CmpaConfig, env: D.DistEnv, texts: torch.Tensor,
-    precision: str, loader: Loader,
-) -> CmpaHeads:  # fmt: skip
+    model: Any,
+    items: list[TrainItem],
+    cfg: CmpaConfig,
+    env: D.DistEnv,
+    texts: torch.Tensor,
+    precision: str,
+    loader: Loader,
+) -> CmpaHeads:
     """The step-0 heads (see ``models/cmpa.py``): ``texts`` [T, E] are the class and
     background embeddings whose span the ``pca`` projection keeps exactly."""
     e = int(model.embed_dim)
@@ -136,9 +141,12 @@ def train(
         heads.to(device).train()
         decay = [p for n, p in heads.named_parameters() if n != "log_inv_tau"]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay},
-             {"params": [heads.log_inv_tau], "weight_decay": 0.0}], lr=cfg.lr,
-        )  # fmt: skip
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": [heads.log_inv_tau], "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+        )
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         start, protos, window = 0, None, torch.zeros(_WINDOW, dtype=torch.float64, device=device)
         if resume is not None:
@@ -164,8 +172,17 @@ def train(
 
         def jobs(it: int) -> list[tuple[Path, int, Any]]:
             idx = stream.indices(it, env.rank)
-            side, augs = step_augment(cfg.seed, it, env.rank, len(idx), cfg.size, cfg.scale_range, cfg.flip,
-                                      cfg.jitter, model.patch_size)  # fmt: skip
+            side, augs = step_augment(
+                cfg.seed,
+                it,
+                env.rank,
+                len(idx),
+                cfg.size,
+                cfg.scale_range,
+                cfg.flip,
+                cfg.jitter,
+                model.patch_size,
+            )
             return [(items[i].image, side, a) for i, a in zip(idx, augs, strict=True)]
 
         timing = {"data": 0.0, "clip": 0.0, "heads": 0.0, "protos": 0.0}
@@ -185,10 +202,21 @@ def train(
                 info(f"train-cmpa: iteration {it}: collecting prototypes over {len(items)} images")
             heads.eval()
             found = collect_features(
-                model, heads, items, side=cfg.size, batch_size=cfg.batch_size, fg=fg, bg=bg,
-                cam_heads=cfg.cam_source == "heads", precision=precision, env=env, loader=loader,
-                keep=cfg.protos_per_class > 1, on_batch=progress, pool=cfg.pool,
-            )  # fmt: skip
+                model,
+                heads,
+                items,
+                side=cfg.size,
+                batch_size=cfg.batch_size,
+                fg=fg,
+                bg=bg,
+                cam_heads=cfg.cam_source == "heads",
+                precision=precision,
+                env=env,
+                loader=loader,
+                keep=cfg.protos_per_class > 1,
+                on_batch=progress,
+                pool=cfg.pool,
+            )
             image, valid = image_prototypes(
                 found, cfg.protos_per_class, step_seed(cfg.seed, it, 0, STAGE) % 2**31
             )
@@ -199,24 +227,35 @@ def train(
                 back = text_prototypes(heads.project_text, bg_prompts)
             heads.train()
             if not bool(valid.any()):
-                raise DataError("no foreground features: every CAM of the split was empty",
-                                hint="check the labels and the CLIP weights")  # fmt: skip
+                raise DataError(
+                    "no foreground features: every CAM of the split was empty",
+                    hint="check the labels and the CLIP weights",
+                )
             seconds = time.perf_counter() - started
             timing["protos"] += seconds
-            record = {"features": found.counts.tolist(), "classes": int(valid.sum()),
-                      "seconds": round(seconds, 3)}  # fmt: skip
+            record = {
+                "features": found.counts.tolist(),
+                "classes": int(valid.sum()),
+                "seconds": round(seconds, 3),
+            }
             write_log({"type": "prototypes", "iter": it, "prototypes": record})
             return Prototypes(image.to(device), text, back, valid.to(device), found.counts.to(device), it)
 
         def checkpoint_state(iteration: int) -> dict[str, Any]:
             assert protos is not None
             return {
-                "iteration": iteration, "heads": heads.state_dict(), "head_config": heads.cfg.to_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "prototypes": protos.state_dict(), "rng": rng_states(),
-                "window": D.all_reduce_sum(env, window.clone()).cpu(), "config": cfg.to_dict(),
-                "fingerprint": run_fingerprint, "clip": clip_id or {},
-            }  # fmt: skip
+                "iteration": iteration,
+                "heads": heads.state_dict(),
+                "head_config": heads.cfg.to_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "prototypes": protos.state_dict(),
+                "rng": rng_states(),
+                "window": D.all_reduce_sum(env, window.clone()).cpu(),
+                "config": cfg.to_dict(),
+                "fingerprint": run_fingerprint,
+                "clip": clip_id or {},
+            }
 
         started = time.perf_counter()
         clock = {"start": time.perf_counter(), "steps": 0}
@@ -260,9 +299,14 @@ def train(
                 txt_feats = F.normalize(txt.float(), dim=-1)
                 live = F.normalize(txt_feats.view(k, t_count, -1).mean(dim=1), dim=-1)
                 loss, stats = prototype_loss(
-                    feats[ok], cls_idx[ok], txt_feats, txt_cls, protos, inv_tau.float(),
+                    feats[ok],
+                    cls_idx[ok],
+                    txt_feats,
+                    txt_cls,
+                    protos,
+                    inv_tau.float(),
                     text_live=live if cfg.text_target == "live" else None,
-                )  # fmt: skip
+                )
                 touch = projected.float().sum() + txt.float().sum()
                 loss = loss + 0.0 * touch  # every parameter in the graph, even without anchors (DDP)
                 optimizer.zero_grad(set_to_none=True)
@@ -294,13 +338,19 @@ def train(
                     seconds = time.perf_counter() - clock["start"]
                     speed = clock["steps"] / max(seconds, 1e-9)
                     last = {
-                        "type": "train", "iter": done, "loss": w[0] / max(w[9], 1),
-                        "loss_i2t": w[1] / w[2] if w[2] else None, "loss_t2i": w[3] / w[4] if w[4] else None,
-                        "sim_same": w[5] / w[6] if w[6] else None, "sim_other": w[7] / w[8] if w[8] else None,
-                        "temperature": heads.temperature, "lr": optimizer.param_groups[0]["lr"],
-                        "iters_per_s": round(speed, 4), **peak_memory_mb(device),
+                        "type": "train",
+                        "iter": done,
+                        "loss": w[0] / max(w[9], 1),
+                        "loss_i2t": w[1] / w[2] if w[2] else None,
+                        "loss_t2i": w[3] / w[4] if w[4] else None,
+                        "sim_same": w[5] / w[6] if w[6] else None,
+                        "sim_other": w[7] / w[8] if w[8] else None,
+                        "temperature": heads.temperature,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "iters_per_s": round(speed, 4),
+                        **peak_memory_mb(device),
                         **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
-                    }  # fmt: skip
+                    }
                     write_log(last)
                     status = (
                         f"loss {last['loss']:.4f}  temperature {last['temperature']:.4f}  {speed:.2f} it/s"
@@ -315,8 +365,16 @@ def train(
 
                 if cfg.check_sync_every and done % cfg.check_sync_every == 0:
                     gathered = D.all_gather_object(env, (D.parameter_digest(heads), float(loss.detach())))
-                    write_log({"type": "sync", "iter": done, "sync": {"weights": [g[0] for g in gathered],
-                                                      "rank_losses": [g[1] for g in gathered]}})  # fmt: skip
+                    write_log(
+                        {
+                            "type": "sync",
+                            "iter": done,
+                            "sync": {
+                                "weights": [g[0] for g in gathered],
+                                "rank_losses": [g[1] for g in gathered],
+                            },
+                        }
+                    )
                     if len({g[0] for g in gathered}) != 1:
                         raise RuntimeError(f"ranks disagree on the CMPA heads after iteration {done}")
 
@@ -332,11 +390,16 @@ def train(
         steps = cfg.iters - start
         busy = sum(timing.values())
         summary = {
-            "iterations": cfg.iters, "resumed_from": start, "final": last, "temperature": heads.temperature,
-            "seconds": round(seconds, 2), "iters_per_s": round(steps / max(seconds, 1e-9), 4),
+            "iterations": cfg.iters,
+            "resumed_from": start,
+            "final": last,
+            "temperature": heads.temperature,
+            "seconds": round(seconds, 2),
+            "iters_per_s": round(steps / max(seconds, 1e-9), 4),
             "time_share": {key: round(v / busy, 4) for key, v in timing.items()} if busy > 0 else {},
-            "rank_digests": digests, **peak_memory_mb(device),
-        }  # fmt: skip
+            "rank_digests": digests,
+            **peak_memory_mb(device),
+        }
         if board is not None:
             board.close()
         return heads, protos, summary

@@ -24,8 +24,11 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
             image_id = path.relative_to(folder).with_suffix("").as_posix()
             if image_id in found:
-                raise DataError(f"two images share the id {image_id!r}", path=path,
-                                hint=f"rename one of {found[image_id].name} and {path.name}")  # fmt: skip
+                raise DataError(
+                    f"two images share the id {image_id!r}",
+                    path=path,
+                    hint=f"rename one of {found[image_id].name} and {path.name}",
+                )
             found[image_id] = path
     if not found:
         raise DataError(

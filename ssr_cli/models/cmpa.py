@@ -58,8 +58,9 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.in_dim < 1 or self.dim < 1 or self.hidden < 1:
-            raise ConfigError(f"head sizes must be positive (in {self.in_dim}, dim {self.dim}, "
-                              f"hidden {self.hidden})")  # fmt: skip
+            raise ConfigError(
+                f"head sizes must be positive (in {self.in_dim}, dim {self.dim}, hidden {self.hidden})"
+            )
         if self.init not in INITS:
             raise ConfigError(f"--head-init {self.init!r} is not one of {', '.join(INITS)}")
 
@@ -220,12 +221,16 @@ def read_heads_file(path: str | Path) -> tuple[CmpaHeads, dict[str, Any]]:
             state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise WeightsError(
-            f"cannot read CMPA heads ({type(exc).__name__})", path=path,
+            f"cannot read CMPA heads ({type(exc).__name__})",
+            path=path,
             hint="rerun ssr train-cmpa into that folder with --overwrite",
-        ) from None  # fmt: skip
+        ) from None
     if raw is None:
-        raise WeightsError("not a CMPA heads file (no ssr config in its metadata)", path=path,
-                           hint="pass a folder written by ssr train-cmpa")  # fmt: skip
+        raise WeightsError(
+            "not a CMPA heads file (no ssr config in its metadata)",
+            path=path,
+            hint="pass a folder written by ssr train-cmpa",
+        )
     meta = json.loads(raw)
     heads = CmpaHeads(HeadConfig.from_dict(meta["config"]))
     try:
@@ -253,11 +258,17 @@ def load_heads(
         )
     manifest = read_manifest(run_dir)
     if manifest.get("stage") != "cmpa":
-        raise ArtefactError(f"this folder holds a '{manifest.get('stage')}' run, not a train-cmpa run",
-                            path=run_dir, hint="pass the --out folder of ssr train-cmpa")  # fmt: skip
+        raise ArtefactError(
+            f"this folder holds a '{manifest.get('stage')}' run, not a train-cmpa run",
+            path=run_dir,
+            hint="pass the --out folder of ssr train-cmpa",
+        )
     if not manifest.get("completed") or not (run_dir / HEADS_FILE).is_file():
-        raise ArtefactError("this train-cmpa run has not finished", path=run_dir,
-                            hint="resume it with ssr train-cmpa ... --resume")  # fmt: skip
+        raise ArtefactError(
+            "this train-cmpa run has not finished",
+            path=run_dir,
+            hint="resume it with ssr train-cmpa ... --resume",
+        )
     heads, meta = read_heads_file(run_dir / HEADS_FILE)
     if clip is not None:
         mine, theirs = clip_identity(clip), meta.get("clip", {})

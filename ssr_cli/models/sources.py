@@ -24,26 +24,62 @@ _OPENAI = "https://openaipublic.azureedge.net/clip/models"
 OPENAI_CLIP: dict[str, dict[str, str]] = {
     arch: {"url": f"{_OPENAI}/{sha}/{file}", "hf_hub": f"timm/{hub}.openai/"}
     for arch, sha, file, hub in [
-        ("RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt",
-         "resnet50_clip"),
-        ("RN50x4", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4.pt",
-         "resnet50x4_clip"),
-        ("RN50x16", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16.pt",
-         "resnet50x16_clip"),
-        ("RN50x64", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64.pt",
-         "resnet50x64_clip"),
-        ("RN101", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt",
-         "resnet101_clip"),
-        ("ViT-B-16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt",
-         "vit_base_patch16_clip_224"),
-        ("ViT-B-32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt",
-         "vit_base_patch32_clip_224"),
-        ("ViT-L-14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt",
-         "vit_large_patch14_clip_224"),
-        ("ViT-L-14-336", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
-         "ViT-L-14-336px.pt", "vit_large_patch14_clip_336"),
+        (
+            "RN50",
+            "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+            "RN50.pt",
+            "resnet50_clip",
+        ),
+        (
+            "RN50x4",
+            "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+            "RN50x4.pt",
+            "resnet50x4_clip",
+        ),
+        (
+            "RN50x16",
+            "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+            "RN50x16.pt",
+            "resnet50x16_clip",
+        ),
+        (
+            "RN50x64",
+            "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+            "RN50x64.pt",
+            "resnet50x64_clip",
+        ),
+        (
+            "RN101",
+            "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+            "RN101.pt",
+            "resnet101_clip",
+        ),
+        (
+            "ViT-B-16",
+            "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+            "ViT-B-16.pt",
+            "vit_base_patch16_clip_224",
+        ),
+        (
+            "ViT-B-32",
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+            "ViT-B-32.pt",
+            "vit_base_patch32_clip_224",
+        ),
+        (
+            "ViT-L-14",
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+            "ViT-L-14.pt",
+            "vit_large_patch14_clip_224",
+        ),
+        (
+            "ViT-L-14-336",
+            "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02",
+            "ViT-L-14-336px.pt",
+            "vit_large_patch14_clip_336",
+        ),
     ]
-}  # fmt: skip
+}
 OPENAI_CLIP.update({f"{arch}-quickgelu": cfg for arch, cfg in list(OPENAI_CLIP.items())})
 
 #: timm backbones of the segmenter: name -> (hub repo of timm's default tag, file names)
@@ -70,13 +106,20 @@ DINO_MODELS: dict[str, tuple[str, str]] = {
 }
 
 
-def openai_cfg(arch: str) -> dict[str, Any]:
-    """open_clip's ``openai`` pretrained config of ``arch`` ({} when it has none)."""
+def openai_cfg(arch: str, *, known: bool = False) -> dict[str, Any]:
+    """open_clip's ``openai`` pretrained config of ``arch`` ({} when it has none). ``known``: an
+    architecture open_clip does not have is a one-line error (the usual names answer from the
+    table, without importing open_clip)."""
     if arch in OPENAI_CLIP:
         return dict(OPENAI_CLIP[arch])
     if Path(arch).suffix == ".json":
         return {}  # an open_clip model-config file: no pretrained weights
     import open_clip
+
+    if known and arch not in open_clip.list_models():
+        raise ConfigError(
+            f"unknown CLIP architecture {arch!r}", hint="use an open_clip model name such as ViT-B-16"
+        )
 
     if "openai" in open_clip.list_pretrained_tags_by_model(arch):
         return dict(open_clip.get_pretrained_cfg(arch, "openai"))

@@ -23,54 +23,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ssr_cli.artefacts import read_manifest
+from ssr_cli.artefacts.manifest import Manifest, open_run
 from ssr_cli.data import Dataset
 from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
 from ssr_cli.models.clip import register_arch
 
-
-@dataclass
-class SeedsRun:
-    """An opened seeds run folder."""
-
-    root: Path
-    manifest: dict[str, Any]
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.manifest["fingerprint"])
-
-    @property
-    def dataset(self) -> dict[str, Any]:
-        dataset = self.manifest.get("inputs", {}).get("dataset", {})
-        return dict(dataset) if isinstance(dataset, dict) else {}
-
-    def item_path(self, item_id: str) -> Path:
-        return (
-            self.root
-            / self.manifest.get("item_dir", "cams")
-            / f"{item_id}{self.manifest.get('item_suffix', '.npz')}"
-        )
+#: an opened seeds run (``open_seeds``)
+SeedsRun = Manifest
 
 
 def open_seeds(path: str | Path) -> SeedsRun:
     """Open a ``make-seeds`` run folder; a one-line error when it is something else."""
-    root = Path(path)
-    manifest = read_manifest(root)
-    if manifest.get("stage") != "seeds":
-        raise ArtefactError(
-            f"this is a '{manifest.get('stage')}' run, not a seeds run",
-            path=root,
-            hint="pass the output folder of ssr make-seeds to --seeds",
-        )
-    return SeedsRun(root, manifest)
+    return open_run(path, "seeds", option="--seeds")
 
 
 def check_dataset(seeds: SeedsRun, dataset: Dataset) -> None:

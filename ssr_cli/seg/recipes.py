@@ -83,9 +83,16 @@ RECIPES: dict[str, Recipe] = {
 }
 
 RECIPE_FIELDS = (
-    "lr", "head_lr_mult", "head_bias_lr_mult", "weight_decay", "momentum", "poly_power",
-    "freeze_bn", "bias_decay", "norm_decay",
-)  # fmt: skip
+    "lr",
+    "head_lr_mult",
+    "head_bias_lr_mult",
+    "weight_decay",
+    "momentum",
+    "poly_power",
+    "freeze_bn",
+    "bias_decay",
+    "norm_decay",
+)
 ADAMW_DEFAULTS: dict[str, float] = {"lr": 6e-5, "weight_decay": 0.01}
 
 

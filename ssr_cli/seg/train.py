@@ -78,10 +78,27 @@ class TrainConfig:
     tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
 
     RESULT_FIELDS = (
-        "iters", "batch_size", "crop_size", "accum", "optimizer", "lr", "momentum", "weight_decay",
-        "poly_power", "head_lr_mult", "head_bias_lr_mult", "freeze_bn", "bias_decay", "norm_decay",
-        "loss", "scale_range", "flip", "precision", "sync_bn", "seed",
-    )  # fmt: skip
+        "iters",
+        "batch_size",
+        "crop_size",
+        "accum",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "poly_power",
+        "head_lr_mult",
+        "head_bias_lr_mult",
+        "freeze_bn",
+        "bias_decay",
+        "norm_decay",
+        "loss",
+        "scale_range",
+        "flip",
+        "precision",
+        "sync_bn",
+        "seed",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -128,9 +145,13 @@ class _Batches:
 
 
 GROUP_ORDER = (
-    ("backbone", "weight"), ("backbone", "bias"), ("backbone", "norm"),
-    ("head", "weight"), ("head", "bias"), ("head", "norm"),
-)  # fmt: skip
+    ("backbone", "weight"),
+    ("backbone", "bias"),
+    ("backbone", "norm"),
+    ("head", "weight"),
+    ("head", "bias"),
+    ("head", "norm"),
+)
 
 
 def optimizer_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -151,10 +172,15 @@ def optimizer_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
             continue
         mult = 1.0 if part == "backbone" else (cfg.head_bias_lr_mult if kind == "bias" else cfg.head_lr_mult)
         decays = {"weight": True, "bias": cfg.bias_decay, "norm": cfg.norm_decay}[kind]
-        groups.append({
-            "params": params, "name": f"{part}.{kind}", "lr_mult": mult, "lr": cfg.lr * mult,
-            "weight_decay": cfg.weight_decay if decays else 0.0,
-        })  # fmt: skip
+        groups.append(
+            {
+                "params": params,
+                "name": f"{part}.{kind}",
+                "lr_mult": mult,
+                "lr": cfg.lr * mult,
+                "weight_decay": cfg.weight_decay if decays else 0.0,
+            }
+        )
     return groups
 
 
@@ -210,9 +236,15 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     stream = TrainStream(
-        samples, model_cfg.num_classes, cfg.seed, cfg.crop_size, model_cfg.mean, model_cfg.std,
-        cfg.scale_range, cfg.flip,
-    )  # fmt: skip
+        samples,
+        model_cfg.num_classes,
+        cfg.seed,
+        cfg.crop_size,
+        model_cfg.mean,
+        model_cfg.std,
+        cfg.scale_range,
+        cfg.flip,
+    )
     layout = StreamLayout(cfg.batch_size, cfg.accum, env.world)
     loader = DataLoader(
         stream,
@@ -312,8 +344,16 @@ def train(
             paused_from = time.perf_counter()
             if cfg.check_sync_every and done % cfg.check_sync_every == 0:
                 gathered = D.all_gather_object(env, (D.parameter_digest(model), float(step_loss)))
-                write_log({"type": "sync", "iter": done, "sync": {"weights": [g[0] for g in gathered],
-                                                  "rank_losses": [g[1] for g in gathered]}})  # fmt: skip
+                write_log(
+                    {
+                        "type": "sync",
+                        "iter": done,
+                        "sync": {
+                            "weights": [g[0] for g in gathered],
+                            "rank_losses": [g[1] for g in gathered],
+                        },
+                    }
+                )
                 if len({g[0] for g in gathered}) != 1:
                     raise RuntimeError(f"ranks disagree on the weights after iteration {done}")
 
@@ -328,9 +368,16 @@ def train(
 
                 val_status(0, -(-len(val_samples) // env.world))
                 result = validation_miou(
-                    model, val_samples, model_cfg.num_classes, class_names, model_cfg.mean, model_cfg.std,
-                    env, cfg.precision, progress=val_status,
-                )  # fmt: skip
+                    model,
+                    val_samples,
+                    model_cfg.num_classes,
+                    class_names,
+                    model_cfg.mean,
+                    model_cfg.std,
+                    env,
+                    cfg.precision,
+                    progress=val_status,
+                )
                 miou = result["miou"]
                 improved = miou is not None and (best["miou"] is None or miou > best["miou"])
                 if improved:

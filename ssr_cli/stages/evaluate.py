@@ -22,6 +22,7 @@ import numpy as np
 
 from ssr_cli import __version__
 from ssr_cli.artefacts import MANIFEST, read_manifest
+from ssr_cli.artefacts.manifest import Manifest
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
 from ssr_cli.metrics import PRED_IGNORE_MODES, confusion_matrix, empty_confusion, scores
 from ssr_cli.parallel import bounded_map
@@ -86,8 +87,8 @@ def _seed_source(pred: Path, manifest: dict[str, Any], candidates: list[dict[str
     from ssr_cli.artefacts.seeds import load_seed
     from ssr_cli.cam.labels import cams_to_labels, upsample_cams
 
-    item_root = pred / manifest.get("item_dir", "cams")
-    suffix = manifest.get("item_suffix", ".npz")
+    run = Manifest(pred, manifest)
+    item_root, suffix = run.item_dir, run.item_suffix
 
     def read_many(item_id: str) -> list[np.ndarray]:
         seed = load_seed(item_root / f"{item_id}{suffix}", with_attn=False)
@@ -134,14 +135,14 @@ def open_predictions(
             )
         cams = dict(manifest, item_dir="cams", item_suffix=".npz")
         return _seed_source(pred, cams, candidates or bg_candidates(False, None, None))
-    item_dir = manifest.get("item_dir")
-    if not isinstance(item_dir, str) or manifest.get("item_suffix") != ".png":
+    run = Manifest(pred, manifest)
+    if run.item_suffix != ".png":
         raise ArtefactError(
             f"a '{stage}' run holds no label maps to evaluate",
             path=pred / MANIFEST,
             hint="evaluate the output folder of refine or predict, or a folder of <id>.png",
         )
-    return PredSource(root=pred, item_root=pred / item_dir, suffix=".png", manifest=manifest)
+    return PredSource(root=pred, item_root=run.item_dir, suffix=".png", manifest=manifest)
 
 
 def _gt_ids(gt_dir: Path) -> list[str]:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssr_cli.artefacts import MANIFEST, fingerprint, read_manifest
+from ssr_cli.artefacts import fingerprint, read_manifest
 from ssr_cli.artefacts.fingerprint import file_sha256
+from ssr_cli.artefacts.manifest import is_run, open_run
 from ssr_cli.artefacts.paths import absolute, locate_inputs
 from ssr_cli.artefacts.run import new_manifest
 from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
@@ -64,21 +65,24 @@ def resolve_pseudo(path: Path) -> tuple[Path, dict[str, Any]]:
         raise DataError(
             "pseudo-label folder not found", path=path, hint="pass a refine run folder or PNG folder"
         )
-    if (path / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        if manifest.get("item_suffix") != ".png":
+    if is_run(path):
+        run = open_run(path)
+        manifest = run.data
+        if run.item_suffix != ".png":
             raise ArtefactError(
                 f"this '{manifest.get('stage')}' run holds no label PNGs",
                 path=path,
                 hint="pass the output folder of ssr refine (or ssr predict)",
             )
         if not manifest.get("completed"):
-            warn(f"pseudo-label run {path} is not complete ({manifest.get('items_done')}/"
-                 f"{manifest.get('item_count')} items); training on the finished ones")  # fmt: skip
+            warn(
+                f"pseudo-label run {path} is not complete ({manifest.get('items_done')}/"
+                f"{manifest.get('item_count')} items); training on the finished ones"
+            )
         desc = {"kind": "run", "stage": manifest.get("stage"), "fingerprint": manifest.get("fingerprint")}
         dataset = (manifest.get("inputs") or {}).get("dataset") or {}
         desc["split"] = dataset.get("split") or (manifest.get("config") or {}).get("split")
-        return path / manifest.get("item_dir", "labels"), desc
+        return run.item_dir, desc
     return path, {"kind": "folder", "fingerprint": None, "split": None}
 
 
@@ -93,9 +97,14 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
     interrupted run without --resume, and --resume with a different --iters.
     """
     return prepare_training_run(
-        out, stage=STAGE, basis=basis, resume=resume, overwrite=overwrite,
-        outputs=("checkpoints", "log.jsonl", "model.safetensors"), final="model.safetensors",
-    )  # fmt: skip
+        out,
+        stage=STAGE,
+        basis=basis,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=("checkpoints", "log.jsonl", "model.safetensors"),
+        final="model.safetensors",
+    )
 
 
 def run(opts: FitSegOptions) -> dict[str, Any]:
@@ -134,8 +143,9 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
     val_samples: list[Sample] = []
     val_desc = None
     if opts.val_split:
-        val = open_dataset(opts.data, layout=opts.layout, split=opts.val_split, labels="none",
-                           vocab=opts.vocab, gt=opts.gt)  # fmt: skip
+        val = open_dataset(
+            opts.data, layout=opts.layout, split=opts.val_split, labels="none", vocab=opts.vocab, gt=opts.gt
+        )
         val_samples = [Sample(i.id, i.image, i.gt) for i in val.items if i.gt is not None]
         if not val_samples:
             raise DataError(
@@ -144,8 +154,10 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
                 hint="add masks for some of them, pass --gt DIR, or drop --val-split",
             )
         if len(val_samples) < len(val):  # partial ground truth: validate on the images that have it
-            warn(f"validating on the {len(val_samples)} of {len(val)} images of split {opts.val_split} "
-                 "that have a ground-truth mask")  # fmt: skip
+            warn(
+                f"validating on the {len(val_samples)} of {len(val)} images of split {opts.val_split} "
+                "that have a ground-truth mask"
+            )
         val_desc = val.describe()
 
     device = resolve_device(opts.device)
@@ -200,35 +212,57 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
         if decision == "resume":
             resume_state = load_checkpoint_file(out / "checkpoints" / "last.pt")
             if resume_state.get("fingerprint") != fp:
-                raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
-                                    hint="start again with --overwrite")  # fmt: skip
+                raise ArtefactError(
+                    "checkpoints/last.pt belongs to another run",
+                    path=out,
+                    hint="start again with --overwrite",
+                )
             info(f"fit-seg: resuming {out} at iteration {resume_state['iteration']} of {tcfg.iters}")
         manifest = new_manifest(
             STAGE,
             config={
-                "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
-                "pseudo": str(absolute(opts.pseudo)), "val_split": opts.val_split, "device": str(device),
-                "world_size": env.world, "model": model_cfg.to_dict(), "train": tcfg.to_dict(),
-                "backbone_weights": weights_desc, "recipe": recipe,
+                "data": str(absolute(opts.data)),
+                "layout": dataset.layout,
+                "split": dataset.split,
+                "pseudo": str(absolute(opts.pseudo)),
+                "val_split": opts.val_split,
+                "device": str(device),
+                "world_size": env.world,
+                "model": model_cfg.to_dict(),
+                "train": tcfg.to_dict(),
+                "backbone_weights": weights_desc,
+                "recipe": recipe,
             },
-            basis=basis, upstream={"pseudo": pseudo["fingerprint"]},
-            inputs=locate_inputs({"dataset": dataset.describe(), "val": val_desc,
-                                  "pseudo": {**pseudo, "dir": str(label_dir)}}, out),
-            item_dir="checkpoints", item_suffix=".pt", item_count=tcfg.iters,
-            samples=len(samples), model_file=MODEL_FILE,
-        )  # fmt: skip
+            basis=basis,
+            upstream={"pseudo": pseudo["fingerprint"]},
+            inputs=locate_inputs(
+                {"dataset": dataset.describe(), "val": val_desc, "pseudo": {**pseudo, "dir": str(label_dir)}},
+                out,
+            ),
+            item_dir="checkpoints",
+            item_suffix=".pt",
+            item_count=tcfg.iters,
+            samples=len(samples),
+            model_file=MODEL_FILE,
+        )
         if env.is_main:
             start_training_manifest(out, manifest, resumed=resume_state is not None)
         D.barrier(env)
-        info(f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
-             f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}")  # fmt: skip
-        info(f"fit-seg: head {opts.head}, recipe of {recipe['source']}; backbone lr {tcfg.lr:g}, "
-             f"head x{tcfg.head_lr_mult:g} (biases x{tcfg.head_bias_lr_mult:g}), weight decay "
-             f"{tcfg.weight_decay:g}, BatchNorm {'frozen' if tcfg.freeze_bn else 'trained'}, "
-             f"output stride {output_stride}")  # fmt: skip
+        info(
+            f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
+            f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}"
+        )
+        info(
+            f"fit-seg: head {opts.head}, recipe of {recipe['source']}; backbone lr {tcfg.lr:g}, "
+            f"head x{tcfg.head_lr_mult:g} (biases x{tcfg.head_bias_lr_mult:g}), weight decay "
+            f"{tcfg.weight_decay:g}, BatchNorm {'frozen' if tcfg.freeze_bn else 'trained'}, "
+            f"output stride {output_stride}"
+        )
         if tcfg.freeze_bn and weights_src.is_random and env.is_main:
-            warn("--freeze-bn with random backbone weights keeps BatchNorm at its initial statistics "
-                 "(mean 0, variance 1); the recipe assumes pretrained weights")  # fmt: skip
+            warn(
+                "--freeze-bn with random backbone weights keeps BatchNorm at its initial statistics "
+                "(mean 0, variance 1); the recipe assumes pretrained weights"
+            )
         summary = train(out, model_cfg, tcfg, samples, val_samples, env, backbone_state, resume_state, fp)
         return finish_training_manifest(out, manifest, iters=tcfg.iters, summary=summary, write=env.is_main)
     finally:

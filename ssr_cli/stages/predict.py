@@ -144,10 +144,19 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     }
     ids = [image_id for image_id, _ in pairs]
     run_folder = RunFolder.open(
-        opts.out, stage=STAGE, item_dir="labels", item_suffix=".png", config=config,
-        result_config=result_config, upstream=upstream, inputs={"images": inputs}, ids=ids,
-        shard=shard, overwrite=opts.overwrite, check_item=png_check,
-    )  # fmt: skip
+        opts.out,
+        stage=STAGE,
+        item_dir="labels",
+        item_suffix=".png",
+        config=config,
+        result_config=result_config,
+        upstream=upstream,
+        inputs={"images": inputs},
+        ids=ids,
+        shard=shard,
+        overwrite=opts.overwrite,
+        check_item=png_check,
+    )
     pending = set(run_folder.pending(ids))
     todo = [pair for pair in pairs if pair[0] in pending]
     info(f"predict: {len(todo)} of {len(shard.select(ids))} images to do (shard {shard}) on {device}")

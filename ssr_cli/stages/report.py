@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ssr_cli.artefacts import MANIFEST, read_manifest
+from ssr_cli.artefacts import MANIFEST
+from ssr_cli.artefacts.manifest import open_run
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
 from ssr_cli.parallel import bounded_map
 
@@ -101,9 +102,8 @@ def open_source(root: str | Path, index: int) -> Source:
         src = Source(index, root, "labels", None, labels_dir=root)
         src.ids = _ids_in(root, ".png")
     else:
-        manifest = read_manifest(root)
-        stage = str(manifest.get("stage"))
-        item_dir = root / str(manifest.get("item_dir", ""))
+        run = open_run(root)
+        manifest, stage, item_dir = run.data, run.stage, run.item_dir
         if stage == "seeds":
             src = Source(index, root, stage, manifest, cams_dir=item_dir)
             src.ids = _ids_in(item_dir, ".npz")
@@ -374,7 +374,7 @@ def build_report(
                 "scores": scores(confs[src.name], names) if counted[src.name] else None,
             }
             for src in labelled
-        ],  # fmt: skip
+        ],
         "palette": palette[: 3 * k],
         "confusion_matrix": conf.tolist() if scored else None,
         "contact_sheet": sheet,

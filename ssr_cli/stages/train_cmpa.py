@@ -66,17 +66,23 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
     from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE
 
     return prepare_training_run(
-        out, stage=STAGE, basis=basis, resume=resume, overwrite=overwrite,
-        outputs=("checkpoints", "log.jsonl", HEADS_FILE, PROTOTYPES_FILE), final=HEADS_FILE,
-    )  # fmt: skip
+        out,
+        stage=STAGE,
+        basis=basis,
+        resume=resume,
+        overwrite=overwrite,
+        outputs=("checkpoints", "log.jsonl", HEADS_FILE, PROTOTYPES_FILE),
+        final=HEADS_FILE,
+    )
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """A ``last.pt`` written by train-cmpa, on the CPU."""
     from ssr_cli.train.state import load_training_state
 
-    return load_training_state(path, stage="train-cmpa", keys=("heads", "prototypes"),
-                               hint="start again with --overwrite")  # fmt: skip
+    return load_training_state(
+        path, stage="train-cmpa", keys=("heads", "prototypes"), hint="start again with --overwrite"
+    )
 
 
 def run(opts: CmpaOptions) -> dict[str, Any]:
@@ -111,8 +117,10 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
         clip_id = clip_identity(model)
         notices = []
         if model.is_random:
-            notices.append("CLIP weights are RANDOM (untrained, --clip-weights random): these heads are "
-                           "meaningless; use them only to smoke-test the pipeline")  # fmt: skip
+            notices.append(
+                "CLIP weights are RANDOM (untrained, --clip-weights random): these heads are "
+                "meaningless; use them only to smoke-test the pipeline"
+            )
         basis = {
             "stage": STAGE,
             "config": {
@@ -128,47 +136,79 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
         decision = D.decide_on_main(env, lambda: prepare_run(out, basis, opts.resume, opts.overwrite))
         if decision == "done":
             if env.is_main:
-                info(f"train-cmpa: {out} already holds these trained heads; nothing to do "
-                     "(--overwrite trains again)")  # fmt: skip
+                info(
+                    f"train-cmpa: {out} already holds these trained heads; nothing to do "
+                    "(--overwrite trains again)"
+                )
             return read_manifest(out)
         resume_state = None
         if decision == "resume":
             resume_state = load_checkpoint_file(out / CHECKPOINT)
             if resume_state.get("fingerprint") != fp:
-                raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
-                                    hint="start again with --overwrite")  # fmt: skip
+                raise ArtefactError(
+                    "checkpoints/last.pt belongs to another run",
+                    path=out,
+                    hint="start again with --overwrite",
+                )
             if env.is_main:
                 info(f"train-cmpa: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
         manifest = new_manifest(
             STAGE,
             config={
-                "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
-                "labels": opts.labels, "vocab": dataset.vocab.name, "arch": arch,
-                "clip_arch_option": opts.arch, "weights": opts.weights, "device": str(device),
-                "world_size": env.world, "train": cfg.to_dict(),
+                "data": str(absolute(opts.data)),
+                "layout": dataset.layout,
+                "split": dataset.split,
+                "labels": opts.labels,
+                "vocab": dataset.vocab.name,
+                "arch": arch,
+                "clip_arch_option": opts.arch,
+                "weights": opts.weights,
+                "device": str(device),
+                "world_size": env.world,
+                "train": cfg.to_dict(),
             },
-            basis=basis, upstream={},
+            basis=basis,
+            upstream={},
             inputs=locate_inputs({"dataset": dataset.describe(), "clip": model.describe()}, out),
-            item_dir="checkpoints", item_suffix=".pt", item_count=cfg.iters, notices=notices,
-            images=len(items), heads_file=HEADS_FILE, prototypes_file=PROTOTYPES_FILE,
-        )  # fmt: skip
+            item_dir="checkpoints",
+            item_suffix=".pt",
+            item_count=cfg.iters,
+            notices=notices,
+            images=len(items),
+            heads_file=HEADS_FILE,
+            prototypes_file=PROTOTYPES_FILE,
+        )
         if env.is_main:
             start_training_manifest(out, manifest, resumed=resume_state is not None)
             for notice in notices:
                 warn(notice)
         D.barrier(env)
         if env.is_main:
-            info(f"train-cmpa: {len(items)} images, {len(dataset.vocab.classes)} classes, CLIP {arch}, "
-                 f"d2 {cfg.dim}, {cfg.iters} iterations on {device} x{env.world}, "
-                 f"precision {cfg.precision}")  # fmt: skip
-        heads, protos, summary = train(out, model, items, dataset.vocab, cfg, env, resume=resume_state,
-                                       run_fingerprint=fp, clip_id=clip_id)  # fmt: skip
+            info(
+                f"train-cmpa: {len(items)} images, {len(dataset.vocab.classes)} classes, CLIP {arch}, "
+                f"d2 {cfg.dim}, {cfg.iters} iterations on {device} x{env.world}, "
+                f"precision {cfg.precision}"
+            )
+        heads, protos, summary = train(
+            out,
+            model,
+            items,
+            dataset.vocab,
+            cfg,
+            env,
+            resume=resume_state,
+            run_fingerprint=fp,
+            clip_id=clip_id,
+        )
         if env.is_main:
             extra = {"iteration": cfg.iters, "fingerprint": fp, "temperature": heads.temperature}
             save_heads(out / HEADS_FILE, heads, clip_id, extra)
-            meta = {"classes": json.dumps(list(dataset.vocab.classes)),
-                    "background": json.dumps(list(dataset.vocab.background)),
-                    "refreshed_at": str(protos.iteration), "fingerprint": fp}  # fmt: skip
+            meta = {
+                "classes": json.dumps(list(dataset.vocab.classes)),
+                "background": json.dumps(list(dataset.vocab.background)),
+                "refreshed_at": str(protos.iteration),
+                "fingerprint": fp,
+            }
             save_prototypes(out / PROTOTYPES_FILE, protos, meta)
         finish_training_manifest(out, manifest, iters=cfg.iters, summary=summary, write=env.is_main)
         D.barrier(env)

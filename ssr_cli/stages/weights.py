@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ssr_cli.errors import ConfigError, WeightsError
+from ssr_cli.models.sources import openai_cfg
 from ssr_cli.models.weights import file_sha256_cached, is_offline, sniff_format, weights_cache_dir
 
 KINDS = ("clip", "dino", "backbone")
@@ -50,20 +51,6 @@ def _check_kind(kind: str) -> None:
         raise ConfigError(f"unknown weights kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
 
 
-def _clip_openai_cfg(arch: str) -> dict[str, Any]:
-    from ssr_cli.models.sources import OPENAI_CLIP, openai_cfg
-
-    if arch in OPENAI_CLIP:  # the usual names answer without importing open_clip (fast start-up)
-        return openai_cfg(arch)
-    import open_clip
-
-    if arch not in open_clip.list_models():
-        raise ConfigError(
-            f"unknown CLIP architecture {arch!r}", hint="use an open_clip model name such as ViT-B-16"
-        )
-    return openai_cfg(arch)
-
-
 def _backbone_hub(name: str) -> tuple[str | None, list[str]]:
     from ssr_cli.models.sources import timm_hub
 
@@ -83,7 +70,7 @@ def _candidates(kind: str, name: str) -> tuple[str, list[Path], bool, str]:
     if kind == "clip":
         from ssr_cli.models.sources import clip_cache_candidates
 
-        cfg = _clip_openai_cfg(name)
+        cfg = openai_cfg(name, known=True)
         return name, clip_cache_candidates(name), bool(cfg), str(cfg.get("url", ""))
     if kind == "dino":
         from ssr_cli.models.sources import DINO_MODELS, dino_cache_candidates, resolve_dino_name
@@ -196,7 +183,7 @@ def official_sha256(kind: str, name: str) -> tuple[str, str, str] | None:
         return KNOWN_SHA256[(kind, name)]
     if kind == "clip":
         try:
-            url = str(_clip_openai_cfg(name).get("url", ""))
+            url = str(openai_cfg(name, known=True).get("url", ""))
         except ConfigError:
             return None
         parts = url.split("/")
