@@ -21,13 +21,15 @@ protocol does (precision, recall and mIoU in %, one confusion matrix per row). R
 | +SGC | refine `--affinity clip+dino --mask sgc --no-crf` |
 | +CRF | refine `--affinity clip+dino --mask sgc --crf --conf-thresh 0` (plain CRF argmax) |
 | segmenter (val) | fit-seg on the +SGC+CRF pseudo-labels (255 where the CRF is unsure), predict on val |
+| single-stage (val) | `ssr train` (single-stage SSR: CMPA + decoder on online pseudo-masks), predict on val |
 
 CAM rows (up to +SGC) pick their background rule against the ground truth
 (`ssr eval --search-bg`), as the protocol does; refine rows are searched on their refined
 CAMs (`--save-cams`). `--json` prints `{"rows": [{"name", "precision", "recall", "miou"}],
 "seconds_per_image": {stage: s}}`; seconds per image come from each run's manifest
 (`timing.runs[].loop_seconds`, the item loop without start-up; training stages: seconds per
-image seen).
+image seen); `seconds_per_iteration` compares the two ways to a segmenter: fit-seg's and the
+single-stage `ssr train`'s training loop seconds (manifest `summary.seconds`) per iteration.
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ ROW_NAMES = (
     "+SGC",
     "+CRF",
     "segmenter (val)",
+    "single-stage (val)",
 )
 
 
 def settings(quick: bool) -> dict:
     """Sizes of one run; `quick` keeps the whole table under 10 minutes on 2 CPU cores."""
     if quick:
-        return {"images": 250, "val_fraction": 0.2, "cmpa_iters": 60, "seg_iters": 150}
-    return {"images": 400, "val_fraction": 0.25, "cmpa_iters": 200, "seg_iters": 400}
+        return {"images": 250, "val_fraction": 0.2, "cmpa_iters": 60, "seg_iters": 150, "ssr_iters": 150}
+    return {"images": 400, "val_fraction": 0.25, "cmpa_iters": 200, "seg_iters": 400, "ssr_iters": 400}
 
 
 class Runner:
@@ -99,6 +102,13 @@ def loop_seconds_per_image(run: Path) -> float | None:
     if isinstance(count, dict):
         count = count.get("done") or count.get("total")
     return round(seconds / count, 4) if seconds and count else None
+
+
+def loop_seconds_per_iteration(run: Path) -> float | None:
+    """A training run's loop seconds (``summary.seconds``: steps, validation, checkpoints) per iteration."""
+    summary = json.loads((run / "manifest.json").read_text()).get("summary") or {}
+    iters = summary.get("iterations")
+    return round(float(summary["seconds"]) / iters, 4) if iters and summary.get("seconds") else None
 
 
 def run_table(work: Path, quick: bool, threads: int, verbose: bool) -> dict:
@@ -218,9 +228,24 @@ def run_table(work: Path, quick: bool, threads: int, verbose: bool) -> dict:
     r.ssr("predict", "--model", str(seg), *r.data, "--split", "val", "--out", str(pred))
     timings["predict"] = loop_seconds_per_image(pred)
     rows.append(("segmenter (val)", r.score(pred, "val", False)))
+    single = work / "single-stage"
+    t0 = time.perf_counter()
+    r.ssr("train", *r.data, *train, "--out", str(single), *r.clip, *clip_w, *dino, "--iters",
+          str(s["ssr_iters"]), "--batch-size", "8", "--size", "160", "--proto-every", "50", "--dim", "64",
+          "--save-every", str(s["ssr_iters"]))  # fmt: skip
+    timings["train, single-stage (per image seen)"] = round(
+        (time.perf_counter() - t0) / (s["ssr_iters"] * 8), 4
+    )
+    pred_single = work / "pred-single-stage"
+    r.ssr("predict", "--model", str(single), *r.data, "--split", "val", "--out", str(pred_single))
+    rows.append(("single-stage (val)", r.score(pred_single, "val", False)))
     return {
         "rows": [{"name": name, **score} for name, score in rows],
         "seconds_per_image": timings,
+        "seconds_per_iteration": {
+            "fit-seg (batch 8, crop 192)": loop_seconds_per_iteration(seg),
+            "train, single-stage (batch 8, size 160)": loop_seconds_per_iteration(single),
+        },
         "settings": s,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -232,6 +257,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['name']} | {row['precision']:.1f} | {row['recall']:.1f} | {row['miou']:.1f} |")
     lines += ["", "| stage | seconds per image |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in result["seconds_per_image"].items()]
+    lines += ["", "| training loop | seconds per iteration |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in result.get("seconds_per_iteration", {}).items()]
     lines += ["", f"total {result['seconds']} s; settings {json.dumps(result['settings'])}"]
     return "\n".join(lines)
 

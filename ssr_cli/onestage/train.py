@@ -131,7 +131,7 @@ def train(
     loader = Loader(cfg.workers)
     side0 = max(model.patch_size, int(round(cfg.size / model.patch_size)) * model.patch_size)
     regions = None
-    if cfg.mask == "sgc":
+    if cfg.mask == "sgc" and cfg.affinity != "none":  # the mask only masks the affinity's columns
         cells = (side0 // model.patch_size) * REGION_CELLS
         regions = RegionCache([i.image for i in items], side0, cells, cfg.sgc, cfg.workers)
     sources = cfg.affinity.split("+") if cfg.affinity != "none" else []
