@@ -266,6 +266,29 @@ def test_recomputed_attention_reproduces_the_block(clip) -> None:
         clip.attention(x, blocks=[3])
 
 
+def test_trunk_takes_the_attention_from_its_own_forward(clip, monkeypatch) -> None:
+    from ssr_cli.models import clip as clip_module
+
+    x = clip.preprocess(skdata.chelsea())[None]
+    h = clip.embed(x)
+    with torch.no_grad():
+        ours, probs = clip_module.block_forward(clip.blocks[0], h, need_probs=True)
+        assert torch.allclose(ours, clip.run_block(0, h), atol=1e-5)  # open_clip's own block
+        assert probs is not None
+        assert torch.allclose(
+            probs, clip_module.block_attention(clip.blocks[0], clip.blocks[0].ln_1(h)), atol=1e-6
+        )
+    recomputed = []
+    real = clip_module.block_attention
+    monkeypatch.setattr(clip_module, "block_attention", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    plain = clip.trunk(x)
+    pre, ln1, attn = clip.trunk(x, attn_blocks=3)
+    assert len(recomputed) == 1  # only the last block's (its forward is GradCAM's), not blocks 0 and 1
+    assert torch.equal(pre, plain[0]) and torch.equal(ln1, plain[1])  # the tokens do not depend on it
+    tokens = clip.trunk_tokens(x, attn_blocks=3)
+    assert tokens.grid == (19, 29) and tokens.attn is not None and torch.equal(tokens.attn, attn)
+
+
 # ----------------------------------------------------------------------------- text
 
 

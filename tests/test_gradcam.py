@@ -101,7 +101,7 @@ def test_gradcam_matches_clip_es_hook_recipe(clip, texts, photos) -> None:
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
 
 
-def test_heads_shared_tokens_and_one_backward(clip, texts, photos, monkeypatch) -> None:
+def test_heads_shared_tokens_and_one_last_block_forward_per_image(clip, texts, photos, monkeypatch) -> None:
     from ssr_cli.cam.gradcam import gradcam, gradcam_loop
 
     fg, bg = texts
@@ -119,11 +119,33 @@ def test_heads_shared_tokens_and_one_backward(clip, texts, photos, monkeypatch) 
         calls.append(1)
         return real_grad(*args, **kwargs)
 
+    real_last_block = clip.last_block
+    forwards = []
+
+    def counting_last_block(pre, ln1):
+        forwards.append(ln1.shape[0])
+        return real_last_block(pre, ln1)
+
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
-    tokens = clip.image_tokens(photos, grad_last_block=False, attn_blocks=range(-2, 0))
-    batched = gradcam(clip, tokens, present, fg, bg, **heads)  # one forward shared with the attention
-    assert len(calls) == 1
-    for a, b in zip(batched, loop, strict=True):
+    monkeypatch.setattr(clip, "last_block", counting_last_block)
+    for tokens in (
+        clip.trunk_tokens(photos, attn_blocks=range(-2, 0)),  # one trunk forward shared with the attention
+        clip.image_tokens(photos, grad_last_block=False, attn_blocks=range(-2, 0)),
+    ):
+        calls.clear()
+        forwards.clear()
+        batched = gradcam(clip, tokens, present, fg, bg, **heads)
+        # the last block once per image (not per class), one backward per (image, class) pair:
+        # image 0 (2 classes) and image 1 (1 class) are in different groups
+        assert sorted(forwards) == [1, 1] and len(calls) == 3
+        for a, b in zip(batched, loop, strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    calls.clear()
+    forwards.clear()
+    same = [[2, 5], [7, 5]]  # as many classes each: one forward of both, one backward per class slot
+    batched = gradcam(clip, photos, same, fg, bg, **heads)
+    assert forwards == [2] and len(calls) == 2
+    for a, b in zip(batched, gradcam_loop(clip, photos, same, fg, bg, **heads), strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
     empty = gradcam(clip, photos, [[], []], fg, bg)
     assert [c.shape for c in empty] == [(0, 19, 29), (0, 19, 29)]

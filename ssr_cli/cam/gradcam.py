@@ -13,10 +13,14 @@ point by point:
   channels of weight * activation) (the ReLU comes after the sum);
 - normalisation ``scale_cam_image``: cam - min, divided by (max + 1e-7).
 
-``gradcam`` does all (image, class) pairs of a batch in ONE backward pass: the
-``ln_1`` output is replicated once per pair and each replica feeds only the last
-block of its own pair, so its gradient is exactly that pair's gradient.
-``gradcam_loop`` is the reference (one backward per class, like CLIP-ES).
+``gradcam`` does all (image, class) pairs of a batch with ONE forward of the last
+block per image and one backward per (image, class) pair: the images with the same
+number of classes C run the last block together, then C backward passes (their first
+classes, then their second, ...); images do not interact, so the gradient of the sum of
+their j-th classes' targets is, image by image, that class's own gradient. Nothing
+else needs a graph: the trunk runs without one, no parameter requires grad, and only
+the input gradient of the last block is computed.
+``gradcam_loop`` is the reference (one image and one backward per class, like CLIP-ES).
 
 Imports torch: import lazily.
 """
@@ -28,7 +32,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ssr_cli.models.clip import ClipModel, ImageTokens
+from ssr_cli.models.clip import ClipModel, ImageTokens, TrunkTokens
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 EPS = 1e-7  # pytorch_grad_cam's scale_cam_image
@@ -98,7 +102,7 @@ def _check(present: Sequence[Sequence[int]], n: int, k: int) -> None:
 
 def gradcam(
     model: ClipModel,
-    x: torch.Tensor | ImageTokens,
+    x: torch.Tensor | ImageTokens | TrunkTokens,
     present: Sequence[Sequence[int]],
     fg: torch.Tensor,
     bg: torch.Tensor,
@@ -108,14 +112,14 @@ def gradcam(
     logit_scale: float | None = None,
     target: str | None = None,
 ) -> list[torch.Tensor]:
-    """CAMs of every present class of every image, with one backward pass.
+    """CAMs of every present class of every image: one forward, one backward per class slot.
 
     - ``x``: [N, 3, H, W] CLIP-normalised images of one size (H, W multiples of the
-      patch size), or the ``ImageTokens`` of such a batch (to share one forward
-      with the attention of ``model.image_tokens(..., attn_blocks=...)``).
+      patch size), or the ``TrunkTokens`` (or ``ImageTokens``) of such a batch (to share
+      one forward with the attention of ``model.trunk_tokens(..., attn_blocks=...)``).
     - ``present``: per image, 0-based indices into ``fg`` of its classes.
     - ``fg`` [K, E], ``bg`` [B, E]: text embeddings (``text_embeddings``).
-    - ``image_head`` / ``text_head``: applied to the image embedding [P, E] and
+    - ``image_head`` / ``text_head``: applied to the image embeddings [N, E] (row by row) and
       to the text embeddings [K+B, E] before L2 normalisation (None = identity).
     - ``logit_scale``: None = the model's (``exp`` of the learned scale).
     - ``target``: what is differentiated (see :data:`CAM_TARGETS`); None = ``"prob"``
@@ -124,11 +128,12 @@ def gradcam(
     Returns, per image, a float32 CPU tensor [C_i, h, w] (h = H/p, w = W/p), each
     map min-max normalised; C_i = len(present[i]) in that order.
 
-    Memory: the last block runs once per (image, class) pair, so its activations
-    grow with the number of pairs P (P x (1+h*w) x D, plus attention); the first
-    L-1 blocks run once per image without a graph. Split very large batches.
+    Cost: the first L-1 blocks run once per image without a graph; the last block runs
+    once per image with a graph from its ``ln_1`` output, and backward once per
+    (image, class) pair, in one call per class slot of each group of images with the
+    same number of classes.
     """
-    if isinstance(x, ImageTokens):
+    if isinstance(x, (ImageTokens, TrunkTokens)):
         pre, ln1, grid = x.pre, x.ln1.detach(), x.grid
     else:
         pre, ln1, _ = model.trunk(x, precision=precision)
@@ -139,29 +144,36 @@ def gradcam(
     if not pairs:
         return [torch.zeros(0, *grid) for _ in range(n)]
     device = pre.device
-    img_idx = torch.tensor([i for i, _ in pairs], device=device)
-    cls_idx = torch.tensor([c for _, c in pairs], device=device)
-    allowed = torch.zeros(len(pairs), k + bg.shape[0], dtype=torch.bool, device=device)
-    allowed[:, k:] = True
-    for row, (i, _) in enumerate(pairs):
-        allowed[row, list(present[i])] = True
     scale = model.logit_scale if logit_scale is None else float(logit_scale)
-
-    replica = ln1[img_idx].clone().requires_grad_(True)  # [P, 1+hw, D], one leaf per pair
-    with torch.enable_grad():
-        with model.autocast(precision):
-            _, emb = model.pool(model.last_block(pre[img_idx], replica))
-            if image_head is not None:
-                emb = image_head(emb)
-            texts = _texts(fg.to(device), bg.to(device), text_head)
-        logits = scale * F.normalize(emb.float(), dim=-1) @ texts.t()
-        chosen = cam_target(
-            logits.masked_fill(~allowed, float("-inf")), cls_idx, resolve_target(target, image_head)
-        )
-        (grad,) = torch.autograd.grad(chosen.sum(), replica)
-    cams = _cam_from(replica.detach(), grad, grid)
-    counts = [len(classes) for classes in present]
-    return [c.cpu() for c in torch.split(cams, counts, dim=0)]
+    kind = resolve_target(target, image_head)
+    with torch.no_grad(), model.autocast(precision):  # no gradient reaches the texts
+        texts = _texts(fg.to(device), bg.to(device), text_head)
+    by_count: dict[int, list[int]] = {}  # images with the same number of classes share backward passes
+    for i, classes in enumerate(present):
+        if classes:
+            by_count.setdefault(len(classes), []).append(i)
+    maps: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for count, images in by_count.items():
+        rows = torch.tensor(images, device=device)
+        allowed = torch.zeros(len(images), k + bg.shape[0], dtype=torch.bool, device=device)
+        allowed[:, k:] = True
+        for row, i in enumerate(images):
+            allowed[row, list(present[i])] = True
+        leaf = ln1[rows].requires_grad_(True)  # [n_g, 1+hw, D]: the only input the backward reaches
+        with torch.enable_grad():
+            with model.autocast(precision):
+                _, emb = model.pool(model.last_block(pre[rows], leaf))
+                if image_head is not None:
+                    emb = image_head(emb)
+            logits = scale * F.normalize(emb.float(), dim=-1) @ texts.t()
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            for j in range(count):  # the j-th class of every image of the group
+                cls_idx = torch.tensor([present[i][j] for i in images], device=device)
+                chosen = cam_target(logits, cls_idx, kind)
+                (grad,) = torch.autograd.grad(chosen.sum(), leaf, retain_graph=j < count - 1)
+                for row, cam in enumerate(_cam_from(leaf.detach(), grad, grid)):
+                    maps[images[row]].append(cam)
+    return [torch.stack(m).cpu() if m else torch.zeros(0, *grid) for m in maps]
 
 
 def gradcam_loop(

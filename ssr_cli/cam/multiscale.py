@@ -69,8 +69,9 @@ def cams_and_attention(
     attention [N, h*w, h*w] float32 (CPU) of the scale-1.0 un-flipped input (``ClipModel.attention``).
 
     The attention comes from the same forward as the scale-1.0 un-flipped CAMs
-    (``ImageTokens`` passed to GradCAM), which it does not change: the trunk's tokens
-    are the same with or without it. Without a scale 1.0 it costs a forward of its own.
+    (``TrunkTokens`` passed to GradCAM), which it does not change: the trunk's tokens
+    are the same with or without it, and each block's attention is the softmax its
+    forward computes anyway. Without a scale 1.0 it costs a forward of its own.
     """
     from ssr_cli.cam.gradcam import gradcam, merge_scales
 
@@ -84,9 +85,7 @@ def cams_and_attention(
         for flipped in (False, True) if flip else (False,):
             source: Any = x.flip(-1) if flipped else x
             if attn_blocks is not None and attn is None and scale == 1.0 and not flipped:
-                source = model.image_tokens(
-                    x, grad_last_block=False, attn_blocks=attn_blocks, precision=precision
-                )
+                source = model.trunk_tokens(x, attn_blocks=attn_blocks, precision=precision)
                 attn = source.attn.float().cpu()
             cams = gradcam(
                 model,

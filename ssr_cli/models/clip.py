@@ -69,6 +69,19 @@ class ImageTokens:
     attn: torch.Tensor | None = None
 
 
+@dataclass
+class TrunkTokens:
+    """``ClipModel.trunk_tokens``: what GradCAM needs (``ImageTokens`` without the last block).
+
+    ``pre``, ``ln1``, ``grid`` and ``attn`` as in ``ImageTokens`` (``ln1`` without grad).
+    """
+
+    pre: torch.Tensor
+    ln1: torch.Tensor
+    grid: tuple[int, int]
+    attn: torch.Tensor | None = None
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for bf16/fp16 on ``device`` (a no-op for fp32)."""
     if precision not in PRECISIONS:
@@ -120,7 +133,12 @@ def _check_supported(model: torch.nn.Module, arch: str) -> None:
     visual: Any = getattr(model, "visual", None)
     ok = isinstance(visual, VisionTransformer) and visual.attn_pool is None
     ok = ok and all(
-        isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, torch.nn.MultiheadAttention)
+        isinstance(b, ResidualAttentionBlock)
+        and isinstance(b.attn, torch.nn.MultiheadAttention)
+        and b.attn._qkv_same_embed_dim  # one in_proj_weight: self_attention's layout
+        and b.attn.bias_k is None
+        and not b.attn.add_zero_attn
+        and not hasattr(b, "ln_1_kv")
         for b in visual.transformer.resblocks
     )
     if not ok:
@@ -200,6 +218,38 @@ def block_attention(block: Any, ln1: torch.Tensor, average_heads: bool = True) -
     k = k.view(n, length, heads, head_dim).transpose(1, 2)
     probs = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
     return probs.mean(dim=1) if average_heads else probs
+
+
+def self_attention(
+    attn: Any, x: torch.Tensor, need_probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``attn`` (an ``nn.MultiheadAttention``) with ``x`` [N, L, D] (NLD) as query, key and value,
+    written out: per head softmax(q k^T / sqrt(d)) v, then ``out_proj``; no mask, no dropout.
+
+    These are the operations of torch's own CPU path (for ViT-B/16 in fp32 on the CPU the
+    block's output matched open_clip's bit for bit), with the probabilities at hand:
+    ``need_probs`` also returns them averaged over heads [N, L, L] (what ``block_attention``
+    recomputes from q and k), at the cost of that mean only.
+    """
+    n, length, width = x.shape
+    heads = attn.num_heads
+    head_dim = width // heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
+    mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)
+    out = F.linear(mixed, attn.out_proj.weight, attn.out_proj.bias)
+    return out, (probs.mean(dim=1) if need_probs else None)
+
+
+def block_forward(
+    block: Any, x: torch.Tensor, need_probs: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One open_clip ``ResidualAttentionBlock`` on NLD tokens with ``self_attention``: the block's
+    output [N, L, D] and, with ``need_probs``, its head-averaged attention [N, L, L]."""
+    out, probs = self_attention(block.attn, block.ln_1(x), need_probs)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x))), probs
 
 
 class ClipModel:
@@ -315,10 +365,7 @@ class ClipModel:
     def last_block(self, pre: torch.Tensor, ln1: torch.Tensor) -> torch.Tensor:
         """The last block written so that its ``ln_1`` output is an input: [N, L, D] -> [N, L, D]."""
         block = self.blocks[-1]
-        q = ln1 if self._batch_first else ln1.transpose(0, 1)
-        out = block.attn(q, q, q, need_weights=False)[0]
-        if not self._batch_first:
-            out = out.transpose(0, 1)
+        out, _ = self_attention(block.attn, ln1)
         x = pre + block.ls_1(out)
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -357,22 +404,33 @@ class ClipModel:
         ``pre`` [N, 1+h*w, D] enters the last block, ``ln1`` is its ``ln_1`` output;
         ``attn`` [N, h*w, h*w] is the patch attention averaged over heads and
         ``attn_blocks`` (an int n: the last n blocks; or block indices; None: not computed).
+
+        The blocks run written out (``block_forward``) whether or not ``attn`` is asked for,
+        so the tokens are the same either way; a block's attention is the softmax its forward
+        computes anyway. Only the last block's is recomputed from ``ln1`` (its q and k).
         """
         wanted = self._block_indices(attn_blocks) if attn_blocks is not None else []
         attn_sum: torch.Tensor | None = None
         with self.autocast(precision), torch.no_grad():
             h = self.embed(x)
             for i in range(len(self.blocks) - 1):
-                if i in wanted:
-                    a = block_attention(self.blocks[i], self.blocks[i].ln_1(h))
+                h, a = block_forward(self.blocks[i], h, need_probs=i in wanted)
+                if a is not None:
                     attn_sum = a if attn_sum is None else attn_sum + a
-                h = self.run_block(i, h)
             ln1 = self.blocks[-1].ln_1(h)
             if len(self.blocks) - 1 in wanted:
                 a = block_attention(self.blocks[-1], ln1)
                 attn_sum = a if attn_sum is None else attn_sum + a
         attn = None if attn_sum is None else (attn_sum / len(wanted))[:, 1:, 1:]
         return h, ln1, attn
+
+    def trunk_tokens(
+        self, x: torch.Tensor, *, attn_blocks: int | Sequence[int] | None = None, precision: str = "fp32"
+    ) -> TrunkTokens:
+        """``trunk`` as ``TrunkTokens`` (for ``gradcam``, which runs the last block itself)."""
+        pre, ln1, attn = self.trunk(x, attn_blocks=attn_blocks, precision=precision)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return TrunkTokens(pre=pre, ln1=ln1, grid=grid, attn=attn)
 
     def image_tokens(
         self,
