@@ -236,6 +236,8 @@ def test_pseudo_masks_label_only_present_classes():
     assert labels.shape == (2, 16, 16) and labels.dtype == torch.long
     assert set(labels[0].unique().tolist()) == {0, 3, 6} and labels[1].unique().tolist() == [0]
     assert int(labels[0, 0, 0]) == 3 and int(labels[0, -1, -1]) == 6 and int(labels[0, 0, -1]) == 0
+    boxed = pseudo_masks(cams[:1], [[2, 5]], torch.eye(16)[None], None, [False], SsrConfig(mask="box"))
+    assert torch.equal(boxed[0], labels[0])  # CLIP-ES's boxes keep each class's own square here
     strict = pseudo_masks(cams[:1], [[2, 5]], None, None, [False], SsrConfig(conf_thresh=0.99))
     assert 255 in strict.unique().tolist()  # the blurred borders are ignored
 
@@ -245,6 +247,6 @@ def test_config_refuses_bad_settings():
     from ssr_cli.onestage.config import SsrConfig
 
     assert SsrConfig().gamma == 0.1 and SsrConfig().affinity_weights == (0.4, 0.6)
-    for bad in ({"gamma": -1}, {"affinity": "dino"}, {"mask": "box"}, {"conf_thresh": 2.0}):
+    for bad in ({"gamma": -1}, {"affinity": "dino"}, {"mask": "boxes"}, {"conf_thresh": 2.0}):
         with pytest.raises(ConfigError):
             SsrConfig(**bad)

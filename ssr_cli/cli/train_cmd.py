@@ -163,7 +163,9 @@ def train(
         int, typer.Option("--clip-blocks", min=1, help="CLIP attention: the last N blocks.")
     ] = 8,
     dino_blocks: Annotated[str, typer.Option("--dino-blocks", help="DINO attention blocks, e.g. -1.")] = "-1",
-    mask: Annotated[str, typer.Option("--mask", help="Column mask of the affinity: sgc | none.")] = "sgc",
+    mask: Annotated[
+        str, typer.Option("--mask", help="Column mask of the affinity: sgc | box (CLIP-ES) | none.")
+    ] = "sgc",
     sgc_clusters: Annotated[
         int, typer.Option("--sgc-clusters", min=1, help="SGC: colour clusters of the superpixels.")
     ] = _SGC.n_clusters,

@@ -17,7 +17,7 @@ from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
 #: online pseudo-mask affinities and column masks (no CRF online)
 ONLINE_AFFINITIES = ("none", "clip", "clip+dino")
-ONLINE_MASKS = ("none", "sgc")
+ONLINE_MASKS = ("none", "box", "sgc")
 SEG_LOSSES = ("balanced", "ce")
 #: cells per patch side of the precomputed superpixel region maps (4: a 16-pixel patch holds 4x4 cells)
 REGION_CELLS = 4

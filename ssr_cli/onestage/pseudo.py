@@ -7,12 +7,13 @@ current CMPA heads, the same CAMs the prototype loss pools with):
    forward) and, with ``clip+dino``, DINO's attention of the same augmented image on the same
    grid, fused as ``refine`` fuses them (``refine.affinity.fuse_affinity``: each normalised,
    weighted 0.4 : 0.6, symmetrised, squared);
-2. column mask: SGC's superpixel regions (``refine.sgc``: target regions where at least
-   ``region_thresh`` of a region is high-confidence CAM, pooled to the patch grid). The
-   superpixels and their colour clusters are computed ONCE per image (on the plain image at
-   ``--size``, in a thread pool ahead of the loop) and kept as a region map of
-   ``REGION_CELLS`` x ``REGION_CELLS`` cells per patch; a step resizes that map (nearest) to
-   its own grid and mirrors it with the image: the colour jitter is not seen by SLIC;
+2. column mask (``--mask sgc``; ``box``: CLIP-ES's boxes; ``none``): SGC's superpixel regions
+   (``refine.sgc``: target regions where at least ``region_thresh`` of a region is
+   high-confidence CAM, pooled to the patch grid). The superpixels and their colour clusters
+   are computed ONCE per image (on the plain image at ``--size``, in a thread pool ahead of
+   the loop) and kept as a region map of ``REGION_CELLS`` x ``REGION_CELLS`` cells per patch;
+   a step resizes that map (nearest) to its own grid and mirrors it with the image: the colour
+   jitter is not seen by SLIC;
 3. ``refine_cams`` (masked propagation, min-max), upsampled bilinearly to the label grid
    (``REGION_CELLS`` cells per patch side), background ``(1 - max_c CAM_c) ** bg_alpha``,
    argmax; pixels whose top score is below ``conf_thresh`` become 255 (0: none). No CRF.
@@ -156,6 +157,11 @@ def pseudo_masks(
             if flips[i]:
                 grid_map = np.ascontiguousarray(grid_map[:, ::-1])
             masks = sgc_grid_masks(grid_map, count, maps, cfg.sgc)
+        elif cfg.mask == "box" and affinity is not None:  # CLIP-ES's boxes around the CAM > 0.4 max
+            from ssr_cli.refine.affinity import box_masks
+            from ssr_cli.refine.config import BOX_THRESH_DEFAULT
+
+            masks = box_masks(maps.float().cpu(), BOX_THRESH_DEFAULT)
         if affinity is not None:
             refined = refine_cams(affinity[i].float().cpu(), maps.float().cpu(), masks)
         else:
