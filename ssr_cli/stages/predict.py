@@ -97,6 +97,7 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from ssr_cli.models.weights import file_sha256_cached
+    from ssr_cli.onestage.decoder import SsrSegmenter
     from ssr_cli.procs import worker_guard
     from ssr_cli.refine.config import CRFParams
     from ssr_cli.runtime import resolve_device, resolve_precision
@@ -115,6 +116,8 @@ def run(opts: PredictOptions) -> dict[str, Any]:
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     model, model_cfg, model_file = load_segmenter(opts.model, device)
+    if isinstance(model, SsrSegmenter):  # an ssr train model: its frozen CLIP runs at --precision too
+        model.precision = precision
     if model_cfg.num_classes > 255:
         raise ConfigError(f"{model_cfg.num_classes} classes do not fit a palette PNG (at most 255)")
     model_sha = file_sha256_cached(model_file)
