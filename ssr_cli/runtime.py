@@ -59,7 +59,10 @@ def resolve_precision(
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """An autocast context for ``precision`` (a no-op for fp32)."""
+    """An autocast context for a resolved ``precision`` (fp32: none; bf16, fp16: torch's); the one
+    autocast helper of the tool (CLIP, DINO, the training loops)."""
+    if precision not in PRECISIONS[1:]:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS[1:])}")
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

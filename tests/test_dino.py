@@ -152,7 +152,7 @@ def test_grid_attention_on_clips_grid():
     clip_grid = (4, 4)  # ceil(50 / 16), ceil(61 / 16)
     v1 = load_dino("dino_vits16", "random", arch_overrides=TINY)
     same = v1.grid_attention(image, clip_grid)
-    assert torch.equal(same, v1.attention(v1.preprocess(image, clip_grid)[None])[0])
+    assert torch.equal(same, v1.attention(v1.preprocess(image, grid_hw=clip_grid)[None])[0])
     v2 = load_dino("dinov2_vits14", "random", arch_overrides=TINY)
     resampled = v2.grid_attention(image, clip_grid)  # runs at 56 x 70 (a 4 x 5 grid), then resampled
     assert resampled.shape == (16, 16)
@@ -202,3 +202,34 @@ def test_env_cache_and_fast_offline_failure(tmp_path, monkeypatch):
     hub.parent.mkdir(parents=True)
     torch.save(build_dino("dino_vitb16", arch_overrides=TINY).state_dict(), hub)
     assert load_dino("dino_vitb16", arch_overrides=TINY).source.path == hub
+
+
+def test_clip_and_dino_answer_the_same_attention_calls():
+    """One interface (models/attention.py): callers never branch on the model type."""
+    from tinymodels import register_tiny_clip
+
+    from ssr_cli.errors import ConfigError
+    from ssr_cli.models.attention import block_indices, parse_blocks
+    from ssr_cli.models.clip import load_clip
+
+    assert parse_blocks("8", "--clip-blocks") == 8 and parse_blocks("-1", "--dino-blocks") == (-1,)
+    assert parse_blocks("-2,-1", "--x") == (-2, -1) and parse_blocks("0", "--x") == (0,)
+    with pytest.raises(ConfigError, match="--dino-blocks 'a'"):
+        parse_blocks("a", "--dino-blocks")
+    assert block_indices(8, 12) == list(range(4, 12)) and block_indices(8, 3) == [0, 1, 2]
+    assert block_indices((-1, 0), 4) == [0, 3]
+    with pytest.raises(ConfigError, match="outside the model's 4 blocks"):
+        block_indices((4,), 4)
+
+    images = [np.random.default_rng(i).integers(0, 256, (50, 61, 3), dtype=np.uint8) for i in range(2)]
+    grid = (4, 4)
+    dino = load_dino("dino_vits16", "random", arch_overrides=TINY)
+    clip = load_clip(register_tiny_clip(), "random")
+    for model in (clip, dino):
+        assert model.resized_size(50, 61) == (64, 64)
+        x = torch.stack([model.preprocess(im, grid_hw=grid) for im in images])
+        assert x.shape == (2, 3, 64, 64)
+        batch = model.grid_attention(images, grid, 2)  # an int: the last 2 blocks, for both
+        assert batch.shape == (2, 16, 16) and batch.dtype == torch.float32
+        assert torch.allclose(batch, model.attention(x.to(model.device), [-2, -1]), atol=1e-6)
+        assert torch.allclose(batch, model.attention(x.to(model.device), 2), atol=1e-6)

@@ -42,7 +42,7 @@ def predict(
     model: Annotated[
         Path,
         typer.Option(
-            "--model", "-m", help="A fit-seg run folder (its model.safetensors) or a model/checkpoint file."
+            "--model", "-m", help="A fit-seg or train run folder, or a model/checkpoint file of one."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write (labels/<id>.png).")],

@@ -26,6 +26,7 @@ from ssr_cli.cli.options import (
     check_device,
 )
 from ssr_cli.console import set_quiet
+from ssr_cli.models.attention import parse_blocks
 from ssr_cli.refine.config import (
     BOX_THRESH,
     BOX_THRESH_DEFAULT,
@@ -39,6 +40,12 @@ _SGC = "SGC mask (--mask sgc)"
 _CRF = "Dense CRF"
 _R, _S, _C = RefineConfig, SGCParams, CRFParams  # every default of this command lives there
 _C_IMAGE = CRF_IMAGES[0]
+
+
+def _blocks_text(blocks: int | tuple[int, ...]) -> str:
+    """A block count or indices as the --*-blocks options spell them."""
+    return str(blocks) if isinstance(blocks, int) else ",".join(str(b) for b in blocks)
+
 
 T = TypeVar("T")
 
@@ -57,22 +64,6 @@ def parse_weights(text: str) -> tuple[float, float]:
             hint="e.g. --affinity-weights 0.4,0.6",
         )
     return values[0], values[1]
-
-
-def parse_blocks(text: str) -> tuple[int, ...]:
-    """``"-1"`` or ``"-2,-1"`` -> block indices."""
-    from ssr_cli.errors import ConfigError
-
-    try:
-        blocks = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        blocks = ()
-    if not blocks:
-        raise ConfigError(
-            f"--dino-blocks {text!r} is not a comma-separated list of block indices",
-            hint="e.g. -1 (the last block) or -3,-2,-1",
-        )
-    return blocks
 
 
 @app.command("refine")
@@ -99,9 +90,13 @@ def refine_command(
         typer.Option("--mask", help="Column mask: none | box (CLIP-ES's CAA) | sgc (SSR's superpixel mask)."),
     ] = _R.mask,
     clip_blocks: Annotated[
-        int,
-        typer.Option("--clip-blocks", min=1, help="CLIP attention: mean of the last N blocks (CLIP-ES: 8)."),
-    ] = _R.clip_blocks,
+        str,
+        typer.Option(
+            "--clip-blocks",
+            help="CLIP attention blocks, averaged: N (one positive number) = the last N (CLIP-ES: 8), "
+            "or block indices, e.g. -2,-1.",
+        ),
+    ] = _blocks_text(_R.clip_blocks),
     clip_attention: Annotated[
         str,
         typer.Option(
@@ -139,8 +134,12 @@ def refine_command(
         ),
     ] = None,
     dino_blocks: Annotated[
-        str, typer.Option("--dino-blocks", help="DINO attention blocks, averaged (default: the last).")
-    ] = ",".join(str(b) for b in _R.dino_blocks),
+        str,
+        typer.Option(
+            "--dino-blocks",
+            help="DINO attention blocks, averaged: N = the last N, or block indices (default -1: the last).",
+        ),
+    ] = _blocks_text(_R.dino_blocks),
     box_thresh: Annotated[
         Optional[float],
         typer.Option(
@@ -324,13 +323,13 @@ def refine_command(
         affinity=affinity.strip().lower(),
         affinity_weights=parse_weights(affinity_weights),
         mask=mask.strip().lower(),
-        clip_blocks=clip_blocks,
+        clip_blocks=parse_blocks(clip_blocks, "--clip-blocks"),
         clip_attention=clip_attention.strip().lower(),
         clip_arch=clip_arch,
         clip_weights=clip_weights,
         dino_model=dino_model,
         dino_weights=dino_weights,
-        dino_blocks=parse_blocks(dino_blocks),
+        dino_blocks=parse_blocks(dino_blocks, "--dino-blocks"),
         box_thresh=box_thresh,
         box_style=box_style.strip().lower(),
         sgc=SGCParams(

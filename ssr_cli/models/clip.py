@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssr_cli.errors import ConfigError, DataError, WeightsError
+from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
+from ssr_cli.models.attention import Blocks, block_indices
 from ssr_cli.models.sources import clip_cache_candidates as clip_cache_candidates  # re-exported
 from ssr_cli.models.sources import clip_weights_source, openai_cfg
 from ssr_cli.models.weights import (
@@ -82,16 +83,6 @@ class TrunkTokens:
     attn: torch.Tensor | None = None
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for bf16/fp16 on ``device`` (a no-op for fp32)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- weights
 
 
@@ -114,15 +105,12 @@ def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path
     model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (OpenAI files are fp16)
 
 
-_openai_cfg = openai_cfg
-
-
 def _default_quick_gelu(arch: str) -> bool:
     import open_clip
 
     if arch.endswith("-quickgelu"):
         return True
-    if _openai_cfg(arch):  # our default weights for OpenAI architecture names are OpenAI's (QuickGELU)
+    if openai_cfg(arch):  # our default weights for OpenAI architecture names are OpenAI's (QuickGELU)
         return True
     return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
 
@@ -296,7 +284,9 @@ class ClipModel:
         return info
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
-        return autocast_context(self.device, precision)
+        from ssr_cli.runtime import autocast
+
+        return autocast(self.device, precision)
 
     # -- preprocessing --------------------------------------------------------------
 
@@ -308,17 +298,22 @@ class ClipModel:
             max(p, int(math.ceil(scale * int(width) / p) * p)),
         )
 
-    def preprocess(self, image: np.ndarray, scale: float = 1.0) -> torch.Tensor:
+    def preprocess(
+        self, image: np.ndarray, scale: float = 1.0, *, grid_hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """HxWx3 uint8 RGB -> [3, H', W'] float32 (CPU), as CLIP-ES prepares it.
 
         PIL bicubic resize to ``resized_size`` (H', W' multiples of the patch
-        size, rounded UP as CLIP-ES does), then /255 and CLIP mean/std.
+        size, rounded UP as CLIP-ES does), or to ``grid_hw`` patches, then /255 and CLIP mean/std.
         """
         from PIL import Image
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
-        out_h, out_w = self.resized_size(image.shape[0], image.shape[1], scale)
+        if grid_hw is not None:
+            out_h, out_w = grid_hw[0] * self.patch_size, grid_hw[1] * self.patch_size
+        else:
+            out_h, out_w = self.resized_size(image.shape[0], image.shape[1], scale)
         pil = Image.fromarray(image)
         if (out_w, out_h) != pil.size:
             pil = pil.resize((out_w, out_h), Image.Resampling.BICUBIC)
@@ -385,16 +380,9 @@ class ClipModel:
         patches = tokens.post[:, 1:]
         return patches @ proj if proj is not None else patches
 
-    def _block_indices(self, blocks: int | Sequence[int]) -> list[int]:
+    def _block_indices(self, blocks: Blocks) -> list[int]:
         """An int n = the last min(n, L) blocks (CLIP-ES's ``[-8:]``); a sequence = those indices."""
-        count = len(self.blocks)
-        if isinstance(blocks, int):
-            if blocks < 1:
-                raise ConfigError(f"the number of attention blocks must be at least 1, not {blocks}")
-            return list(range(max(0, count - blocks), count))
-        if any(not -count <= b < count for b in blocks):
-            raise ConfigError(f"attention blocks {list(blocks)} are outside the model's {count} blocks")
-        return sorted({b % count for b in blocks})
+        return block_indices(blocks, len(self.blocks))
 
     def trunk(
         self, x: torch.Tensor, *, attn_blocks: int | Sequence[int] | None = None, precision: str = "fp32"
@@ -462,6 +450,23 @@ class ClipModel:
         _, _, attn = self.trunk(x, attn_blocks=blocks, precision=precision)
         assert attn is not None
         return attn.float()
+
+    def grid_attention(
+        self,
+        images: Sequence[np.ndarray],
+        grid_hw: tuple[int, int],
+        blocks: Blocks = 8,
+        precision: str = "fp32",
+    ) -> torch.Tensor:
+        """Images of one size -> [N, gh*gw, gh*gw]: ``attention`` of each at its own CLIP-ES size,
+        which must be the patch grid ``grid_hw`` (the CAMs' grid); a one-line error otherwise."""
+        x = torch.stack([self.preprocess(im) for im in images])
+        own = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        if own != tuple(grid_hw):
+            raise ArtefactError(
+                f"the grid {tuple(grid_hw)} is not CLIP's {own} for an image of {images[0].shape[:2]}"
+            )
+        return self.attention(x.to(self.device), blocks=blocks, precision=precision)
 
     # -- text tower -----------------------------------------------------------------
 

@@ -28,7 +28,6 @@ Imports torch and timm: import this module lazily (inside command bodies).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from ssr_cli.errors import ConfigError, WeightsError
+from ssr_cli.models.attention import Blocks, block_indices
 from ssr_cli.models.sources import DINO_MODELS as DINO_MODELS  # re-exported
 from ssr_cli.models.sources import dino_cache_candidates as dino_cache_candidates  # re-exported
 from ssr_cli.models.sources import dino_weights_source, resolve_dino_name
@@ -48,6 +48,7 @@ from ssr_cli.models.weights import (
     state_dict_mismatch,
     torch_load,
 )
+from ssr_cli.runtime import autocast
 
 ENV_VAR = "SSR_DINO_WEIGHTS"
 DEFAULT_MODEL = "dino_vitb16"
@@ -143,7 +144,7 @@ def _check_supported(model: Any, short: str) -> None:
 
 
 def dino_attention(
-    model: Any, x: torch.Tensor, blocks: Sequence[int] = (-1,), precision: str = "fp32"
+    model: Any, x: torch.Tensor, blocks: Blocks = (-1,), precision: str = "fp32"
 ) -> torch.Tensor:
     """``[N, 3, H, W]`` (ImageNet-normalised, H and W multiples of the patch size) ->
     ``[N, h*w, h*w]``: patch-to-patch attention, averaged over heads and ``blocks``.
@@ -154,10 +155,7 @@ def dino_attention(
     pre-hook) and its ``qkv`` weights; the forward itself runs under ``precision``
     (``fp32``, ``bf16`` or ``fp16`` autocast). No gradients.
     """
-    depth = len(model.blocks)
-    if not blocks or any(not -depth <= b < depth for b in blocks):
-        raise ConfigError(f"DINO attention blocks {list(blocks)} out of range for a {depth}-block model")
-    wanted = sorted({b % depth for b in blocks})
+    wanted = block_indices(blocks, len(model.blocks), "DINO attention")
     p = model.patch_embed.patch_size[0]
     if x.shape[-2] % p or x.shape[-1] % p:
         raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
@@ -170,11 +168,7 @@ def dino_attention(
 
         handles.append(model.blocks[i].attn.register_forward_pre_hook(hook))
     device = next(model.parameters()).device
-    ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if precision in ("bf16", "fp16"):
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    elif precision != "fp32":
-        raise ConfigError(f"precision {precision!r} is not one of fp32, bf16, fp16")
+    ctx = autocast(device, precision)
     try:
         with torch.no_grad(), ctx:
             # the blocks after the last one wanted are not needed: stop there
@@ -244,41 +238,59 @@ class DinoModel:
             "weights": self.source.describe()
         }
 
-    def preprocess(self, image: np.ndarray, grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """See :func:`preprocess`."""
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def resized_size(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int]:
+        """The network input size: ``scale`` x each side rounded UP to the patch size."""
+        return dino_resized_size(round(scale * height), round(scale * width), self.patch_size)
+
+    def preprocess(
+        self, image: np.ndarray, scale: float = 1.0, *, grid_hw: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """See :func:`preprocess` (``scale`` resizes the image first when no grid is given)."""
+        if grid_hw is None and scale != 1.0:
+            h, w = self.resized_size(image.shape[0], image.shape[1], scale)
+            grid_hw = (h // self.patch_size, w // self.patch_size)
         return preprocess(image, self.patch_size, grid_hw)
 
-    def attention(
-        self, x: torch.Tensor, blocks: Sequence[int] = (-1,), precision: str = "fp32"
-    ) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, blocks: Blocks = (-1,), precision: str = "fp32") -> torch.Tensor:
         """See :func:`dino_attention`; returns ``[N, h*w, h*w]`` float32."""
         return dino_attention(self.model, x, blocks, precision)
 
     def grid_attention(
         self,
-        image: np.ndarray,
+        images: Sequence[np.ndarray] | np.ndarray,
         grid_hw: tuple[int, int],
-        blocks: Sequence[int] = (-1,),
+        blocks: Blocks = (-1,),
         precision: str = "fp32",
         resample: bool = True,
     ) -> torch.Tensor:
-        """One image's attention on another model's patch grid (CLIP's): ``[gh*gw, gh*gw]``.
+        """Images' attention on another model's patch grid (CLIP's): ``[N, gh*gw, gh*gw]`` (one
+        image, an ``ndarray``: ``[gh*gw, gh*gw]``).
 
         With the same patch size (DINO ViT-B/16 and CLIP ViT-B/16), or ``resample=False``,
-        the image is resized to ``grid_hw * patch_size`` so the grids coincide. Otherwise
-        (DINOv2, patch 14) it runs at its own grid (sides rounded up to 14) and the
+        the images are resized to ``grid_hw * patch_size`` so the grids coincide (one batch).
+        Otherwise (DINOv2, patch 14) each runs at its own grid (sides rounded up to 14) and the
         attention is resampled to ``grid_hw``
         (:func:`ssr_cli.refine.affinity.resample_attention`, rows sum to 1).
         """
         from ssr_cli.refine.affinity import resample_attention
 
-        device = next(self.model.parameters()).device
+        single = isinstance(images, np.ndarray)
+        batch: list[np.ndarray] = [images] if isinstance(images, np.ndarray) else list(images)
         if self.patch_size == 16 or not resample:
-            x = self.preprocess(image, grid_hw)[None].to(device)
-            return self.attention(x, blocks, precision)[0]
-        x = self.preprocess(image)[None].to(device)
-        own = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        return resample_attention(self.attention(x, blocks, precision)[0], own, grid_hw)
+            x = torch.stack([self.preprocess(im, grid_hw=grid_hw) for im in batch]).to(self.device)
+            out = self.attention(x, blocks, precision)
+        else:
+            parts = []
+            for im in batch:
+                x = self.preprocess(im)[None].to(self.device)
+                own = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+                parts.append(resample_attention(self.attention(x, blocks, precision)[0], own, grid_hw))
+            out = torch.stack(parts)
+        return out[0] if single else out
 
 
 def build_dino(name: str = DEFAULT_MODEL, seed: int = 0, arch_overrides: dict[str, Any] | None = None) -> Any:

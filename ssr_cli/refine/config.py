@@ -83,13 +83,13 @@ class RefineConfig:
     affinity: str = "clip+dino"
     affinity_weights: tuple[float, float] = AFFINITY_WEIGHTS  # CLIP, DINO
     mask: str = "sgc"
-    clip_blocks: int = 8
+    clip_blocks: int | tuple[int, ...] = 8  # an int n: the last n blocks; a tuple: block indices
     clip_attention: str = "auto"  # auto | seeds (required) | recompute (always run CLIP)
     clip_arch: str | None = None  # None: the seeds' architecture
     clip_weights: str | None = None  # None: the seeds' weights file
     dino_model: str = "dino_vitb16"
     dino_weights: str | None = None
-    dino_blocks: tuple[int, ...] = (-1,)
+    dino_blocks: int | tuple[int, ...] = (-1,)  # as clip_blocks (models/attention.py)
     box_thresh: float | None = None  # None: 0.4, or 0.7 for the COCO vocabulary
     box_style: str = "clip-es"
     sgc: SGCParams = field(default_factory=SGCParams)
@@ -137,8 +137,11 @@ class RefineConfig:
         for name, value in (("--box-thresh", self.box_thresh), ("--conf-thresh", self.conf_thresh)):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {value}")
-        if self.bg_alpha <= 0 or self.clip_blocks < 1 or self.batch_size < 1:
-            raise ConfigError("--bg-alpha must be > 0, --clip-blocks and --batch-size >= 1")
+        if self.bg_alpha <= 0 or self.batch_size < 1:
+            raise ConfigError("--bg-alpha must be > 0 and --batch-size >= 1")
+        for name, blocks in (("--clip-blocks", self.clip_blocks), ("--dino-blocks", self.dino_blocks)):
+            if (isinstance(blocks, int) and blocks < 1) or (not isinstance(blocks, int) and not blocks):
+                raise ConfigError(f"{name} must name at least one block (a count >= 1 or block indices)")
         if self.crf and int(self.crf_params.get("iters", 1)) < 1:
             raise ConfigError("--crf-iters must be at least 1")
         if self.crf_params.get("image", "rgb") not in CRF_IMAGES:

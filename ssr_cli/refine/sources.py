@@ -32,7 +32,9 @@ import torch
 from ssr_cli.artefacts.manifest import Manifest, open_run
 from ssr_cli.data import Dataset
 from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
+from ssr_cli.models.attention import AttentionModel, Blocks
 from ssr_cli.models.clip import register_arch
+from ssr_cli.refine.config import AFFINITY_WEIGHTS
 
 #: an opened seeds run (``open_seeds``)
 SeedsRun = Manifest
@@ -162,7 +164,7 @@ def resolve_clip(
     device: torch.device,
     *,
     use_clip: bool,
-    clip_blocks: int = 8,
+    clip_blocks: Blocks = 8,
     mode: str = "auto",
     clip_arch: str | None = None,
     clip_weights: str | None = None,
@@ -222,9 +224,9 @@ def batch_affinity(
     clip: Any,
     dino: Any,
     *,
-    clip_blocks: int = 8,
-    dino_blocks: Sequence[int] = (-1,),
-    weights: tuple[float, float] = (0.4, 0.6),
+    clip_blocks: Blocks = 8,
+    dino_blocks: Blocks = (-1,),
+    weights: tuple[float, float] = AFFINITY_WEIGHTS,
     precision: str = "fp32",
     seconds: dict[str, float] | None = None,
     ids: Sequence[str] = (),
@@ -268,8 +270,8 @@ def _batch_affinity(
     grid: tuple[int, int],
     clip: Any,
     dino: Any,
-    clip_blocks: int,
-    dino_blocks: Sequence[int],
+    clip_blocks: Blocks,
+    dino_blocks: Blocks,
     weights: tuple[float, float],
     precision: str,
     seconds: dict[str, float] | None,
@@ -288,22 +290,17 @@ def _batch_affinity(
             )
         sources["clip"] = torch.from_numpy(stored_clip).to(device).float()
         seconds["clip"] = seconds.get("clip", 0.0) + _synced(start)  # a copy: milliseconds
-    elif clip is not None:
-        x = torch.stack([clip.preprocess(im) for im in images])
-        if (x.shape[-2] // clip.patch_size, x.shape[-1] // clip.patch_size) != grid:
-            raise ArtefactError(f"the seeds' grid {grid} is not CLIP's for an image of {images[0].shape[:2]}")
-        sources["clip"] = clip.attention(x.to(clip.device), blocks=clip_blocks, precision=precision)
-        seconds["clip"] = seconds.get("clip", 0.0) + _synced(start)
-    start = time.perf_counter()
-    if dino is not None:
-        if dino.patch_size == 16:
-            x = torch.stack([dino.preprocess(im, grid) for im in images])
-            sources["dino"] = dino.attention(x, dino_blocks, precision)
-        else:  # DINOv2: its own grid, attention resampled to CLIP's
-            sources["dino"] = torch.stack(
-                [dino.grid_attention(im, grid, dino_blocks, precision) for im in images]
-            )
-        seconds["dino"] = seconds.get("dino", 0.0) + _synced(start)
+    # every other source: the same call, whatever the model (models/attention.py)
+    models: dict[str, tuple[AttentionModel | None, Blocks]] = {
+        "clip": (None if stored_clip is not None else clip, clip_blocks),
+        "dino": (dino, dino_blocks),
+    }
+    for name, (model, blocks) in models.items():
+        if model is None:
+            continue
+        start = time.perf_counter()
+        sources[name] = model.grid_attention(images, grid, blocks, precision)
+        seconds[name] = seconds.get(name, 0.0) + _synced(start)
     start = time.perf_counter()
     fused = fuse_affinity(sources, dict(zip(("clip", "dino"), weights, strict=True))).float().cpu().numpy()
     seconds["fuse"] = seconds.get("fuse", 0.0) + time.perf_counter() - start

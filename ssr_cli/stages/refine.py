@@ -254,7 +254,7 @@ def _result_config(
             "model": dino.name,
             "overrides": dino_record.get("overrides"),
             "weights": weights_id,
-            "blocks": list(cfg.dino_blocks),
+            "blocks": cfg.dino_blocks if isinstance(cfg.dino_blocks, int) else list(cfg.dino_blocks),
         }
     if len(sources) == 2:
         result_config["affinity_weights"] = list(cfg.affinity_weights)
