@@ -167,3 +167,37 @@ def nothing_to_do(command: str, out: str | Path, manifest: dict[str, Any], ids: 
         f"{command}: {len(mine)} images in shard {shard}, {len(mine)} already done; the run is complete "
         f"(fingerprint {manifest.get('fingerprint')}) and its inputs are unchanged: nothing to do"
     )
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def answered_training_rerun(
+    command: str, out: str | Path, key: str | None, overwrite: bool, result_line: Any, what: str
+) -> bool:
+    """For a training command, before torch: when ``out`` is a complete run made with the quick
+    ``key`` and untouched, say so (``what`` it holds; ``result_line(out, manifest)`` on stdout,
+    as a finished run prints it; main process only) and return True; else False (it runs)."""
+    done = None if overwrite or key is None else finished_unchanged(out, key)
+    if done is None:
+        return False
+    if _is_main_process():
+        from ssr_cli.console import info
+
+        unchanged = "its inputs are unchanged; nothing to do (--overwrite trains again)"
+        info(f"{command}: {out} already holds {what} and {unchanged}")
+        print(result_line(Path(out), done))
+    return True
+
+
+def finish_training_command(
+    out: str | Path, key: str | None, manifest: dict[str, Any], result_line: Any
+) -> None:
+    """After a training stage ran: remember the quick key of a complete run and print its result
+    line (main process only)."""
+    if not _is_main_process():
+        return
+    if manifest.get("completed") and key is not None:
+        remember(out, key)
+    print(result_line(Path(out), manifest))

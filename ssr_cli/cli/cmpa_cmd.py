@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ssr_cli.cli import app
 from ssr_cli.cli.options import (
+    BatchSize,
+    CheckSyncEvery,
+    ClipArch,
+    ClipWeights,
+    CmpaDim,
+    CmpaHidden,
     DataRoot,
     Device,
+    Flip,
+    HeadInit,
+    HeadsLr,
+    HeadsWeightDecay,
+    InitImages,
+    Iters,
+    Jitter,
     LabelSource,
     Layout,
+    LogEvery,
     Overwrite,
+    Pool,
+    Precision,
+    ProtoEma,
+    ProtoEvery,
+    ProtosPerClass,
     Quiet,
     Resume,
+    SaveEvery,
+    ScaleRange,
     Seed,
     Split,
+    Temperature,
+    Tensorboard,
+    TextTarget,
+    TrainSize,
     Vocab,
     Workers,
     parse_range,
@@ -33,112 +58,37 @@ def train_cmpa(
     split: Split = None,
     labels: LabelSource = "auto",
     vocab: Vocab = None,
-    clip_arch: Annotated[
-        str, typer.Option("--clip-arch", help="open_clip architecture name, or a model-config JSON file.")
-    ] = "ViT-B-16",
-    clip_weights: Annotated[
-        Optional[str],
-        typer.Option(
-            "--clip-weights",
-            help="Weights file or folder (OpenAI ViT-B-16.pt, open_clip .pt/.bin, .safetensors); "
-            "'random' for an untrained smoke-test model. Default: $SSR_CLIP_WEIGHTS, the local "
-            "caches, then a download when online.",
-        ),
-    ] = None,
-    dim: Annotated[int, typer.Option("--dim", min=1, help="Dimension d2 of the shared space.")] = 256,
-    hidden: Annotated[
-        Optional[int],
-        typer.Option("--hidden", min=1, help="Width of the heads' residual MLP (default: --dim)."),
-    ] = None,
-    head_init: Annotated[
-        str,
-        typer.Option(
-            "--head-init",
-            help="Step-0 projection when --dim < CLIP's embedding: pca (keeps the span of the texts and the "
-            "principal directions of image embeddings: CAMs start as plain CLIP's) | random (orthonormal).",
-        ),
-    ] = "pca",
-    init_images: Annotated[
-        int, typer.Option("--init-images", min=1, help="Images sampled for the pca initial projection.")
-    ] = 256,
-    protos_per_class: Annotated[
-        int, typer.Option("--protos-per-class", min=1, help="K-means image prototypes per class.")
-    ] = 1,
-    proto_every: Annotated[
-        int,
-        typer.Option("--proto-every", min=1, help="Recompute the prototypes over the split every N steps."),
-    ] = 5000,
-    proto_ema: Annotated[
-        float,
-        typer.Option(
-            "--proto-ema", min=0.0, max=0.999999, help="Also move prototypes by EMA each step (0: off)."
-        ),
-    ] = 0.0,
-    pool: Annotated[
-        str,
-        typer.Option(
-            "--pool",
-            help="Foreground features: tokens = ISA(CAM-weighted mean of CLIP's patch tokens), the "
-            "form the CAM uses (ISA of the mean token) | projected = CAM-weighted mean of ISA(tokens).",
-        ),
-    ] = "tokens",
-    text_target: Annotated[
-        str,
-        typer.Option(
-            "--text-target",
-            help="Image features are scored against: live = this step's TSA class features (what "
-            "the seeds compare), plus a term that separates the classes' cross-modal prototypes | "
-            "snapshot = the text prototypes of the last refresh.",
-        ),
-    ] = "live",
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="Initial temperature of the contrastive loss (learnable).")
-    ] = 0.05,
-    iters: Annotated[
-        int, typer.Option("--iters", min=0, help="Optimizer steps (0: step-0 heads only).")
-    ] = 10000,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per step per process.")
-    ] = 8,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay.")
-    ] = 1e-4,
-    size: Annotated[
-        int,
-        typer.Option("--size", min=16, help="Training side: images are resized to SIZE x SIZE (no crop)."),
-    ] = 448,
-    scale_range: Annotated[
-        str, typer.Option("--scale-range", help="Random per-step scale of --size, MIN,MAX.")
-    ] = "0.75,1.25",
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
-    jitter: Annotated[
-        float, typer.Option("--jitter", min=0.0, max=0.99, help="Colour jitter strength (0: off).")
-    ] = 0.2,
+    clip_arch: ClipArch = "ViT-B-16",
+    clip_weights: ClipWeights = None,
+    dim: CmpaDim = 256,
+    hidden: CmpaHidden = None,
+    head_init: HeadInit = "pca",
+    init_images: InitImages = 256,
+    protos_per_class: ProtosPerClass = 1,
+    proto_every: ProtoEvery = 5000,
+    proto_ema: ProtoEma = 0.0,
+    pool: Pool = "tokens",
+    text_target: TextTarget = "live",
+    temperature: Temperature = 0.05,
+    iters: Iters = 10000,
+    batch_size: BatchSize = 8,
+    lr: HeadsLr = 1e-4,
+    weight_decay: HeadsWeightDecay = 1e-4,
+    size: TrainSize = 448,
+    scale_range: ScaleRange = "0.75,1.25",
+    flip: Flip = True,
+    jitter: Jitter = 0.2,
     cam_source: Annotated[
         str,
         typer.Option(
             "--cam-source", help="CAMs that weight the features: heads (current heads) | clip (plain CLIP)."
         ),
     ] = "heads",
-    precision: Annotated[
-        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
-    ] = "auto",
-    save_every: Annotated[
-        int, typer.Option("--save-every", min=1, help="Write checkpoints/last.pt every N steps.")
-    ] = 500,
-    log_every: Annotated[
-        int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")
-    ] = 10,
-    tensorboard: Annotated[
-        bool,
-        typer.Option(
-            "--tensorboard", help="Also write log.jsonl's numbers as TensorBoard scalars (RUN/tensorboard/)."
-        ),
-    ] = False,
-    check_sync_every: Annotated[
-        int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
-    ] = 0,
+    precision: Precision = "auto",
+    save_every: SaveEvery = 500,
+    log_every: LogEvery = 10,
+    tensorboard: Tensorboard = False,
+    check_sync_every: CheckSyncEvery = 0,
     resume: Resume = False,
     device: Device = "auto",
     workers: Workers = 2,
@@ -164,11 +114,9 @@ def train_cmpa(
         if k not in ("out", "resume", "overwrite", "quiet")
     }
     set_quiet(quiet)
-    import os
 
-    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
+    from ssr_cli.artefacts.quick import answered_training_rerun, finish_training_command, quick_key
     from ssr_cli.cli.options import check_device
-    from ssr_cli.console import info
     from ssr_cli.data import open_dataset
 
     # Before torch is imported: a complete run with the same inputs answers at once, and
@@ -187,14 +135,7 @@ def train_cmpa(
             files=[weights_file, config_file],
             env=["SSR_CLIP_WEIGHTS", "WORLD_SIZE"],
         )
-        done = None if overwrite else finished_unchanged(out, key)
-        if done is not None:
-            if os.environ.get("RANK", "0") == "0":
-                info(
-                    f"train-cmpa: {out} already holds these trained heads and its inputs are unchanged; "
-                    "nothing to do (--overwrite trains again)"
-                )
-                print(_result_line(out, done))
+        if answered_training_rerun("train-cmpa", out, key, overwrite, _result_line, "these trained heads"):
             return
     from ssr_cli.stages import train_cmpa as stage
 
@@ -241,10 +182,7 @@ def train_cmpa(
         train=train,
     )
     manifest = stage.run(opts)
-    if os.environ.get("RANK", "0") == "0":
-        if manifest.get("completed") and key is not None:
-            remember(out, key)
-        print(_result_line(out, manifest))
+    finish_training_command(out, key, manifest, _result_line)
 
 
 def _result_line(out: Path, manifest: dict) -> str:

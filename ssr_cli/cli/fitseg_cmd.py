@@ -205,23 +205,14 @@ def fit_seg(
         if k not in ("out", "resume", "overwrite", "quiet")
     }
     set_quiet(quiet)
-    import os
 
-    from ssr_cli.artefacts.quick import finished_unchanged, remember
+    from ssr_cli.artefacts.quick import answered_training_rerun, finish_training_command
     from ssr_cli.cli.options import check_device
-    from ssr_cli.console import info
 
     key = _quick_key(
         options, data, layout, split, vocab, gt, val_split, pseudo, backbone_weights, no_pretrained
     )
-    done = None if overwrite or key is None else finished_unchanged(out, key)
-    if done is not None:  # before torch: a complete run with the same inputs
-        if os.environ.get("RANK", "0") == "0":
-            info(
-                f"fit-seg: {out} already holds this trained model and its inputs are unchanged; nothing to "
-                "do (--overwrite trains again)"
-            )
-            print(_result_line(out, done))
+    if answered_training_rerun("fit-seg", out, key, overwrite, _result_line, "this trained model"):
         return
     from ssr_cli.stages import fit_seg as stage
 
@@ -274,10 +265,7 @@ def fit_seg(
         train=train,
     )
     manifest = stage.run(opts)
-    if os.environ.get("RANK", "0") == "0":
-        if manifest.get("completed") and key is not None:
-            remember(out, key)
-        print(_result_line(out, manifest))
+    finish_training_command(out, key, manifest, _result_line)
 
 
 def _result_line(out: Path, manifest: dict) -> str:

@@ -134,3 +134,96 @@ def parse_range(text: str, name: str) -> tuple[float, float]:
     except ValueError:
         raise ConfigError(f"{name} {text!r} is not MIN,MAX", hint=f"e.g. {name} 0.5,1.5") from None
     return low, high
+
+
+# -- options shared by the training commands (train-cmpa, train; fit-seg for the run ones) ------
+
+ClipArch = Annotated[
+    str, typer.Option("--clip-arch", help="open_clip architecture name, or a model-config JSON file.")
+]
+ClipWeights = Annotated[
+    Optional[str],
+    typer.Option(
+        "--clip-weights",
+        help="Weights file or folder (OpenAI ViT-B-16.pt, open_clip .pt/.bin, .safetensors); "
+        "'random' for an untrained smoke-test model. Default: $SSR_CLIP_WEIGHTS, the local "
+        "caches, then a download when online.",
+    ),
+]
+Precision = Annotated[
+    str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
+]
+Iters = Annotated[int, typer.Option("--iters", min=0, help="Optimizer steps (0: the step-0 model only).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per step per process.")]
+TrainSize = Annotated[
+    int, typer.Option("--size", min=16, help="Training side: images are resized to SIZE x SIZE (no crop).")
+]
+ScaleRange = Annotated[str, typer.Option("--scale-range", help="Random per-step scale of --size, MIN,MAX.")]
+Flip = Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")]
+Jitter = Annotated[
+    float, typer.Option("--jitter", min=0.0, max=0.99, help="Colour jitter strength (0: off).")
+]
+HeadsLr = Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate of the CMPA heads.")]
+HeadsWeightDecay = Annotated[
+    float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay of the CMPA heads.")
+]
+CmpaDim = Annotated[int, typer.Option("--dim", min=1, help="Dimension d2 of CMPA's shared space.")]
+CmpaHidden = Annotated[
+    Optional[int], typer.Option("--hidden", min=1, help="Width of the heads' residual MLP (default: --dim).")
+]
+HeadInit = Annotated[
+    str,
+    typer.Option(
+        "--head-init",
+        help="Step-0 projection when --dim < CLIP's embedding: pca (keeps the span of the texts and the "
+        "principal directions of image embeddings: CAMs start as plain CLIP's) | random (orthonormal).",
+    ),
+]
+InitImages = Annotated[
+    int, typer.Option("--init-images", min=1, help="Images sampled for the pca initial projection.")
+]
+ProtosPerClass = Annotated[
+    int, typer.Option("--protos-per-class", min=1, help="K-means image prototypes per class.")
+]
+ProtoEvery = Annotated[
+    int, typer.Option("--proto-every", min=1, help="Recompute the prototypes over the split every N steps.")
+]
+ProtoEma = Annotated[
+    float,
+    typer.Option(
+        "--proto-ema", min=0.0, max=0.999999, help="Also move prototypes by EMA each step (0: off)."
+    ),
+]
+Temperature = Annotated[
+    float, typer.Option("--temperature", help="Initial temperature tau of the prototype loss (learnable).")
+]
+Pool = Annotated[
+    str,
+    typer.Option(
+        "--pool",
+        help="Foreground features: tokens = ISA(CAM-weighted mean of CLIP's patch tokens), the "
+        "form the CAM uses (ISA of the mean token) | projected = CAM-weighted mean of ISA(tokens).",
+    ),
+]
+TextTarget = Annotated[
+    str,
+    typer.Option(
+        "--text-target",
+        help="Image features are scored against: live = this step's TSA class features (what "
+        "the seeds compare), plus a term that separates the classes' cross-modal prototypes | "
+        "snapshot = the text prototypes of the last refresh.",
+    ),
+]
+SaveEvery = Annotated[
+    int, typer.Option("--save-every", min=1, help="Write checkpoints/last.pt every N steps.")
+]
+LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")]
+Tensorboard = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard", help="Also write log.jsonl's numbers as TensorBoard scalars (RUN/tensorboard/)."
+    ),
+]
+CheckSyncEvery = Annotated[
+    int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
+]

@@ -9,15 +9,40 @@ import typer
 
 from ssr_cli.cli import app
 from ssr_cli.cli.options import (
+    BatchSize,
+    CheckSyncEvery,
+    ClipArch,
+    ClipWeights,
+    CmpaDim,
+    CmpaHidden,
     DataRoot,
     Device,
+    Flip,
+    HeadInit,
+    HeadsLr,
+    HeadsWeightDecay,
+    InitImages,
+    Iters,
+    Jitter,
     LabelSource,
     Layout,
+    LogEvery,
     Overwrite,
+    Pool,
+    Precision,
+    ProtoEma,
+    ProtoEvery,
+    ProtosPerClass,
     Quiet,
     Resume,
+    SaveEvery,
+    ScaleRange,
     Seed,
     Split,
+    Temperature,
+    Tensorboard,
+    TextTarget,
+    TrainSize,
     Vocab,
     Workers,
 )
@@ -55,17 +80,8 @@ def train(
     val_every: Annotated[
         int, typer.Option("--val-every", min=0, help="Validate every N steps (0: only at the end).")
     ] = 1000,
-    clip_arch: Annotated[
-        str, typer.Option("--clip-arch", help="open_clip architecture name, or a model-config JSON file.")
-    ] = "ViT-B-16",
-    clip_weights: Annotated[
-        Optional[str],
-        typer.Option(
-            "--clip-weights",
-            help="CLIP weights file or folder; 'random' for a smoke test. "
-            "Default: $SSR_CLIP_WEIGHTS, the local caches, then a download when online.",
-        ),
-    ] = None,  # fmt: skip
+    clip_arch: ClipArch = "ViT-B-16",
+    clip_weights: ClipWeights = None,
     dino_model: Annotated[
         str, typer.Option("--dino-model", help="DINO for the affinity: a name, or a JSON model spec.")
     ] = "dino_vitb16",
@@ -76,55 +92,24 @@ def train(
         float,
         typer.Option("--gamma", min=0.0, help="Weight of the segmentation loss: L_proto + gamma L_seg."),
     ] = 0.1,
-    iters: Annotated[int, typer.Option("--iters", min=0, help="Optimizer steps.")] = 20000,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Images per step per process.")
-    ] = 4,
-    size: Annotated[
-        int,
-        typer.Option("--size", min=16, help="Training side: images are resized to SIZE x SIZE (no crop)."),
-    ] = 448,
-    scale_range: Annotated[
-        str, typer.Option("--scale-range", help="Random per-step scale of --size, MIN,MAX.")
-    ] = "0.75,1.25",
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
-    jitter: Annotated[
-        float, typer.Option("--jitter", min=0.0, max=0.99, help="Colour jitter strength (0: off).")
-    ] = 0.2,
-    lr: Annotated[float, typer.Option("--lr", min=0.0, help="AdamW learning rate of the CMPA heads.")] = 1e-4,
-    weight_decay: Annotated[
-        float, typer.Option("--weight-decay", min=0.0, help="AdamW weight decay of the CMPA heads.")
-    ] = 1e-4,
-    dim: Annotated[int, typer.Option("--dim", min=1, help="Dimension d2 of CMPA's shared space.")] = 256,
-    hidden: Annotated[
-        Optional[int], typer.Option("--hidden", min=1, help="Width of the heads' MLP (default: --dim).")
-    ] = None,
-    head_init: Annotated[
-        str,
-        typer.Option("--head-init", help="Step-0 projection of the heads: pca | random (see train-cmpa)."),
-    ] = "pca",
-    init_images: Annotated[
-        int, typer.Option("--init-images", min=1, help="Images sampled for the pca initial projection.")
-    ] = 256,
-    protos_per_class: Annotated[
-        int, typer.Option("--protos-per-class", min=1, help="K-means image prototypes per class.")
-    ] = 1,
-    proto_every: Annotated[
-        int,
-        typer.Option("--proto-every", min=1, help="Recompute the prototypes over the split every N steps."),
-    ] = 5000,
-    proto_ema: Annotated[
-        float,
-        typer.Option("--proto-ema", min=0.0, max=0.999999, help="Also move prototypes by EMA (0: off)."),
-    ] = 0.0,
-    temperature: Annotated[
-        float,
-        typer.Option("--temperature", help="Initial temperature tau of the prototype loss (learnable)."),
-    ] = 0.05,
-    pool: Annotated[str, typer.Option("--pool", help="Foreground features: tokens | projected.")] = "tokens",
-    text_target: Annotated[
-        str, typer.Option("--text-target", help="Image features scored against: live | snapshot.")
-    ] = "live",
+    iters: Iters = 20000,
+    batch_size: BatchSize = 4,
+    size: TrainSize = 448,
+    scale_range: ScaleRange = "0.75,1.25",
+    flip: Flip = True,
+    jitter: Jitter = 0.2,
+    lr: HeadsLr = 1e-4,
+    weight_decay: HeadsWeightDecay = 1e-4,
+    dim: CmpaDim = 256,
+    hidden: CmpaHidden = None,
+    head_init: HeadInit = "pca",
+    init_images: InitImages = 256,
+    protos_per_class: ProtosPerClass = 1,
+    proto_every: ProtoEvery = 5000,
+    proto_ema: ProtoEma = 0.0,
+    temperature: Temperature = 0.05,
+    pool: Pool = "tokens",
+    text_target: TextTarget = "live",
     cam_target: Annotated[
         str,
         typer.Option(
@@ -187,21 +172,11 @@ def train(
             help="Pseudo-mask pixels whose top normalised score is below this are ignored (0: none).",
         ),
     ] = 0.0,  # fmt: skip
-    precision: Annotated[
-        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
-    ] = "auto",
-    save_every: Annotated[
-        int, typer.Option("--save-every", min=1, help="Write checkpoints/last.pt every N steps.")
-    ] = 500,
-    log_every: Annotated[
-        int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")
-    ] = 10,
-    tensorboard: Annotated[
-        bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars (RUN/tensorboard/).")
-    ] = False,
-    check_sync_every: Annotated[
-        int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
-    ] = 0,
+    precision: Precision = "auto",
+    save_every: SaveEvery = 500,
+    log_every: LogEvery = 10,
+    tensorboard: Tensorboard = False,
+    check_sync_every: CheckSyncEvery = 0,
     resume: Resume = False,
     device: Device = "auto",
     workers: Workers = 2,
@@ -226,11 +201,9 @@ def train(
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
                if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
     set_quiet(quiet)
-    import os
 
-    from ssr_cli.artefacts.quick import finished_unchanged, quick_key, remember
+    from ssr_cli.artefacts.quick import answered_training_rerun, finish_training_command, quick_key
     from ssr_cli.cli.options import check_device
-    from ssr_cli.console import info
     from ssr_cli.data import open_dataset
 
     # Before torch is imported: a complete run with the same inputs answers at once.
@@ -252,12 +225,7 @@ def train(
                         files=[weights_file, config_file, dino_file,
                                Path(dino_weights) if dino_weights and dino_weights != "random" else None],
                         env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS", "WORLD_SIZE"])  # fmt: skip
-        done = None if overwrite else finished_unchanged(out, key)
-        if done is not None:
-            if os.environ.get("RANK", "0") == "0":
-                info(f"train: {out} already holds this trained model and its inputs are unchanged; "
-                     "nothing to do (--overwrite trains again)")  # fmt: skip
-                print(_result_line(out, done))
+        if answered_training_rerun("train", out, key, overwrite, _result_line, "this trained model"):
             return
     from ssr_cli.stages import train_ssr as stage
 
@@ -285,10 +253,7 @@ def train(
         device=check_device(device), resume=resume, overwrite=overwrite, train=cfg,
     )  # fmt: skip
     manifest = stage.run(opts)
-    if os.environ.get("RANK", "0") == "0":
-        if manifest.get("completed") and key is not None:
-            remember(out, key)
-        print(_result_line(out, manifest))
+    finish_training_command(out, key, manifest, _result_line)
 
 
 def _result_line(out: Path, manifest: dict) -> str:
