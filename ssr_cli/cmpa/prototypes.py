@@ -328,3 +328,79 @@ def save_prototypes(path: Any, protos: Prototypes, metadata: dict[str, str]) -> 
         os.chmod(tmp, 0o644)
 
     return atomic_write(Path(path), write)
+
+
+def refresh_prototypes(
+    command: str,
+    iteration: int,
+    *,
+    model: Any,
+    heads: Any,
+    items: list[TrainItem],
+    cfg: Any,
+    prompts: tuple[torch.Tensor, torch.Tensor],
+    cams: tuple[torch.Tensor, torch.Tensor, bool],
+    precision: str,
+    env: D.DistEnv,
+    loader: Loader,
+    pick_seed: int,
+    bar: Any,
+    write_log: Callable[[dict[str, Any]], None],
+) -> tuple[Prototypes, float]:
+    """The prototype refresh of train-cmpa and ``ssr train``: features of every image of the split
+    through the current heads, per-class image prototypes (K-means seeded by ``pick_seed``), the
+    text and background prototypes; a ``prototypes`` log record. ``prompts``: the class and
+    background prompt embeddings; ``cams``: (fg, bg, CAMs through the heads). Returns the
+    prototypes and the seconds it took; a one-line error when every CAM was empty."""
+    import time
+
+    from ssr_cli.console import info, progress_enabled
+    from ssr_cli.errors import DataError
+
+    started = time.perf_counter()
+    seen = [0]
+
+    def progress(n: int) -> None:
+        seen[0] += n * env.world
+        if bar is not None:
+            bar.update(0, status=f"prototypes {min(seen[0], len(items))}/{len(items)}")
+
+    if env.is_main and not progress_enabled():
+        info(f"{command}: iteration {iteration}: collecting prototypes over {len(items)} images")
+    fg, bg, cam_heads = cams
+    fg_prompts, bg_prompts = prompts
+    heads.eval()
+    found = collect_features(
+        model,
+        heads,
+        items,
+        side=cfg.size,
+        batch_size=cfg.batch_size,
+        fg=fg,
+        bg=bg,
+        cam_heads=cam_heads,
+        precision=precision,
+        env=env,
+        loader=loader,
+        keep=cfg.protos_per_class > 1,
+        on_batch=progress,
+        pool=cfg.pool,
+    )
+    image, valid = image_prototypes(found, cfg.protos_per_class, pick_seed)
+    if cfg.protos_per_class > 1:
+        image = D.broadcast_object(env, image)
+    with torch.no_grad():
+        text = text_prototypes(heads.project_text, fg_prompts)
+        back = text_prototypes(heads.project_text, bg_prompts)
+    heads.train()
+    if not bool(valid.any()):
+        raise DataError(
+            "no foreground features: every CAM of the split was empty",
+            hint="check the labels and the CLIP weights",
+        )
+    seconds = time.perf_counter() - started
+    record = {"features": found.counts.tolist(), "classes": int(valid.sum()), "seconds": round(seconds, 3)}
+    write_log({"type": "prototypes", "iter": iteration, "prototypes": record})
+    device = env.device
+    protos = Prototypes(image.to(device), text, back, valid.to(device), found.counts.to(device), iteration)
+    return protos, seconds

@@ -33,11 +33,10 @@ from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
 from ssr_cli.cmpa.prototypes import (
     Prototypes,
     clip_pass,
-    collect_features,
     ema_update,
     embedding_moment,
-    image_prototypes,
     pool_features,
+    refresh_prototypes,
     text_prototypes,
     weighted_mean,
 )
@@ -190,56 +189,24 @@ def train(
         bar_box: list[Any] = [None]
 
         def refresh(it: int) -> Prototypes:
-            started = time.perf_counter()
-            seen = [0]
-
-            def progress(n: int) -> None:
-                seen[0] += n * env.world
-                if bar_box[0] is not None:
-                    bar_box[0].update(0, status=f"prototypes {min(seen[0], len(items))}/{len(items)}")
-
-            if env.is_main and not progress_enabled():
-                info(f"train-cmpa: iteration {it}: collecting prototypes over {len(items)} images")
-            heads.eval()
-            found = collect_features(
-                model,
-                heads,
-                items,
-                side=cfg.size,
-                batch_size=cfg.batch_size,
-                fg=fg,
-                bg=bg,
-                cam_heads=cfg.cam_source == "heads",
+            found, seconds = refresh_prototypes(
+                "train-cmpa",
+                it,
+                model=model,
+                heads=heads,
+                items=items,
+                cfg=cfg,
+                prompts=(fg_prompts, bg_prompts),
+                cams=(fg, bg, cfg.cam_source == "heads"),
                 precision=precision,
                 env=env,
                 loader=loader,
-                keep=cfg.protos_per_class > 1,
-                on_batch=progress,
-                pool=cfg.pool,
+                pick_seed=step_seed(cfg.seed, it, 0, STAGE) % 2**31,
+                bar=bar_box[0],
+                write_log=write_log,
             )
-            image, valid = image_prototypes(
-                found, cfg.protos_per_class, step_seed(cfg.seed, it, 0, STAGE) % 2**31
-            )
-            if cfg.protos_per_class > 1:
-                image = D.broadcast_object(env, image)
-            with torch.no_grad():
-                text = text_prototypes(heads.project_text, fg_prompts)
-                back = text_prototypes(heads.project_text, bg_prompts)
-            heads.train()
-            if not bool(valid.any()):
-                raise DataError(
-                    "no foreground features: every CAM of the split was empty",
-                    hint="check the labels and the CLIP weights",
-                )
-            seconds = time.perf_counter() - started
             timing["protos"] += seconds
-            record = {
-                "features": found.counts.tolist(),
-                "classes": int(valid.sum()),
-                "seconds": round(seconds, 3),
-            }
-            write_log({"type": "prototypes", "iter": it, "prototypes": record})
-            return Prototypes(image.to(device), text, back, valid.to(device), found.counts.to(device), it)
+            return found
 
         def checkpoint_state(iteration: int) -> dict[str, Any]:
             assert protos is not None
@@ -364,19 +331,7 @@ def train(
                     clock.update(start=time.perf_counter(), steps=0)
 
                 if cfg.check_sync_every and done % cfg.check_sync_every == 0:
-                    gathered = D.all_gather_object(env, (D.parameter_digest(heads), float(loss.detach())))
-                    write_log(
-                        {
-                            "type": "sync",
-                            "iter": done,
-                            "sync": {
-                                "weights": [g[0] for g in gathered],
-                                "rank_losses": [g[1] for g in gathered],
-                            },
-                        }
-                    )
-                    if len({g[0] for g in gathered}) != 1:
-                        raise RuntimeError(f"ranks disagree on the CMPA heads after iteration {done}")
+                    D.check_ranks_agree(env, heads, float(loss.detach()), done, write_log, "the CMPA heads")
 
                 if done % cfg.save_every == 0 or done == cfg.iters:
                     state = checkpoint_state(done)

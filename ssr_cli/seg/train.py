@@ -343,19 +343,7 @@ def train(
 
             paused_from = time.perf_counter()
             if cfg.check_sync_every and done % cfg.check_sync_every == 0:
-                gathered = D.all_gather_object(env, (D.parameter_digest(model), float(step_loss)))
-                write_log(
-                    {
-                        "type": "sync",
-                        "iter": done,
-                        "sync": {
-                            "weights": [g[0] for g in gathered],
-                            "rank_losses": [g[1] for g in gathered],
-                        },
-                    }
-                )
-                if len({g[0] for g in gathered}) != 1:
-                    raise RuntimeError(f"ranks disagree on the weights after iteration {done}")
+                D.check_ranks_agree(env, model, float(step_loss), done, write_log)
 
             if val_samples and (done == cfg.iters or (cfg.val_every and done % cfg.val_every == 0)):
                 D.broadcast_buffers(env, model)

@@ -149,3 +149,20 @@ def parameter_digest(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_ranks_agree(
+    env: DistEnv,
+    module: torch.nn.Module,
+    loss: float,
+    iteration: int,
+    write_log: Any,
+    what: str = "the weights",
+) -> None:
+    """``--check-sync-every``: gather every rank's parameter digest and loss, log them (a ``sync``
+    record) and stop when the ranks' weights differ (DistributedDataParallel broke)."""
+    gathered = all_gather_object(env, (parameter_digest(module), float(loss)))
+    sync = {"weights": [g[0] for g in gathered], "rank_losses": [g[1] for g in gathered]}
+    write_log({"type": "sync", "iter": iteration, "sync": sync})
+    if len({g[0] for g in gathered}) != 1:
+        raise RuntimeError(f"ranks disagree on {what} after iteration {iteration}")
