@@ -47,7 +47,10 @@ from ssr_cli.cli.options import (
     Workers,
     parse_range,
 )
+from ssr_cli.cmpa.config import CmpaConfig
 from ssr_cli.console import set_quiet
+
+_C = CmpaConfig  # every default of this command lives there
 
 
 @app.command("train-cmpa")
@@ -60,35 +63,35 @@ def train_cmpa(
     vocab: Vocab = None,
     clip_arch: ClipArch = "ViT-B-16",
     clip_weights: ClipWeights = None,
-    dim: CmpaDim = 256,
+    dim: CmpaDim = _C.dim,
     hidden: CmpaHidden = None,
-    head_init: HeadInit = "pca",
-    init_images: InitImages = 256,
-    protos_per_class: ProtosPerClass = 1,
-    proto_every: ProtoEvery = 5000,
-    proto_ema: ProtoEma = 0.0,
-    pool: Pool = "tokens",
-    text_target: TextTarget = "live",
-    temperature: Temperature = 0.05,
-    iters: Iters = 10000,
-    batch_size: BatchSize = 8,
-    lr: HeadsLr = 1e-4,
-    weight_decay: HeadsWeightDecay = 1e-4,
-    size: TrainSize = 448,
-    scale_range: ScaleRange = "0.75,1.25",
-    flip: Flip = True,
-    jitter: Jitter = 0.2,
+    head_init: HeadInit = _C.head_init,
+    init_images: InitImages = _C.init_images,
+    protos_per_class: ProtosPerClass = _C.protos_per_class,
+    proto_every: ProtoEvery = _C.proto_every,
+    proto_ema: ProtoEma = _C.proto_ema,
+    pool: Pool = _C.pool,
+    text_target: TextTarget = _C.text_target,
+    temperature: Temperature = _C.temperature,
+    iters: Iters = _C.iters,
+    batch_size: BatchSize = _C.batch_size,
+    lr: HeadsLr = _C.lr,
+    weight_decay: HeadsWeightDecay = _C.weight_decay,
+    size: TrainSize = _C.size,
+    scale_range: ScaleRange = ",".join(f"{v:g}" for v in _C.scale_range),
+    flip: Flip = _C.flip,
+    jitter: Jitter = _C.jitter,
     cam_source: Annotated[
         str,
         typer.Option(
             "--cam-source", help="CAMs that weight the features: heads (current heads) | clip (plain CLIP)."
         ),
-    ] = "heads",
+    ] = _C.cam_source,
     precision: Precision = "auto",
-    save_every: SaveEvery = 500,
-    log_every: LogEvery = 10,
-    tensorboard: Tensorboard = False,
-    check_sync_every: CheckSyncEvery = 0,
+    save_every: SaveEvery = _C.save_every,
+    log_every: LogEvery = _C.log_every,
+    tensorboard: Tensorboard = _C.tensorboard,
+    check_sync_every: CheckSyncEvery = _C.check_sync_every,
     resume: Resume = False,
     device: Device = "auto",
     workers: Workers = 2,

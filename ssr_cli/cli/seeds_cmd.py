@@ -7,8 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from ssr_cli.cam.config import SeedsConfig
 from ssr_cli.cli import app
 from ssr_cli.cli.options import (
+    ClipArch,
+    ClipWeights,
     DataRoot,
     Device,
     GtDir,
@@ -17,6 +20,7 @@ from ssr_cli.cli.options import (
     MaxSide,
     Oversize,
     Overwrite,
+    Precision,
     Quiet,
     Seed,
     ShardOpt,
@@ -26,6 +30,8 @@ from ssr_cli.cli.options import (
     check_device,
 )
 from ssr_cli.console import set_quiet
+
+_S = SeedsConfig  # every default of this command lives there
 
 
 def parse_scales(text: str) -> tuple[float, ...]:
@@ -54,29 +60,16 @@ def make_seeds(
     labels: LabelSource = "auto",
     vocab: Vocab = None,
     gt: GtDir = None,
-    clip_arch: Annotated[
-        str,
-        typer.Option(
-            "--clip-arch", help="open_clip architecture name, or an open_clip model-config JSON file."
-        ),
-    ] = "ViT-B-16",
-    clip_weights: Annotated[
-        Optional[str],
-        typer.Option(
-            "--clip-weights",
-            help="Weights file or folder (OpenAI ViT-B-16.pt, open_clip .pt/.bin, .safetensors); "
-            "'random' for an untrained smoke-test model. Default: $SSR_CLIP_WEIGHTS, the local "
-            "caches, then a download when online.",
-        ),
-    ] = None,
+    clip_arch: ClipArch = _S.arch,
+    clip_weights: ClipWeights = _S.weights,
     cmpa: Annotated[
         Optional[Path], typer.Option("--cmpa", help="A train-cmpa run folder: CAMs in the projected space.")
     ] = None,
-    scales: Annotated[str, typer.Option("--scales", help="Comma-separated input scales, merged.")] = "1.0",
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Also use the mirrored image.")] = False,
-    precision: Annotated[
-        str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).")
-    ] = "auto",
+    scales: Annotated[str, typer.Option("--scales", help="Comma-separated input scales, merged.")] = ",".join(
+        f"{v:g}" for v in _S.scales
+    ),
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Also use the mirrored image.")] = _S.flip,
+    precision: Precision = _S.precision,
     save_attn: Annotated[
         bool,
         typer.Option(
@@ -86,13 +79,13 @@ def make_seeds(
             "CLIP forward per image): ~1.2 MB per VOC image on disk (500x375: 1.19 MB, against "
             "7 KB without; it grows with the square of the number of patches).",
         ),
-    ] = True,
+    ] = _S.save_attn,
     attn_blocks: Annotated[
         int,
         typer.Option(
             "--attn-blocks", min=1, help="Stored attention: mean of the last N blocks (CLIP-ES: 8)."
         ),
-    ] = 8,
+    ] = _S.attn_blocks,
     cam_target: Annotated[
         str,
         typer.Option(
@@ -101,10 +94,12 @@ def make_seeds(
             "(log p/(1-p): the same CAMs, but no vanishing gradient once a class wins by a wide "
             "margin) | auto (prob for plain CLIP, logodds with --cmpa).",
         ),
-    ] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")] = 1,
-    max_side: MaxSide = 1024,
-    oversize: Oversize = "error",
+    ] = _S.cam_target,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Images per forward.")
+    ] = _S.batch_size,
+    max_side: MaxSide = _S.max_side,
+    oversize: Oversize = _S.oversize,
     device: Device = "auto",
     workers: Workers = 2,
     seed: Seed = 0,
@@ -168,7 +163,7 @@ def make_seeds(
 
     from ssr_cli.stages import make_seeds as stage
 
-    cfg = stage.SeedsConfig(
+    cfg = SeedsConfig(
         arch=clip_arch,
         weights=clip_weights,
         scales=parse_scales(scales),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +19,11 @@ import torch
 
 from ssr_cli.artefacts import RunFolder, Shard
 from ssr_cli.artefacts.seeds import save_seed, seed_readable
+from ssr_cli.cam.config import SeedsConfig
 from ssr_cli.cam.multiscale import cams_and_attention
 from ssr_cli.console import ProgressBar, info, warn
 from ssr_cli.data import Dataset, read_image
 from ssr_cli.data.size_limit import (
-    DEFAULT_MAX_SIDE,
     SizeLimit,
     SizePlan,
     image_size,
@@ -37,26 +37,6 @@ STAGE = "seeds"
 ITEM_DIR = "cams"
 ITEM_SUFFIX = ".npz"
 CAM_VERSION = "gradcam-clip-es-2"  # bump when the CAM computation changes results
-
-
-@dataclass
-class SeedsConfig:
-    arch: str = "ViT-B-16"
-    weights: str | None = None
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    precision: str = "auto"
-    batch_size: int = 1
-    device: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    cmpa: str | None = None
-    save_attn: bool = True
-    attn_blocks: int = 8  # CLIP-ES: the last 8 blocks
-    max_side: int = DEFAULT_MAX_SIDE  # longer image side; larger images: see oversize
-    oversize: str = "error"  # error | skip | downscale (ssr_cli.data.size_limit)
-    cam_target: str = "auto"  # prob | logodds | auto (ssr_cli.cam.gradcam.CAM_TARGETS)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: int) -> list[list[str]]:
