@@ -171,7 +171,7 @@ def train(
             max=1.0,
             help="Pseudo-mask pixels whose top normalised score is below this are ignored (0: none).",
         ),
-    ] = 0.0,  # fmt: skip
+    ] = 0.0,
     precision: Precision = "auto",
     save_every: SaveEvery = 500,
     log_every: LogEvery = 10,
@@ -198,8 +198,11 @@ def train(
     process). Writes model.safetensors (the decoder), heads.safetensors, prototypes.safetensors,
     log.jsonl and checkpoints/last.pt (best.pt with --val-split).
     """
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-               if k not in ("out", "resume", "overwrite", "quiet")}  # fmt: skip
+    options = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in locals().items()
+        if k not in ("out", "resume", "overwrite", "quiet")
+    }
     set_quiet(quiet)
 
     from ssr_cli.artefacts.quick import answered_training_rerun, finish_training_command, quick_key
@@ -221,37 +224,91 @@ def train(
                 data, layout=layout, split=val_split, labels="none", vocab=vocab
             ).fingerprint()
         settings = {**options, "val_fingerprint": val_fp}
-        key = quick_key("train", settings, dataset_fingerprint=dataset.fingerprint(),
-                        files=[weights_file, config_file, dino_file,
-                               Path(dino_weights) if dino_weights and dino_weights != "random" else None],
-                        env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS", "WORLD_SIZE"])  # fmt: skip
+        key = quick_key(
+            "train",
+            settings,
+            dataset_fingerprint=dataset.fingerprint(),
+            files=[
+                weights_file,
+                config_file,
+                dino_file,
+                Path(dino_weights) if dino_weights and dino_weights != "random" else None,
+            ],
+            env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS", "WORLD_SIZE"],
+        )
         if answered_training_rerun("train", out, key, overwrite, _result_line, "this trained model"):
             return
     from ssr_cli.stages import train_ssr as stage
 
-    sgc = {**SGCParams().__dict__, "n_clusters": sgc_clusters, "region_size": sgc_region_size,
-           "region_thresh": sgc_region_thresh, "seed": seed}  # fmt: skip
+    sgc = {
+        **SGCParams().__dict__,
+        "n_clusters": sgc_clusters,
+        "region_size": sgc_region_size,
+        "region_thresh": sgc_region_thresh,
+        "seed": seed,
+    }
     cfg = {
-        "iters": iters, "batch_size": batch_size, "size": size,
-        "scale_range": _numbers(scale_range, "--scale-range", 2), "flip": flip, "jitter": jitter, "lr": lr,
-        "weight_decay": weight_decay, "dim": dim, "hidden": hidden or dim, "head_init": head_init,
-        "init_images": init_images, "protos_per_class": protos_per_class, "proto_every": proto_every,
-        "proto_ema": proto_ema, "temperature": temperature, "pool": pool, "text_target": text_target,
-        "cam_target": cam_target, "gamma": gamma, "seg_loss": seg_loss, "decoder_dim": decoder_dim,
+        "iters": iters,
+        "batch_size": batch_size,
+        "size": size,
+        "scale_range": _numbers(scale_range, "--scale-range", 2),
+        "flip": flip,
+        "jitter": jitter,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "dim": dim,
+        "hidden": hidden or dim,
+        "head_init": head_init,
+        "init_images": init_images,
+        "protos_per_class": protos_per_class,
+        "proto_every": proto_every,
+        "proto_ema": proto_ema,
+        "temperature": temperature,
+        "pool": pool,
+        "text_target": text_target,
+        "cam_target": cam_target,
+        "gamma": gamma,
+        "seg_loss": seg_loss,
+        "decoder_dim": decoder_dim,
         "decoder_layers": _numbers(decoder_layers, "--decoder-layers", None, int) if decoder_layers else (),
-        "decoder_convs": decoder_convs, "seg_lr": seg_lr, "seg_weight_decay": seg_weight_decay,
-        "poly_power": poly_power, "affinity": affinity,
+        "decoder_convs": decoder_convs,
+        "seg_lr": seg_lr,
+        "seg_weight_decay": seg_weight_decay,
+        "poly_power": poly_power,
+        "affinity": affinity,
         "affinity_weights": _numbers(affinity_weights, "--affinity-weights", 2),
-        "clip_blocks": clip_blocks, "dino_blocks": _numbers(dino_blocks, "--dino-blocks", None, int),
-        "mask": mask, "sgc": sgc, "bg_alpha": bg_alpha, "conf_thresh": conf_thresh, "precision": precision,
-        "seed": seed, "workers": workers, "save_every": save_every, "log_every": log_every,
-        "val_every": val_every, "check_sync_every": check_sync_every, "tensorboard": tensorboard,
-    }  # fmt: skip
+        "clip_blocks": clip_blocks,
+        "dino_blocks": _numbers(dino_blocks, "--dino-blocks", None, int),
+        "mask": mask,
+        "sgc": sgc,
+        "bg_alpha": bg_alpha,
+        "conf_thresh": conf_thresh,
+        "precision": precision,
+        "seed": seed,
+        "workers": workers,
+        "save_every": save_every,
+        "log_every": log_every,
+        "val_every": val_every,
+        "check_sync_every": check_sync_every,
+        "tensorboard": tensorboard,
+    }
     opts = stage.TrainOptions(
-        data=data, out=out, layout=layout, split=split, labels=labels, vocab=vocab, val_split=val_split,
-        arch=clip_arch, weights=clip_weights, dino_model=dino_model, dino_weights=dino_weights,
-        device=check_device(device), resume=resume, overwrite=overwrite, train=cfg,
-    )  # fmt: skip
+        data=data,
+        out=out,
+        layout=layout,
+        split=split,
+        labels=labels,
+        vocab=vocab,
+        val_split=val_split,
+        arch=clip_arch,
+        weights=clip_weights,
+        dino_model=dino_model,
+        dino_weights=dino_weights,
+        device=check_device(device),
+        resume=resume,
+        overwrite=overwrite,
+        train=cfg,
+    )
     manifest = stage.run(opts)
     finish_training_command(out, key, manifest, _result_line)
 

@@ -76,13 +76,44 @@ class SsrConfig:
     tensorboard: bool = False
 
     RESULT_FIELDS = (
-        "iters", "batch_size", "size", "scale_range", "flip", "jitter", "lr", "weight_decay", "dim",
-        "hidden", "head_init", "init_images", "protos_per_class", "proto_every", "proto_ema",
-        "temperature", "pool", "text_target", "cam_target", "gamma", "seg_loss", "decoder_dim",
-        "decoder_layers", "decoder_convs", "seg_lr", "seg_weight_decay", "poly_power", "affinity",
-        "affinity_weights", "clip_blocks", "dino_blocks", "mask", "sgc", "bg_alpha", "conf_thresh",
-        "precision", "seed",
-    )  # fmt: skip
+        "iters",
+        "batch_size",
+        "size",
+        "scale_range",
+        "flip",
+        "jitter",
+        "lr",
+        "weight_decay",
+        "dim",
+        "hidden",
+        "head_init",
+        "init_images",
+        "protos_per_class",
+        "proto_every",
+        "proto_ema",
+        "temperature",
+        "pool",
+        "text_target",
+        "cam_target",
+        "gamma",
+        "seg_loss",
+        "decoder_dim",
+        "decoder_layers",
+        "decoder_convs",
+        "seg_lr",
+        "seg_weight_decay",
+        "poly_power",
+        "affinity",
+        "affinity_weights",
+        "clip_blocks",
+        "dino_blocks",
+        "mask",
+        "sgc",
+        "bg_alpha",
+        "conf_thresh",
+        "precision",
+        "seed",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.sgc, dict):
@@ -114,15 +145,17 @@ class SsrConfig:
             (self.decoder_dim >= 8 and self.decoder_convs >= 0, "--decoder-dim >= 8, --decoder-convs >= 0"),
             (self.poly_power >= 0, "--poly-power must not be negative"),
             (self.affinity in ONLINE_AFFINITIES, f"--affinity must be one of {', '.join(ONLINE_AFFINITIES)}"),
-            (min(self.affinity_weights) >= 0 and sum(self.affinity_weights) > 0,
-             "--affinity-weights must be two weights >= 0 for CLIP,DINO, not both 0"),
+            (
+                min(self.affinity_weights) >= 0 and sum(self.affinity_weights) > 0,
+                "--affinity-weights must be two weights >= 0 for CLIP,DINO, not both 0",
+            ),
             (self.clip_blocks >= 1, "--clip-blocks must be at least 1"),
             (self.mask in ONLINE_MASKS, f"--mask must be one of {', '.join(ONLINE_MASKS)}"),
             (self.bg_alpha > 0, "--bg-alpha must be positive"),
             (0 <= self.conf_thresh <= 1, "--conf-thresh must be in [0, 1]"),
             (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
             (self.val_every >= 0, "--val-every must not be negative"),
-        ]  # fmt: skip
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -142,7 +175,27 @@ class SsrConfig:
         """The ``CmpaConfig`` of the CMPA part (for ``cmpa.train.init_heads``)."""
         from ssr_cli.cmpa.config import CmpaConfig
 
-        names = ("iters", "batch_size", "lr", "weight_decay", "dim", "hidden", "head_init", "init_images",
-                 "protos_per_class", "proto_every", "proto_ema", "temperature", "size", "scale_range",
-                 "flip", "jitter", "pool", "text_target", "precision", "seed", "workers")  # fmt: skip
+        names = (
+            "iters",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "dim",
+            "hidden",
+            "head_init",
+            "init_images",
+            "protos_per_class",
+            "proto_every",
+            "proto_ema",
+            "temperature",
+            "size",
+            "scale_range",
+            "flip",
+            "jitter",
+            "pool",
+            "text_target",
+            "precision",
+            "seed",
+            "workers",
+        )
         return CmpaConfig(**{k: getattr(self, k) for k in names})

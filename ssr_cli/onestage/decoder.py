@@ -89,12 +89,14 @@ class SegDecoder(nn.Module):
         self.fuse = nn.Sequential(
             nn.Conv2d(d * len(cfg.layers), d, 1, bias=False), nn.GroupNorm(groups, d), nn.ReLU(inplace=True)
         )
-        self.convs = nn.Sequential(*[
-            nn.Sequential(
-                nn.Conv2d(d, d, 3, padding=1, bias=False), nn.GroupNorm(groups, d), nn.ReLU(inplace=True)
-            )
-            for _ in range(cfg.convs)
-        ])  # fmt: skip
+        self.convs = nn.Sequential(
+            *[
+                nn.Sequential(
+                    nn.Conv2d(d, d, 3, padding=1, bias=False), nn.GroupNorm(groups, d), nn.ReLU(inplace=True)
+                )
+                for _ in range(cfg.convs)
+            ]
+        )
         self.classifier = nn.Conv2d(d, cfg.num_classes, 1)
 
     def forward(self, tokens: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
@@ -265,9 +267,10 @@ def load_ssr_segmenter(path: str | Path, device: torch.device) -> tuple[SsrSegme
     clip = load_clip(arch, weights, device, seed=int(clip_rec.get("seed", 0)))
     if clip_identity(clip) != clip_rec.get("identity"):
         raise WeightsError(
-            "the CLIP weights found now are not the ones this decoder was trained on", path=file,
+            "the CLIP weights found now are not the ones this decoder was trained on",
+            path=file,
             hint="put the run's CLIP weights file back (see its manifest), or retrain",
-        )  # fmt: skip
+        )
     decoder = SegDecoder(cfg)
     try:
         decoder.load_state_dict(state, strict=True)

@@ -50,9 +50,14 @@ def superpixel_regions(path: Path, side: int, cells: int, params: SGCParams) -> 
         pil = pil.resize((side, side), Image.Resampling.BICUBIC)
     image = np.asarray(pil, dtype=np.uint8)
     sp = superpixel_clusters(
-        image, slic_algorithm=params.slic_algorithm, region_size=params.region_size, ruler=params.ruler,
-        iterations=params.iterations, n_clusters=params.n_clusters, seed=params.seed,
-    )  # fmt: skip
+        image,
+        slic_algorithm=params.slic_algorithm,
+        region_size=params.region_size,
+        ruler=params.ruler,
+        iterations=params.iterations,
+        n_clusters=params.n_clusters,
+        seed=params.seed,
+    )
     regions, count = sp.regions(params.region_mode)
     small = cv2.resize(regions.astype(np.int32), (cells, cells), interpolation=cv2.INTER_NEAREST)
     return small.astype(np.uint16 if count < 2**16 else np.int32), int(count)
@@ -92,8 +97,9 @@ def dino_input(x: torch.Tensor) -> torch.Tensor:
     return (rgb - stats(IMAGENET_MEAN)) / stats(IMAGENET_STD)
 
 
-def dino_grid_attention(dino: Any, x: torch.Tensor, grid: tuple[int, int], blocks: Sequence[int],
-                        precision: str) -> torch.Tensor:  # fmt: skip
+def dino_grid_attention(
+    dino: Any, x: torch.Tensor, grid: tuple[int, int], blocks: Sequence[int], precision: str
+) -> torch.Tensor:
     """DINO's patch attention [N, h*w, h*w] on CLIP's grid ``grid`` for CLIP-normalised images ``x``."""
     from ssr_cli.refine.affinity import resample_attention
 

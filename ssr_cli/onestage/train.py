@@ -149,11 +149,17 @@ def train(
         joint = Joint(heads, decoder).to(device).train()
         decay = [p for n, p in heads.named_parameters() if n != "log_inv_tau"]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-             {"params": [heads.log_inv_tau], "weight_decay": 0.0, "lr": cfg.lr},
-             {"params": list(decoder.parameters()), "weight_decay": cfg.seg_weight_decay, "lr": cfg.seg_lr}],
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+                {"params": [heads.log_inv_tau], "weight_decay": 0.0, "lr": cfg.lr},
+                {
+                    "params": list(decoder.parameters()),
+                    "weight_decay": cfg.seg_weight_decay,
+                    "lr": cfg.seg_lr,
+                },
+            ],
             lr=cfg.lr,
-        )  # fmt: skip
+        )
         iters = max(cfg.iters, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -192,8 +198,17 @@ def train(
 
         def batch_of(it: int) -> tuple[list[int], int, list[Any]]:
             idx = stream.indices(it, env.rank)
-            side, augs = step_augment(cfg.seed, it, env.rank, len(idx), cfg.size, cfg.scale_range, cfg.flip,
-                                      cfg.jitter, model.patch_size)  # fmt: skip
+            side, augs = step_augment(
+                cfg.seed,
+                it,
+                env.rank,
+                len(idx),
+                cfg.size,
+                cfg.scale_range,
+                cfg.flip,
+                cfg.jitter,
+                model.patch_size,
+            )
             return idx, side, augs
 
         def jobs(it: int) -> list[tuple[Path, int, Any]]:
@@ -227,13 +242,22 @@ def train(
         def checkpoint_state(iteration: int) -> dict[str, Any]:
             assert protos is not None
             return {
-                "iteration": iteration, "heads": heads.state_dict(), "head_config": heads.cfg.to_dict(),
-                "decoder": decoder.state_dict(), "decoder_config": decoder_cfg.to_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "prototypes": protos.state_dict(), "rng": rng_states(),
-                "window": D.all_reduce_sum(env, window.clone()).cpu(), "best": best,
-                "config": cfg.to_dict(), "fingerprint": run_fingerprint, "clip": clip_id or {},
-            }  # fmt: skip
+                "iteration": iteration,
+                "heads": heads.state_dict(),
+                "head_config": heads.cfg.to_dict(),
+                "decoder": decoder.state_dict(),
+                "decoder_config": decoder_cfg.to_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "prototypes": protos.state_dict(),
+                "rng": rng_states(),
+                "window": D.all_reduce_sum(env, window.clone()).cpu(),
+                "best": best,
+                "config": cfg.to_dict(),
+                "fingerprint": run_fingerprint,
+                "clip": clip_id or {},
+            }
 
         started = time.perf_counter()
         clock = {"start": time.perf_counter(), "steps": 0}
@@ -261,11 +285,21 @@ def train(
                     fg_cam, bg_cam = heads.project_text(fg), heads.project_text(bg)
                 with capture_blocks(model, layers) as found_tokens:
                     tokens = model.image_tokens(
-                        x, grad_last_block=False, precision=precision,
+                        x,
+                        grad_last_block=False,
+                        precision=precision,
                         attn_blocks=cfg.clip_blocks if "clip" in sources else None,
-                    )  # fmt: skip
-                cams = gradcam(model, tokens, present, fg_cam, bg_cam, image_head=heads.project_image,
-                               precision=precision, target=cam_target)  # fmt: skip
+                    )
+                cams = gradcam(
+                    model,
+                    tokens,
+                    present,
+                    fg_cam,
+                    bg_cam,
+                    image_head=heads.project_image,
+                    precision=precision,
+                    target=cam_target,
+                )
                 with torch.no_grad():
                     patches = model.patch_embeddings(tokens).detach()
                 feats_in = layer_tokens(found_tokens, tokens.post, layers, last_block)
@@ -305,9 +339,14 @@ def train(
                 txt_feats = F.normalize(txt.float(), dim=-1)
                 live = F.normalize(txt_feats.view(k, t_count, -1).mean(dim=1), dim=-1)
                 l_proto, _stats = prototype_loss(
-                    feats[ok], cls_idx[ok], txt_feats, txt_cls, protos, inv_tau.float(),
+                    feats[ok],
+                    cls_idx[ok],
+                    txt_feats,
+                    txt_cls,
+                    protos,
+                    inv_tau.float(),
                     text_live=live if cfg.text_target == "live" else None,
-                )  # fmt: skip
+                )
                 _sync(device)
                 t4 = time.perf_counter() - waited
                 logits = F.interpolate(
@@ -348,15 +387,21 @@ def train(
                     busy = sum(wtime.values())
                     speed = clock["steps"] / max(seconds, 1e-9)
                     last = {
-                        "type": "train", "iter": done, "loss": w[0] / max(w[5], 1),
+                        "type": "train",
+                        "iter": done,
+                        "loss": w[0] / max(w[5], 1),
                         "loss_proto": w[1] / w[2] if w[2] else None,
                         "loss_seg": w[3] / w[4] if w[4] else None,
-                        "pseudo_fg": w[6] / max(w[5], 1), "temperature": heads.temperature,
-                        "lr": optimizer.param_groups[0]["lr"], "seg_lr": optimizer.param_groups[2]["lr"],
-                        "iters_per_s": round(speed, 4), "seconds_per_iter": round(1 / max(speed, 1e-9), 4),
+                        "pseudo_fg": w[6] / max(w[5], 1),
+                        "temperature": heads.temperature,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "seg_lr": optimizer.param_groups[2]["lr"],
+                        "iters_per_s": round(speed, 4),
+                        "seconds_per_iter": round(1 / max(speed, 1e-9), 4),
                         "pseudo_share": round(wtime["pseudo"] / busy, 4) if busy > 0 else None,
-                        **peak_memory_mb(device), **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
-                    }  # fmt: skip
+                        **peak_memory_mb(device),
+                        **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
+                    }
                     write_log(last)
                     status = f"loss {last['loss']:.4f}  {speed:.2f} it/s"
                     if bar is not None:
@@ -374,8 +419,16 @@ def train(
                 if val_samples and (done == cfg.iters or (cfg.val_every and done % cfg.val_every == 0)):
                     if bar is not None:
                         bar.update(advance=0, status=f"validating {len(val_samples)} images")
-                    result = validation_miou(segmenter, val_samples, decoder_cfg.num_classes, class_names,
-                                             CLIP_MEAN, CLIP_STD, env, precision)  # fmt: skip
+                    result = validation_miou(
+                        segmenter,
+                        val_samples,
+                        decoder_cfg.num_classes,
+                        class_names,
+                        CLIP_MEAN,
+                        CLIP_STD,
+                        env,
+                        precision,
+                    )
                     miou = result["miou"]
                     improved = miou is not None and (best["miou"] is None or miou > best["miou"])
                     if improved:
@@ -384,10 +437,16 @@ def train(
                     if env.is_main:
                         info(f"train: iteration {done}: validation mIoU {_pct(miou)}")
                         if improved:
-                            save_checkpoint(ckpt_dir / "best.pt", {
-                                "iteration": done, "decoder": decoder.state_dict(), "miou": miou,
-                                "decoder_config": decoder_cfg.to_dict(), "fingerprint": run_fingerprint,
-                            })  # fmt: skip
+                            save_checkpoint(
+                                ckpt_dir / "best.pt",
+                                {
+                                    "iteration": done,
+                                    "decoder": decoder.state_dict(),
+                                    "miou": miou,
+                                    "decoder_config": decoder_cfg.to_dict(),
+                                    "fingerprint": run_fingerprint,
+                                },
+                            )
                     joint.train()
 
                 if done % cfg.save_every == 0 or done == cfg.iters:
@@ -405,8 +464,12 @@ def train(
         steps = cfg.iters - start
         busy = sum(timing[key] for key in PARTS)
         summary = {
-            "iterations": cfg.iters, "resumed_from": start, "final": last, "best": best,
-            "temperature": heads.temperature, "seconds": round(seconds, 2),
+            "iterations": cfg.iters,
+            "resumed_from": start,
+            "final": last,
+            "best": best,
+            "temperature": heads.temperature,
+            "seconds": round(seconds, 2),
             "seconds_per_iter": round(busy / steps, 4) if steps else None,
             "time_share": {key: round(timing[key] / busy, 4) for key in PARTS} if busy > 0 else {},
             "pseudo_share": round(timing["pseudo"] / busy, 4) if busy > 0 else None,
@@ -414,7 +477,7 @@ def train(
             "superpixel_seconds": round(timing["superpixels"], 2),
             "rank_digests": digests,
             **peak_memory_mb(device),
-        }  # fmt: skip
+        }
         if board is not None:
             board.close()
         return heads, protos, decoder, summary

@@ -71,8 +71,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     """A ``last.pt`` written by ``ssr train``, on the CPU."""
     from ssr_cli.train.state import load_training_state
 
-    return load_training_state(path, stage="train", keys=("heads", "decoder", "prototypes"),
-                               hint="start again with --overwrite")  # fmt: skip
+    return load_training_state(
+        path, stage="train", keys=("heads", "decoder", "prototypes"), hint="start again with --overwrite"
+    )
 
 
 def run(opts: TrainOptions) -> dict[str, Any]:
@@ -107,8 +108,11 @@ def run(opts: TrainOptions) -> dict[str, Any]:
         )
         val_samples = [Sample(i.id, i.image, i.gt) for i in val.items if i.gt is not None]
         if not val_samples:
-            raise DataError(f"none of the {len(val)} images of --val-split {opts.val_split} has a "
-                            "ground-truth mask", path=val.root, hint="drop --val-split")  # fmt: skip
+            raise DataError(
+                f"none of the {len(val)} images of --val-split {opts.val_split} has a ground-truth mask",
+                path=val.root,
+                hint="drop --val-split",
+            )
         val_desc = val.describe()
     device = resolve_device(opts.device)
     tdict = dict(opts.train)
@@ -126,8 +130,10 @@ def run(opts: TrainOptions) -> dict[str, Any]:
             dino, dino_record = load_dino_model(opts.dino_model, opts.dino_weights, device, seed=cfg.seed)
         notices = []
         if model.is_random:
-            notices.append("CLIP weights are RANDOM (untrained, --clip-weights random): this run is "
-                           "meaningless; use it only to smoke-test the pipeline")  # fmt: skip
+            notices.append(
+                "CLIP weights are RANDOM (untrained, --clip-weights random): this run is "
+                "meaningless; use it only to smoke-test the pipeline"
+            )
         if dino is not None and dino.is_random:
             notices.append("DINO weights are RANDOM (--dino-weights random): the affinity is meaningless")
         layers = resolve_layers(cfg.decoder_layers, len(model.blocks))
@@ -140,19 +146,32 @@ def run(opts: TrainOptions) -> dict[str, Any]:
         basis = {
             "stage": STAGE,
             "config": {
-                "version": TRAIN_VERSION, "train": cfg.result_dict(), "clip": clip_id, "dino": dino_id,
-                "decoder_layers": list(layers), "world_size": env.world,
+                "version": TRAIN_VERSION,
+                "train": cfg.result_dict(),
+                "clip": clip_id,
+                "dino": dino_id,
+                "decoder_layers": list(layers),
+                "world_size": env.world,
             },
             "upstream": {},
-            "inputs": {"dataset": dataset.fingerprint(),
-                       "val": None if val_desc is None else val_desc["fingerprint"]},
-        }  # fmt: skip
+            "inputs": {
+                "dataset": dataset.fingerprint(),
+                "val": None if val_desc is None else val_desc["fingerprint"],
+            },
+        }
         fp = fingerprint(basis)
         decision = D.decide_on_main(
             env,
-            lambda: prepare_training_run(out, stage=STAGE, basis=basis, resume=opts.resume,
-                                         overwrite=opts.overwrite, outputs=outputs(), final=MODEL_FILE),
-        )  # fmt: skip
+            lambda: prepare_training_run(
+                out,
+                stage=STAGE,
+                basis=basis,
+                resume=opts.resume,
+                overwrite=opts.overwrite,
+                outputs=outputs(),
+                final=MODEL_FILE,
+            ),
+        )
         if decision == "done":
             if env.is_main:
                 info(
@@ -163,56 +182,105 @@ def run(opts: TrainOptions) -> dict[str, Any]:
         if decision == "resume":
             resume_state = load_checkpoint_file(out / CHECKPOINT)
             if resume_state.get("fingerprint") != fp:
-                raise ArtefactError("checkpoints/last.pt belongs to another run", path=out,
-                                    hint="start again with --overwrite")  # fmt: skip
+                raise ArtefactError(
+                    "checkpoints/last.pt belongs to another run",
+                    path=out,
+                    hint="start again with --overwrite",
+                )
             if env.is_main:
                 info(f"train: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
         weights_path = model.weights_source.path
         decoder_cfg = DecoderConfig(
-            num_classes=len(classes) + 1, width=int(model.width), layers=layers, dim=cfg.decoder_dim,
-            convs=cfg.decoder_convs, class_names=("background", *classes),
-            clip={"arch": arch,
-                  "arch_option": str(absolute(opts.arch)) if opts.arch.endswith(".json") else arch,
-                  "weights_path": None if weights_path is None else str(absolute(weights_path)),
-                  "seed": cfg.seed, "identity": clip_id},
-        )  # fmt: skip
+            num_classes=len(classes) + 1,
+            width=int(model.width),
+            layers=layers,
+            dim=cfg.decoder_dim,
+            convs=cfg.decoder_convs,
+            class_names=("background", *classes),
+            clip={
+                "arch": arch,
+                "arch_option": str(absolute(opts.arch)) if opts.arch.endswith(".json") else arch,
+                "weights_path": None if weights_path is None else str(absolute(weights_path)),
+                "seed": cfg.seed,
+                "identity": clip_id,
+            },
+        )
         if model.is_random:
             decoder_cfg.clip["weights_path"] = "random"
         manifest = new_manifest(
             STAGE,
             config={
-                "data": str(absolute(opts.data)), "layout": dataset.layout, "split": dataset.split,
-                "labels": opts.labels, "vocab": dataset.vocab.name, "val_split": opts.val_split, "arch": arch,
-                "clip_arch_option": opts.arch, "weights": opts.weights, "dino_model": opts.dino_model,
-                "dino_weights": opts.dino_weights, "device": str(device), "world_size": env.world,
-                "train": cfg.to_dict(), "decoder": decoder_cfg.to_dict(),
+                "data": str(absolute(opts.data)),
+                "layout": dataset.layout,
+                "split": dataset.split,
+                "labels": opts.labels,
+                "vocab": dataset.vocab.name,
+                "val_split": opts.val_split,
+                "arch": arch,
+                "clip_arch_option": opts.arch,
+                "weights": opts.weights,
+                "dino_model": opts.dino_model,
+                "dino_weights": opts.dino_weights,
+                "device": str(device),
+                "world_size": env.world,
+                "train": cfg.to_dict(),
+                "decoder": decoder_cfg.to_dict(),
             },
-            basis=basis, upstream={},
-            inputs=locate_inputs({"dataset": dataset.describe(), "val": val_desc, "clip": model.describe(),
-                                  "dino": dino_record}, out),
-            item_dir="checkpoints", item_suffix=".pt", item_count=cfg.iters, notices=notices,
-            images=len(items), model_file=MODEL_FILE, heads_file=HEADS_FILE, prototypes_file=PROTOTYPES_FILE,
-        )  # fmt: skip
+            basis=basis,
+            upstream={},
+            inputs=locate_inputs(
+                {
+                    "dataset": dataset.describe(),
+                    "val": val_desc,
+                    "clip": model.describe(),
+                    "dino": dino_record,
+                },
+                out,
+            ),
+            item_dir="checkpoints",
+            item_suffix=".pt",
+            item_count=cfg.iters,
+            notices=notices,
+            images=len(items),
+            model_file=MODEL_FILE,
+            heads_file=HEADS_FILE,
+            prototypes_file=PROTOTYPES_FILE,
+        )
         if env.is_main:
             start_training_manifest(out, manifest, resumed=resume_state is not None)
             for notice in notices:
                 warn(notice)
         D.barrier(env)
         if env.is_main:
-            info(f"train: single-stage SSR on {len(items)} images, {len(classes)} classes, CLIP {arch}, "
-                 f"affinity {cfg.affinity}, mask {cfg.mask}, gamma {cfg.gamma:g}, {cfg.iters} iterations on "
-                 f"{device} x{env.world}, precision {cfg.precision}")  # fmt: skip
+            info(
+                f"train: single-stage SSR on {len(items)} images, {len(classes)} classes, CLIP {arch}, "
+                f"affinity {cfg.affinity}, mask {cfg.mask}, gamma {cfg.gamma:g}, {cfg.iters} iterations on "
+                f"{device} x{env.world}, precision {cfg.precision}"
+            )
         heads, protos, decoder, summary = train(
-            out, model, dino, items, val_samples, dataset.vocab, cfg, decoder_cfg, env,
-            resume=resume_state, run_fingerprint=fp, clip_id=clip_id,
-        )  # fmt: skip
+            out,
+            model,
+            dino,
+            items,
+            val_samples,
+            dataset.vocab,
+            cfg,
+            decoder_cfg,
+            env,
+            resume=resume_state,
+            run_fingerprint=fp,
+            clip_id=clip_id,
+        )
         if env.is_main:
             extra = {"iteration": cfg.iters, "fingerprint": fp}
             save_decoder(out, decoder, extra)
             save_heads(out / HEADS_FILE, heads, clip_id, extra | {"temperature": heads.temperature})
-            meta = {"classes": json.dumps(list(classes)),
-                    "background": json.dumps(list(dataset.vocab.background)),
-                    "refreshed_at": str(protos.iteration), "fingerprint": fp}  # fmt: skip
+            meta = {
+                "classes": json.dumps(list(classes)),
+                "background": json.dumps(list(dataset.vocab.background)),
+                "refreshed_at": str(protos.iteration),
+                "fingerprint": fp,
+            }
             save_prototypes(out / PROTOTYPES_FILE, protos, meta)
         finish_training_manifest(out, manifest, iters=cfg.iters, summary=summary, write=env.is_main)
         D.barrier(env)
