@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 from ssr_cli.cmpa.data import SampleStream, step_augment
 from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
@@ -32,10 +32,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "voc"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("tinyclip-cmpa")
-    config = folder / f"{TINY_CLIP}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=3), folder / "tiny.safetensors", "safetensors")
-    return {"arch": str(config), "weights": str(weights)}
+    return tiny_clip_for_cli(folder)
 
 
 # ----------------------------------------------------------------------------- projections

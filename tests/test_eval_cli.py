@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import error_line, run_cli
 from PIL import Image
-
-from ssr_cli.cli import main
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,24 +22,6 @@ VOC_NAMES = [
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 ]  # fmt: skip
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    """The one error line (info lines before it may be wrapped by rich)."""
-    lines = [line for line in err.splitlines() if line.startswith("ssr: error:")]
-    assert len(lines) == 1, err
-    assert err.rstrip().endswith(lines[0])
-    return lines[0]
 
 
 def save_png(path: Path, labels: np.ndarray) -> None:
@@ -175,7 +156,7 @@ def test_missing_prediction_is_one_line_error(tmp_path, capsys) -> None:
     save_png(pred / "a.png", np.array([[0, 1], [1, 1]]))
     code, stdout, err = run_cli(["eval", pred, "--gt", gt, "--num-classes", 3], capsys)
     assert code == 1
-    line = error_line(err)
+    line = error_line(err, last=True)
     assert str(pred / "sub" / "b.png") in line and "1 of 2" in line
     assert stdout == ""
 
@@ -197,13 +178,13 @@ def test_size_mismatch_and_bad_values(tmp_path, capsys) -> None:
     save_png(pred / "sub" / "b.png", np.array([[2, 2, 0], [0, 0, 0]]))
     code, _, err = run_cli(["eval", pred, "--gt", gt, "--num-classes", 3, "-j", 1], capsys)
     assert code == 1
-    line = error_line(err)
+    line = error_line(err, last=True)
     assert str(pred / "a.png") in line and str(gt / "a.png") in line and "3x2" in line and "2x2" in line
 
     save_png(pred / "a.png", np.array([[0, 1], [1, 7]]))
     code, _, err = run_cli(["eval", pred, "--gt", gt, "--num-classes", 3], capsys)
     assert code == 1
-    line = error_line(err)
+    line = error_line(err, last=True)
     assert line.startswith(f"ssr: error: {pred / 'a.png'}: prediction has value 7")
 
     # the same file is valid with more classes (voc default)
@@ -218,9 +199,9 @@ def test_bad_option_values(tmp_path, capsys) -> None:
     code, _, err = run_cli(["eval", gt], capsys)
     assert code == 1 and "--gt" in err
     code, _, err = run_cli(["eval", gt, "--gt", gt, "--vocab", "coco", "--num-classes", 21], capsys)
-    assert code == 1 and "81 classes" in error_line(err)
+    assert code == 1 and "81 classes" in error_line(err, last=True)
     code, _, err = run_cli(["eval", gt, "--gt", gt, "--split", "val"], capsys)
-    assert code == 1 and "--split needs --data" in error_line(err)
+    assert code == 1 and "--split needs --data" in error_line(err, last=True)
     code, _, err = run_cli(["eval", gt, "--gt", gt, "--pred-ignore", "maybe"], capsys)
     assert code != 0 and "'maybe' is not one of" in err
 
@@ -316,7 +297,7 @@ def test_dataset_split_gt(voc_pred, tmp_path, capsys) -> None:
 
     (pred / f"{ids[2]}.png").unlink()
     code, _, err = run_cli(["eval", pred, "--data", voc, "--split", "val"], capsys)
-    assert code == 1 and str(pred / f"{ids[2]}.png") in error_line(err)
+    assert code == 1 and str(pred / f"{ids[2]}.png") in error_line(err, last=True)
 
 
 def _custom_dataset(root: Path, masks_for: int) -> tuple[Path, list[str]]:
@@ -375,4 +356,4 @@ def test_no_ground_truth_at_all_is_one_line_error(tmp_path, capsys) -> None:
     save_png(pred / "img0.png", np.zeros((5, 6)))
     code, stdout, err = run_cli(["eval", pred, "--data", data], capsys)
     assert code == 1 and stdout == ""
-    assert "none of the 6 images" in error_line(err)
+    assert "none of the 6 images" in error_line(err, last=True)

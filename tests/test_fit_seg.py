@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import error_line, run_cli
 
-from ssr_cli.cli import main
 from ssr_cli.runtime import torch_threads
 from ssr_cli.seg.synthetic import make_shapes_dataset
 
@@ -23,22 +23,6 @@ TINY = [
     "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16", "--crop-size", "48",
     "--batch-size", "2", "--device", "cpu", "--optimizer", "adamw", "--lr", "1e-3",
 ]  # fmt: skip
-
-
-def run_cli(args: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("ssr: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def sub_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 from ssr_cli.artefacts.seeds import load_seed
 from ssr_cli.models.clip import register_arch
@@ -25,10 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("tinyclip")
-    config = folder / f"{TINY_CLIP}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=3), folder / "tiny.safetensors", "safetensors")
-    return {"arch": str(config), "weights": str(weights)}
+    return tiny_clip_for_cli(folder)
 
 
 def _seeds(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import error_line, run_cli
 
-from ssr_cli.cli import main
 from ssr_cli.data import read_image, read_mask
 from ssr_cli.data.vocab import VOC_CLASSES
 from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
@@ -27,22 +27,6 @@ def _one_thread():
 
     with torch_threads(1):
         yield
-
-
-def run_cli(args: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("ssr: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

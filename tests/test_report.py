@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from clirun import run_cli
 from PIL import Image
 
 import ssr_cli.cli.report_cmd  # noqa: F401  (registers the command)
@@ -102,16 +103,6 @@ def make_runs(tmp: Path, n_ids: list[str] = IDS) -> dict[str, Path]:
 def write_npz(path: Path, data: dict[str, Any]) -> None:
     with open(path, "wb") as fh:
         np.savez(fh, **data)
-
-
-def run_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class PageParser(HTMLParser):

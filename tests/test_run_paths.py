@@ -14,24 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import run_cli
 from PIL import Image
-from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 import ssr_cli.cli.report_cmd  # noqa: F401  (registers the command)
 from ssr_cli.artefacts.paths import locate_inputs, recorded_path
-from ssr_cli.cli import main
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def run_cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_locate_inputs_records_absolute_and_run_relative(tmp_path: Path, monkeypatch) -> None:
@@ -53,10 +43,7 @@ def test_locate_inputs_records_absolute_and_run_relative(tmp_path: Path, monkeyp
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("tinyclip")
-    config = folder / f"{TINY_CLIP}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=3), folder / "tiny.safetensors", "safetensors")
-    return {"arch": str(config), "weights": str(weights)}
+    return tiny_clip_for_cli(folder)
 
 
 def _own_photos(root: Path) -> list[str]:

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 pytestmark = pytest.mark.timeout(240)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -24,9 +24,8 @@ SMALL = ["--size", "64", "--batch-size", "2", "--dim", "16", "--workers", "1"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("tinyclip-train-cmpa")
-    config = folder / f"{TINY_CLIP}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=3), folder / "tiny.safetensors", "safetensors")
+    files = tiny_clip_for_cli(folder)
+    config, weights = Path(files["arch"]), Path(files["weights"])
     launcher = folder / "ssr_launch.py"
     launcher.write_text(LAUNCH)
     return {"arch": str(config), "weights": str(weights), "launcher": str(launcher)}

@@ -130,3 +130,14 @@ def tiny_clip_files(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     folder = Path(folder)
     model = make_tiny_clip(seed)
     return {fmt: save_tiny_clip(model, folder / _FILE_NAMES[fmt], fmt) for fmt in CLIP_FORMATS}
+
+
+def tiny_clip_for_cli(folder: Path, seed: int = 3) -> dict[str, str]:
+    """The tiny CLIP as a user hands it over: ``arch`` (its open_clip config JSON, named after the
+    architecture) and ``weights`` (a safetensors file) in ``folder``."""
+    import json
+
+    config = folder / f"{TINY_CLIP}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    weights = save_tiny_clip(make_tiny_clip(seed=seed), folder / "tiny.safetensors", "safetensors")
+    return {"arch": str(config), "weights": str(weights)}
