@@ -116,7 +116,7 @@ def decode_cost(data: Path, args: argparse.Namespace) -> float:
 def bench_correlation(args: argparse.Namespace) -> dict:
     import torch
 
-    from ssr_cli.cam.multiscale import cams_for_batch
+    from ssr_cli.cam.multiscale import cams_and_attention
     from ssr_cli.cam.prompts import text_embeddings
     from ssr_cli.cmpa.config import CmpaConfig
     from ssr_cli.cmpa.data import Loader, TrainItem
@@ -133,7 +133,7 @@ def bench_correlation(args: argparse.Namespace) -> dict:
     images = [read_image(i.image) for i in items]
     fg, bg = text_embeddings(model, dataset.vocab)
     pairs = list(zip(images, items, strict=True))
-    base = [cams_for_batch(model, [im], [list(it.classes)], fg, bg)[0] for im, it in pairs]
+    base = [cams_and_attention(model, [im], [list(it.classes)], fg, bg)[0][0] for im, it in pairs]
     origin = model.weights_source.describe()["origin"]
     out = {"embed_dim": model.embed_dim, "dim": args.dim, "images": len(items),
            "logit_scale": round(model.logit_scale, 3), "weights": origin}  # fmt: skip
@@ -149,7 +149,9 @@ def bench_correlation(args: argparse.Namespace) -> dict:
         for (im, it), b in zip(pairs, base, strict=True):
             with torch.no_grad():
                 pf, pb = heads.project_text(fg), heads.project_text(bg)
-            c = cams_for_batch(model, [im], [list(it.classes)], pf, pb, image_head=heads.project_image)[0]
+            c = cams_and_attention(model, [im], [list(it.classes)], pf, pb, image_head=heads.project_image)[
+                0
+            ][0]
             corr += [
                 float(np.corrcoef(x.ravel(), y.ravel())[0, 1])
                 for x, y in zip(b.numpy(), c.numpy(), strict=True)

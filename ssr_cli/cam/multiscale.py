@@ -13,43 +13,6 @@ import numpy as np
 import torch
 
 
-def cams_for_batch(
-    model: Any,
-    images: Sequence[np.ndarray],
-    present: Sequence[Sequence[int]],
-    fg: torch.Tensor,
-    bg: torch.Tensor,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    precision: str = "fp32",
-    image_head: Any = None,
-    text_head: Any = None,
-    target: str | None = None,
-) -> list[torch.Tensor]:
-    """CAMs [C_i, h, w] for images of one network size (h, w: the scale-1.0 patch grid).
-
-    One GradCAM call per (scale, flip) variant covers every image and class of the
-    batch. With one scale and no flip the CAMs are GradCAM's as they are (CLIP-ES);
-    otherwise they are merged by ``merge_scales`` (resize to the scale-1.0 grid, sum,
-    min-max normalise).
-    """
-    cams, _ = cams_and_attention(
-        model,
-        images,
-        present,
-        fg,
-        bg,
-        scales=scales,
-        flip=flip,
-        precision=precision,
-        image_head=image_head,
-        text_head=text_head,
-        target=target,
-    )
-    return cams
-
-
 def cams_and_attention(
     model: Any,
     images: Sequence[np.ndarray],
@@ -65,8 +28,13 @@ def cams_and_attention(
     attn_blocks: int | None = None,
     target: str | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """``cams_for_batch``'s CAMs and, with ``attn_blocks`` (n = the last n blocks), CLIP's
-    attention [N, h*w, h*w] float32 (CPU) of the scale-1.0 un-flipped input (``ClipModel.attention``).
+    """CAMs [C_i, h, w] for images of one network size (h, w: the scale-1.0 patch grid) and, with
+    ``attn_blocks`` (n = the last n blocks), CLIP's attention [N, h*w, h*w] float32 (CPU) of the
+    scale-1.0 un-flipped input (``ClipModel.attention``).
+
+    One GradCAM call per (scale, flip) variant covers every image and class of the batch. With
+    one scale and no flip the CAMs are GradCAM's as they are (CLIP-ES); otherwise they are
+    merged by ``merge_scales`` (resize to the scale-1.0 grid, sum, min-max normalise).
 
     The attention comes from the same forward as the scale-1.0 un-flipped CAMs
     (``TrunkTokens`` passed to GradCAM), which it does not change: the trunk's tokens

@@ -43,21 +43,13 @@ def superpixel_regions(path: Path, side: int, cells: int, params: SGCParams) -> 
     from PIL import Image
 
     from ssr_cli.data import read_image
-    from ssr_cli.refine.sgc import superpixel_clusters
+    from ssr_cli.refine.sgc import superpixels_of
 
     pil = Image.fromarray(read_image(path))
     if pil.size != (side, side):
         pil = pil.resize((side, side), Image.Resampling.BICUBIC)
     image = np.asarray(pil, dtype=np.uint8)
-    sp = superpixel_clusters(
-        image,
-        slic_algorithm=params.slic_algorithm,
-        region_size=params.region_size,
-        ruler=params.ruler,
-        iterations=params.iterations,
-        n_clusters=params.n_clusters,
-        seed=params.seed,
-    )
+    sp = superpixels_of(image, params)
     regions, count = sp.regions(params.region_mode)
     small = cv2.resize(regions.astype(np.int32), (cells, cells), interpolation=cv2.INTER_NEAREST)
     return small.astype(np.uint16 if count < 2**16 else np.int32), int(count)

@@ -185,6 +185,19 @@ def superpixel_clusters(
     return Superpixels(labels=labels, cluster_of=cluster_of, clusters=cluster_of[labels], mean_lab=mean_lab)
 
 
+def superpixels_of(image: np.ndarray, params: SGCParams) -> Superpixels:
+    """:func:`superpixel_clusters` with the settings of ``params`` (refine's and ``ssr train``'s)."""
+    return superpixel_clusters(
+        image,
+        slic_algorithm=params.slic_algorithm,
+        region_size=params.region_size,
+        ruler=params.ruler,
+        iterations=params.iterations,
+        n_clusters=params.n_clusters,
+        seed=params.seed,
+    )
+
+
 def _cams_at(cams: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """``cams`` [C, h, w] resized bilinearly to ``size_hw`` when they are not there yet."""
     import cv2
@@ -255,15 +268,7 @@ def sgc_regions(
     params = replace(params or SGCParams(), **overrides)
     params.check()
     image = _check_image(image)
-    sp = superpixel_clusters(
-        image,
-        slic_algorithm=params.slic_algorithm,
-        region_size=params.region_size,
-        ruler=params.ruler,
-        iterations=params.iterations,
-        n_clusters=params.n_clusters,
-        seed=params.seed,
-    )
+    sp = superpixels_of(image, params)
     cams_img = _cams_at(cams, image.shape[:2])
     regions, n_regions = sp.regions(params.region_mode)
     shares, targets = target_regions(
