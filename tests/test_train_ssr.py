@@ -110,6 +110,14 @@ def test_loss_falls_then_predict_and_eval_run_on_the_run(tmp_path, world, capsys
     )
     assert code == 0, err
     assert 0.0 <= json.loads(out)["summary"]["miou"] <= 1.0
+    # its CMPA heads serve make-seeds as a train-cmpa run's do (CAMs in the projected space)
+    seeds = tmp_path / "seeds"
+    code, _, err = _main(capsys, ["make-seeds", *val, "--out", str(seeds), "--cmpa", str(run),
+                                  *MODEL_ARGS[:4], "--device", "cpu"])  # fmt: skip
+    assert code == 0, err
+    seeds_manifest = json.loads((seeds / "manifest.json").read_text())
+    assert seeds_manifest["upstream"]["cmpa"] == manifest["fingerprint"]
+    assert len(list((seeds / "cams").glob("*.npz"))) == 4
     # its best checkpoint predicts too, with the CRF
     best = run / "checkpoints" / "best.pt"
     code, _, err = _main(capsys, ["predict", "--model", str(best), *val, "--out", str(tmp_path / "pred-crf"),

@@ -244,7 +244,8 @@ def read_heads_file(path: str | Path) -> tuple[CmpaHeads, dict[str, Any]]:
 def load_heads(
     run_dir: str | Path, device: str | torch.device = "cpu", *, clip: Any = None
 ) -> tuple[CmpaHeads, str]:
-    """(frozen eval-mode heads on ``device``, the run's fingerprint) from a train-cmpa run folder.
+    """(frozen eval-mode heads on ``device``, the run's fingerprint) from a train-cmpa run folder
+    or an ``ssr train`` run folder (which trains the same heads beside its decoder).
 
     With ``clip`` (a ``ClipModel``), heads trained on another CLIP (architecture or
     weights) are refused: their projections would mean nothing for it.
@@ -257,17 +258,18 @@ def load_heads(
             "CMPA run folder not found", path=run_dir, hint="pass the --out folder of ssr train-cmpa"
         )
     manifest = read_manifest(run_dir)
-    if manifest.get("stage") != "cmpa":
+    command = {"cmpa": "train-cmpa", "train": "train"}.get(str(manifest.get("stage")))
+    if command is None:
         raise ArtefactError(
-            f"this folder holds a '{manifest.get('stage')}' run, not a train-cmpa run",
+            f"this folder holds a '{manifest.get('stage')}' run, not a train-cmpa or train run",
             path=run_dir,
-            hint="pass the --out folder of ssr train-cmpa",
+            hint="pass the --out folder of ssr train-cmpa (or of ssr train)",
         )
     if not manifest.get("completed") or not (run_dir / HEADS_FILE).is_file():
         raise ArtefactError(
-            "this train-cmpa run has not finished",
+            f"this {command} run has not finished",
             path=run_dir,
-            hint="resume it with ssr train-cmpa ... --resume",
+            hint=f"resume it with ssr {command} ... --resume",
         )
     heads, meta = read_heads_file(run_dir / HEADS_FILE)
     if clip is not None:
