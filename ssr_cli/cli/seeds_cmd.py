@@ -63,7 +63,10 @@ def make_seeds(
     clip_arch: ClipArch = _S.arch,
     clip_weights: ClipWeights = _S.weights,
     cmpa: Annotated[
-        Optional[Path], typer.Option("--cmpa", help="A train-cmpa run folder: CAMs in the projected space.")
+        Optional[Path],
+        typer.Option(
+            "--cmpa", help="A train-cmpa or train run folder: CAMs in the projected space of its heads."
+        ),
     ] = None,
     scales: Annotated[str, typer.Option("--scales", help="Comma-separated input scales, merged.")] = ",".join(
         f"{v:g}" for v in _S.scales
