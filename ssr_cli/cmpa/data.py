@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -167,3 +168,15 @@ def iter_plain_batches(
         yield chunk, loader.get(("plain", side, tuple(chunk)), jobs(chunk))
         if on_batch is not None:
             on_batch(len(chunk))
+
+
+def step_batch(
+    stream: SampleStream, cfg: Any, iteration: int, rank: int, patch_size: int
+) -> tuple[list[int], int, list[Any]]:
+    """One step's batch on ``rank``: (item indices, training side, per-image augmentations), a
+    pure function of (``cfg.seed``, iteration, rank) for train-cmpa and ``ssr train`` alike."""
+    idx = stream.indices(iteration, rank)
+    side, augs = step_augment(
+        cfg.seed, iteration, rank, len(idx), cfg.size, cfg.scale_range, cfg.flip, cfg.jitter, patch_size
+    )
+    return idx, side, augs

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ssr_cli.cmpa.config import CmpaConfig
-from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_augment
+from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_batch
 from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
 from ssr_cli.cmpa.prototypes import (
     Prototypes,
@@ -170,18 +170,7 @@ def train(
         write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
 
         def jobs(it: int) -> list[tuple[Path, int, Any]]:
-            idx = stream.indices(it, env.rank)
-            side, augs = step_augment(
-                cfg.seed,
-                it,
-                env.rank,
-                len(idx),
-                cfg.size,
-                cfg.scale_range,
-                cfg.flip,
-                cfg.jitter,
-                model.patch_size,
-            )
+            idx, side, augs = step_batch(stream, cfg, it, env.rank, model.patch_size)
             return [(items[i].image, side, a) for i, a in zip(idx, augs, strict=True)]
 
         timing = {"data": 0.0, "clip": 0.0, "heads": 0.0, "protos": 0.0}

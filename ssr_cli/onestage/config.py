@@ -9,9 +9,10 @@ The decoder and its optimizer follow WeCLIP (AdamW, lr 2e-4, poly decay), our re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ssr_cli.cmpa.config import CmpaConfig
 from ssr_cli.errors import ConfigError
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
@@ -21,6 +22,7 @@ ONLINE_MASKS = ("none", "box", "sgc")
 SEG_LOSSES = ("balanced", "ce")
 #: cells per patch side of the precomputed superpixel region maps (4: a 16-pixel patch holds 4x4 cells)
 REGION_CELLS = 4
+_CMPA = CmpaConfig  # the CMPA part's defaults are train-cmpa's
 
 
 @dataclass
@@ -30,23 +32,23 @@ class SsrConfig:
 
     iters: int = 20000
     batch_size: int = 4
-    size: int = 448
-    scale_range: tuple[float, float] = (0.75, 1.25)
-    flip: bool = True
-    jitter: float = 0.2
-    # CMPA (train-cmpa's defaults)
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    dim: int = 256
-    hidden: int = 0  # 0: the same as dim
-    head_init: str = "pca"
-    init_images: int = 256
-    protos_per_class: int = 1
-    proto_every: int = 5000
-    proto_ema: float = 0.0
-    temperature: float = 0.05
-    pool: str = "tokens"
-    text_target: str = "live"
+    size: int = _CMPA.size
+    scale_range: tuple[float, float] = _CMPA.scale_range
+    flip: bool = _CMPA.flip
+    jitter: float = _CMPA.jitter
+    # CMPA (train-cmpa's defaults, read from its config)
+    lr: float = _CMPA.lr
+    weight_decay: float = _CMPA.weight_decay
+    dim: int = _CMPA.dim
+    hidden: int = _CMPA.hidden  # 0: the same as dim
+    head_init: str = _CMPA.head_init
+    init_images: int = _CMPA.init_images
+    protos_per_class: int = _CMPA.protos_per_class
+    proto_every: int = _CMPA.proto_every
+    proto_ema: float = _CMPA.proto_ema
+    temperature: float = _CMPA.temperature
+    pool: str = _CMPA.pool
+    text_target: str = _CMPA.text_target
     cam_target: str = "auto"
     # segmentation decoder (WeCLIP-style)
     gamma: float = 0.1
@@ -173,29 +175,5 @@ class SsrConfig:
 
     def cmpa_config(self) -> Any:
         """The ``CmpaConfig`` of the CMPA part (for ``cmpa.train.init_heads``)."""
-        from ssr_cli.cmpa.config import CmpaConfig
-
-        names = (
-            "iters",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "dim",
-            "hidden",
-            "head_init",
-            "init_images",
-            "protos_per_class",
-            "proto_every",
-            "proto_ema",
-            "temperature",
-            "size",
-            "scale_range",
-            "flip",
-            "jitter",
-            "pool",
-            "text_target",
-            "precision",
-            "seed",
-            "workers",
-        )
-        return CmpaConfig(**{k: getattr(self, k) for k in names})
+        shared = {f.name for f in fields(CmpaConfig)} & {f.name for f in fields(self)}
+        return CmpaConfig(**{k: getattr(self, k) for k in shared})

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_augment
+from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_batch
 from ssr_cli.cmpa.loss import prototype_loss
 from ssr_cli.cmpa.prototypes import (
     Prototypes,
@@ -197,19 +197,7 @@ def train(
         cam_target = None if cfg.cam_target == "auto" else cfg.cam_target
 
         def batch_of(it: int) -> tuple[list[int], int, list[Any]]:
-            idx = stream.indices(it, env.rank)
-            side, augs = step_augment(
-                cfg.seed,
-                it,
-                env.rank,
-                len(idx),
-                cfg.size,
-                cfg.scale_range,
-                cfg.flip,
-                cfg.jitter,
-                model.patch_size,
-            )
-            return idx, side, augs
+            return step_batch(stream, cfg, it, env.rank, model.patch_size)
 
         def jobs(it: int) -> list[tuple[Path, int, Any]]:
             idx, side, augs = batch_of(it)
