@@ -63,6 +63,20 @@ def test_crf_is_deterministic_and_normalising_changes_nothing():
     np.testing.assert_allclose(dense_crf(image, raw), first, atol=1e-4)
 
 
+def test_crf_takes_read_only_and_strided_images():
+    """Library callers hand over what PIL or a view gives them: np.asarray(Image) is read-only,
+    a BGR flip is a strided view; pydensecrf needs a writable C buffer, so dense_crf copies."""
+    image, cams, _ = shapes_scene(seed=2)
+    probs = cams_to_probs(cams)
+    expected = dense_crf(image, probs)
+    frozen = image.copy()
+    frozen.setflags(write=False)
+    np.testing.assert_array_equal(dense_crf(frozen, probs), expected)
+    flipped = np.ascontiguousarray(image[..., ::-1])[..., ::-1]  # same pixels, negative stride
+    assert not flipped.flags.c_contiguous
+    np.testing.assert_array_equal(dense_crf(flipped, probs), expected)
+
+
 def test_crf_parameters_matter_and_defaults_are_clip_es():
     image, cams, _ = shapes_scene()
     probs = cams_to_probs(cams)

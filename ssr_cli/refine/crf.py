@@ -109,7 +109,7 @@ def dense_crf(
     """
     import pydensecrf.densecrf as dcrf
 
-    image = np.asarray(image)
+    image = np.asarray(image)  # pydensecrf needs a writable C-contiguous buffer: np.require below
     probs = np.asarray(probs, dtype=np.float32)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
@@ -125,7 +125,10 @@ def dense_crf(
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
     crf.addPairwiseBilateral(
-        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat
+        sxy=bilateral_sxy,
+        srgb=bilateral_srgb,
+        rgbim=np.require(image, requirements=["C", "W"]),
+        compat=bilateral_compat,
     )
     posterior = np.asarray(crf.inference(int(iters)), dtype=np.float32)
     return posterior.reshape(n_labels, height, width)
