@@ -81,11 +81,11 @@ def test_random_weights_are_marked_and_seeded() -> None:
 def test_openai_architectures_get_quick_gelu() -> None:
     from open_clip.transformer import QuickGELU
 
-    from ssr_cli.models.clip import _default_quick_gelu, load_clip
+    from ssr_cli.models.clip import default_quick_gelu, load_clip
 
-    assert _default_quick_gelu("ViT-B-16") and _default_quick_gelu("ViT-L-14")  # OpenAI weights need it
-    assert _default_quick_gelu("ViT-B-16-quickgelu")
-    assert not _default_quick_gelu("ViT-B-16-plus-240")  # no OpenAI weights: the config's GELU
+    assert default_quick_gelu("ViT-B-16") and default_quick_gelu("ViT-L-14")  # OpenAI weights need it
+    assert default_quick_gelu("ViT-B-16-quickgelu")
+    assert not default_quick_gelu("ViT-B-16-plus-240")  # no OpenAI weights: the config's GELU
     register_tiny_clip()
     gelu = load_clip(TINY_CLIP, "random").model.visual.transformer.resblocks[0].mlp.gelu
     assert isinstance(gelu, QuickGELU)

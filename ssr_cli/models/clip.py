@@ -30,14 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
+from ssr_cli.errors import ArtefactError, ConfigError
 from ssr_cli.models.attention import Blocks, block_indices
+from ssr_cli.models.clip_arch import check_supported, default_quick_gelu, fit_state_dict
+from ssr_cli.models.clip_arch import register_arch as register_arch  # re-exported
 from ssr_cli.models.sources import clip_cache_candidates as clip_cache_candidates  # re-exported
-from ssr_cli.models.sources import clip_weights_source, openai_cfg
+from ssr_cli.models.sources import clip_weights_source
+from ssr_cli.models.vit_blocks import block_attention as block_attention  # re-exported
+from ssr_cli.models.vit_blocks import block_forward, self_attention
 from ssr_cli.models.weights import (
     WeightsSource,
     read_state_dict,
-    state_dict_mismatch,
 )
 
 DEFAULT_ARCH = "ViT-B-16"
@@ -45,7 +48,6 @@ ENV_VAR = "SSR_CLIP_WEIGHTS"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = ("fp32", "bf16", "fp16")
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
 @dataclass
@@ -86,56 +88,6 @@ class TrunkTokens:
 # ----------------------------------------------------------------------------- weights
 
 
-def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    from open_clip.model import convert_to_custom_text_state_dict
-
-    state = {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
-    if hasattr(model, "text") and "positional_embedding" in state:
-        state = convert_to_custom_text_state_dict(state)  # OpenAI layout -> open_clip CustomTextCLIP
-    target = model.state_dict()
-    if "logit_scale" in state and state["logit_scale"].ndim != target["logit_scale"].ndim:
-        state["logit_scale"] = state["logit_scale"].reshape(target["logit_scale"].shape)
-    problem = state_dict_mismatch(target, state)
-    if problem:
-        raise WeightsError(
-            f"the weights do not fit CLIP architecture {arch}: " + problem,
-            path=path,
-            hint="choose the architecture the file was trained with, or another file",
-        )
-    model.load_state_dict(state, strict=True)  # copies into the fp32 parameters (OpenAI files are fp16)
-
-
-def _default_quick_gelu(arch: str) -> bool:
-    import open_clip
-
-    if arch.endswith("-quickgelu"):
-        return True
-    if openai_cfg(arch):  # our default weights for OpenAI architecture names are OpenAI's (QuickGELU)
-        return True
-    return bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
-
-
-def _check_supported(model: torch.nn.Module, arch: str) -> None:
-    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
-
-    visual: Any = getattr(model, "visual", None)
-    ok = isinstance(visual, VisionTransformer) and visual.attn_pool is None
-    ok = ok and all(
-        isinstance(b, ResidualAttentionBlock)
-        and isinstance(b.attn, torch.nn.MultiheadAttention)
-        and b.attn._qkv_same_embed_dim  # one in_proj_weight: self_attention's layout
-        and b.attn.bias_k is None
-        and not b.attn.add_zero_attn
-        and not hasattr(b, "ln_1_kv")
-        for b in visual.transformer.resblocks
-    )
-    if not ok:
-        raise ConfigError(
-            f"CLIP architecture {arch} is not supported for CAMs",
-            hint="use an open_clip ViT with standard attention blocks, e.g. ViT-B-16 or ViT-L-14",
-        )
-
-
 def load_clip(
     arch: str = DEFAULT_ARCH,
     weights: str | Path | None = None,
@@ -158,7 +110,7 @@ def load_clip(
             f"unknown CLIP architecture {arch!r}", hint="use an open_clip model name such as ViT-B-16"
         )
     source = clip_weights_source(arch, weights)
-    use_quick_gelu = _default_quick_gelu(arch) if quick_gelu is None else quick_gelu
+    use_quick_gelu = default_quick_gelu(arch) if quick_gelu is None else quick_gelu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         previous = logging.root.manager.disable
@@ -175,10 +127,10 @@ def load_clip(
             )
         finally:
             logging.disable(previous)
-    _check_supported(model, arch)
+    check_supported(model, arch)
     if source.path is not None:
         state, _fmt = read_state_dict(source.path, kind="CLIP")
-        _fit_state_dict(model, state, source.path, arch)
+        fit_state_dict(model, state, source.path, arch)
         source = source.with_sha256()
     model.eval().requires_grad_(False)
     model.to(torch.device(device))
@@ -186,58 +138,6 @@ def load_clip(
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def block_attention(block: Any, ln1: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) of one block, recomputed from its ``ln_1`` output (in fp32).
-
-    ``ln1``: [N, L, D] (NLD). Returns [N, L, L] (head-averaged) or [N, H, L, L].
-    """
-    attn = block.attn
-    n, length, width = ln1.shape
-    heads = attn.num_heads
-    head_dim = width // heads
-    weight = attn.in_proj_weight.float()
-    bias = attn.in_proj_bias.float() if attn.in_proj_bias is not None else None
-    x = ln1.float()
-    q = F.linear(x, weight[:width], None if bias is None else bias[:width])
-    k = F.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
-    q = q.view(n, length, heads, head_dim).transpose(1, 2)
-    k = k.view(n, length, heads, head_dim).transpose(1, 2)
-    probs = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
-    return probs.mean(dim=1) if average_heads else probs
-
-
-def self_attention(
-    attn: Any, x: torch.Tensor, need_probs: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``attn`` (an ``nn.MultiheadAttention``) with ``x`` [N, L, D] (NLD) as query, key and value,
-    written out: per head softmax(q k^T / sqrt(d)) v, then ``out_proj``; no mask, no dropout.
-
-    These are the operations of torch's own CPU path (for ViT-B/16 in fp32 on the CPU the
-    block's output matched open_clip's bit for bit), with the probabilities at hand:
-    ``need_probs`` also returns them averaged over heads [N, L, L] (what ``block_attention``
-    recomputes from q and k), at the cost of that mean only.
-    """
-    n, length, width = x.shape
-    heads = attn.num_heads
-    head_dim = width // heads
-    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(n, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    probs = torch.softmax((q * head_dim**-0.5) @ k.transpose(-1, -2), dim=-1)
-    mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)
-    out = F.linear(mixed, attn.out_proj.weight, attn.out_proj.bias)
-    return out, (probs.mean(dim=1) if need_probs else None)
-
-
-def block_forward(
-    block: Any, x: torch.Tensor, need_probs: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One open_clip ``ResidualAttentionBlock`` on NLD tokens with ``self_attention``: the block's
-    output [N, L, D] and, with ``need_probs``, its head-averaged attention [N, L, L]."""
-    out, probs = self_attention(block.attn, block.ln_1(x), need_probs)
-    x = x + block.ls_1(out)
-    return x + block.ls_2(block.mlp(block.ln_2(x))), probs
 
 
 class ClipModel:
@@ -480,28 +380,3 @@ class ClipModel:
         if not chunks:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.cat(chunks, dim=0)
-
-
-def register_arch(arch: str) -> str:
-    """``arch`` is an open_clip model name, or a model-config JSON file (registered, then
-    used by its file stem), e.g. a custom or tiny test architecture."""
-    if not arch.endswith(".json"):
-        return arch
-    import open_clip
-
-    path = Path(arch)
-    if not path.is_file():
-        raise DataError(
-            "CLIP architecture config file not found",
-            path=path,
-            hint="pass an open_clip model name or an existing config JSON",
-        )
-    try:
-        open_clip.add_model_config(path)
-    except Exception as exc:
-        raise DataError(
-            f"unreadable CLIP architecture config ({type(exc).__name__})",
-            path=path,
-            hint="it must be an open_clip model config JSON",
-        ) from None
-    return path.stem
