@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssr_cli.artefacts.run import MANIFEST, read_manifest
+from ssr_cli.artefacts.manifest_file import MANIFEST, read_manifest
 from ssr_cli.errors import ArtefactError
 
 #: where each stage writes its items, for manifests that do not say (older ones)

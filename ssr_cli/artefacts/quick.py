@@ -45,7 +45,7 @@ def run_stamp(folder: str | Path | None) -> list[Any] | None:
     """The fingerprint and completion of an upstream run folder (from its manifest)."""
     if folder is None:
         return None
-    from ssr_cli.artefacts.run import MANIFEST
+    from ssr_cli.artefacts.manifest_file import MANIFEST
 
     path = Path(folder) / MANIFEST
     try:
@@ -119,7 +119,7 @@ def folder_stamp(root: str | Path, skip: Iterable[str] = ()) -> str | None:
 def finished_unchanged(out: str | Path, key: str) -> dict[str, Any] | None:
     """The manifest of ``out`` when it is a complete run made with this quick key whose item
     files are as it left them; None otherwise (then the stage runs its normal checks)."""
-    from ssr_cli.artefacts.run import read_manifest
+    from ssr_cli.artefacts.manifest_file import read_manifest
     from ssr_cli.errors import SSRError
 
     out = Path(out)
@@ -143,7 +143,7 @@ def finished_unchanged(out: str | Path, key: str) -> dict[str, Any] | None:
 def remember(out: str | Path, key: str) -> None:
     """Record the quick key and the item stamp in the manifest of the complete run ``out``."""
     from ssr_cli.artefacts.atomic import atomic_write_json
-    from ssr_cli.artefacts.run import read_manifest
+    from ssr_cli.artefacts.manifest_file import read_manifest
     from ssr_cli.errors import SSRError
 
     out = Path(out)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ssr_cli.artefacts.atomic import remove_stale_temps
 from ssr_cli.artefacts.fingerprint import fingerprint
-from ssr_cli.artefacts.run import (
+from ssr_cli.artefacts.manifest_file import (
     KNOWN_EXTRAS,
     MANIFEST,
     changed_keys,
