@@ -172,6 +172,125 @@ def _class_names(num_classes: int | None, class_names: Sequence[str] | None) -> 
     return names
 
 
+@dataclass
+class GroundTruth:
+    """The ids to score (those with a mask), their mask paths, the ``gt`` report entry, and the
+    dataset's ids left out for want of a mask."""
+
+    ids: list[str]
+    paths: dict[str, Path]
+    info: dict[str, Any]
+    no_gt: list[str] = field(default_factory=list)
+
+
+def _dataset_gt(dataset: Any, gt_root: Path | None) -> GroundTruth:
+    if gt_root is None:
+        gt_paths = {item.id: Path(item.gt) for item in dataset.items if item.gt is not None}
+    else:
+        gt_paths = {i: gt_root / f"{i}.png" for i in dataset.ids if (gt_root / f"{i}.png").is_file()}
+    # Partial ground truth: score the images that have a mask, count the others.
+    no_gt = [i for i in dataset.ids if i not in gt_paths]
+    ids = [i for i in dataset.ids if i in gt_paths]
+    if not ids:
+        folder = gt_root if gt_root is not None else dataset.root
+        raise DataError(
+            f"none of the {len(dataset)} images of split '{dataset.split}' has a ground-truth mask",
+            path=folder,
+            hint="put <id>.png masks in the dataset's mask folder or pass --gt DIR",
+        )
+    info: dict[str, Any] = {"source": "dataset", "dataset": dataset.describe()}
+    if gt_root is not None:
+        info["path"] = str(gt_root)
+    return GroundTruth(ids, gt_paths, info, no_gt)
+
+
+def open_ground_truth(dataset: Any, gt_root: Path | None) -> GroundTruth:
+    """Ground truth from ``dataset`` (its masks, or ``gt_root``'s for its ids), else every PNG
+    under ``gt_root``; ConfigError with neither."""
+    if dataset is not None:
+        return _dataset_gt(dataset, gt_root)
+    if gt_root is not None:
+        ids = _gt_ids(gt_root)
+        return GroundTruth(
+            ids, {i: gt_root / f"{i}.png" for i in ids}, {"source": "folder", "path": str(gt_root)}
+        )
+    raise ConfigError("no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR")
+
+
+def _split_missing(source: PredSource, ids: list[str], allow_missing: bool) -> tuple[list[str], list[str]]:
+    """(ids without a prediction, ids to score); DataError for missing ones unless ``allow_missing``."""
+    missing = [i for i in ids if not source.path(i).is_file()]
+    if missing and not allow_missing:
+        hint = "pass --allow-missing to score only the predictions that exist"
+        if source.manifest is not None and not source.manifest.get("completed", True):
+            hint = "the run is not complete: rerun its stage to finish it, or pass --allow-missing"
+        raise DataError(
+            f"prediction not found ({len(missing)} of {len(ids)} predictions are missing)",
+            path=source.path(missing[0]),
+            hint=hint,
+        )
+    skip = set(missing)
+    todo = [i for i in ids if i not in skip]
+    if not todo:
+        raise DataError(f"all {len(ids)} predictions are missing", path=source.item_root)
+    return missing, todo
+
+
+@dataclass
+class ImageScorer:
+    """One image's confusion matrices, one per background rule: [R, K, K] (or [R, K, K+1])."""
+
+    source: PredSource
+    gt_paths: dict[str, Path]
+    k: int
+    pred_ignore: str
+
+    def __call__(self, item_id: str) -> np.ndarray:
+        from ssr_cli.data.images import read_mask
+
+        gt = read_mask(self.gt_paths[item_id])
+        source = self.source
+        labels = source.read_many(item_id) if source.read_many is not None else [source.load(item_id)]
+        return np.stack([self.matrix(item_id, gt, label) for label in labels])
+
+    def matrix(self, item_id: str, gt: np.ndarray, label: np.ndarray) -> np.ndarray:
+        k = self.k
+        if label.shape != gt.shape:
+            raise DataError(
+                f"prediction is {label.shape[1]}x{label.shape[0]} but its ground truth "
+                f"{self.gt_paths[item_id]} is {gt.shape[1]}x{gt.shape[0]}",
+                path=self.source.path(item_id),
+                hint="predictions must have the size of the original image",
+            )
+        try:
+            return confusion_matrix(gt, label, k, IGNORE_INDEX, self.pred_ignore)
+        except ValueError as exc:
+            bad = self.gt_paths[item_id] if str(exc).startswith("ground truth") else self.source.path(item_id)
+            raise DataError(
+                str(exc), path=bad, hint=f"labels must be class ids 0..{k - 1} ({k} classes) or 255"
+            ) from None
+
+
+def _accumulate(
+    scorer: ImageScorer, todo: list[str], rules: list[Any], names: list[str], workers: int
+) -> np.ndarray:
+    """The summed [R, K, K] matrices of ``todo`` (R = len(rules)), as images come back in any order."""
+    from ssr_cli.console import ProgressBar
+
+    confs = np.stack([empty_confusion(scorer.k, scorer.pred_ignore) for _ in rules])
+    with ProgressBar("eval", total=len(todo)) as bar:
+        for done, matrices in enumerate(
+            bounded_map(scorer, todo, workers, ordered=False, name="ssr-eval"), start=1
+        ):
+            confs += matrices
+            status = None
+            if done % 25 == 0 or done == len(todo):
+                miou = max((scores(c, names)["miou"] or 0.0) for c in confs)
+                status = f"mIoU {100 * miou:.2f} %"
+            bar.update(1, status)
+    return confs
+
+
 def evaluate(
     pred: str | Path,
     *,
@@ -208,134 +327,61 @@ def evaluate(
     if pred_ignore not in PRED_IGNORE_MODES:
         raise ConfigError(f"--pred-ignore {pred_ignore!r} is not understood", hint="use background or wrong")
     source = open_predictions(pred, bg_rules, refined_cams=refined_cams)
-    gt_root = Path(gt_dir) if gt_dir is not None else None
-
-    no_gt: list[str] = []
-    if dataset is not None:
-        if class_names is None:
-            class_names = ["background", *dataset.vocab.classes]
-        if gt_root is None:
-            gt_paths = {item.id: Path(item.gt) for item in dataset.items if item.gt is not None}
-        else:
-            gt_paths = {i: gt_root / f"{i}.png" for i in dataset.ids if (gt_root / f"{i}.png").is_file()}
-        # Partial ground truth: score the images that have a mask, count the others.
-        no_gt = [i for i in dataset.ids if i not in gt_paths]
-        ids = [i for i in dataset.ids if i in gt_paths]
-        if not ids:
-            folder = gt_root if gt_root is not None else dataset.root
-            raise DataError(
-                f"none of the {len(dataset)} images of split '{dataset.split}' has a ground-truth mask",
-                path=folder,
-                hint="put <id>.png masks in the dataset's mask folder or pass --gt DIR",
-            )
-        gt_info: dict[str, Any] = {"source": "dataset", "dataset": dataset.describe()}
-        if gt_root is not None:
-            gt_info["path"] = str(gt_root)
-    elif gt_root is not None:
-        ids = _gt_ids(gt_root)
-        gt_paths = {i: gt_root / f"{i}.png" for i in ids}
-        gt_info = {"source": "folder", "path": str(gt_root)}
-    else:
-        raise ConfigError("no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR")
+    truth = open_ground_truth(dataset, Path(gt_dir) if gt_dir is not None else None)
+    if dataset is not None and class_names is None:
+        class_names = ["background", *dataset.vocab.classes]
     names = _class_names(num_classes, class_names)
-    k = len(names)
-    if not ids:
-        raise DataError("the split has no images to evaluate", path=gt_info.get("path", str(pred)))
-
-    missing = [i for i in ids if not source.path(i).is_file()]
-    if missing and not allow_missing:
-        hint = "pass --allow-missing to score only the predictions that exist"
-        if source.manifest is not None and not source.manifest.get("completed", True):
-            hint = "the run is not complete: rerun its stage to finish it, or pass --allow-missing"
-        raise DataError(
-            f"prediction not found ({len(missing)} of {len(ids)} predictions are missing)",
-            path=source.path(missing[0]),
-            hint=hint,
-        )
-    skip = set(missing)
-    todo = [i for i in ids if i not in skip]
-    if not todo:
-        raise DataError(f"all {len(ids)} predictions are missing", path=source.item_root)
-
-    def one(item_id: str) -> np.ndarray:
-        from ssr_cli.data.images import read_mask
-
-        gt = read_mask(gt_paths[item_id])
-        labels = source.read_many(item_id) if source.read_many is not None else [source.load(item_id)]
-        return np.stack([_matrix(item_id, gt, label) for label in labels])
-
-    def _matrix(item_id: str, gt: np.ndarray, label: np.ndarray) -> np.ndarray:
-        if label.shape != gt.shape:
-            raise DataError(
-                f"prediction is {label.shape[1]}x{label.shape[0]} but its ground truth "
-                f"{gt_paths[item_id]} is {gt.shape[1]}x{gt.shape[0]}",
-                path=source.path(item_id),
-                hint="predictions must have the size of the original image",
-            )
-        try:
-            return confusion_matrix(gt, label, k, IGNORE_INDEX, pred_ignore)
-        except ValueError as exc:
-            bad = gt_paths[item_id] if str(exc).startswith("ground truth") else source.path(item_id)
-            raise DataError(
-                str(exc), path=bad, hint=f"labels must be class ids 0..{k - 1} ({k} classes) or 255"
-            ) from None
-
-    from ssr_cli.console import ProgressBar
+    if not truth.ids:
+        raise DataError("the split has no images to evaluate", path=truth.info.get("path", str(pred)))
+    missing, todo = _split_missing(source, truth.ids, allow_missing)
 
     rules = source.candidates or [{}]
-    confs = np.stack([empty_confusion(k, pred_ignore) for _ in rules])
     started = time.perf_counter()
-    with ProgressBar("eval", total=len(todo)) as bar:
-        for done, matrices in enumerate(
-            bounded_map(one, todo, workers, ordered=False, name="ssr-eval"), start=1
-        ):
-            confs += matrices
-            status = None
-            if done % 25 == 0 or done == len(todo):
-                miou = max((scores(c, names)["miou"] or 0.0) for c in confs)
-                status = f"mIoU {100 * miou:.2f} %"
-            bar.update(1, status)
+    confs = _accumulate(
+        ImageScorer(source, truth.paths, len(names), pred_ignore), todo, rules, names, workers
+    )
     seconds = time.perf_counter() - started
-
     per_rule = [scores(c, names) for c in confs]
     best = max(range(len(rules)), key=lambda r: per_rule[r]["miou"] or 0.0)
     conf, result = confs[best], per_rule[best]
-    summary = {
+    report = {
+        "tool": "ssr-cli",
+        "tool_version": __version__,
+        "num_classes": len(names),
+        "ignore_index": IGNORE_INDEX,
+        "pred_ignore": pred_ignore,
+        "pred": source.describe(),
+        "gt": truth.info,
+        "summary": _summary(result, truth, todo, missing),
+        "classes": result["classes"],
+        "confusion_matrix": conf.tolist(),
+        "missing_ids": missing[:20],
+        "no_gt_ids": truth.no_gt[:20],
+    }
+    if source.candidates:
+        report["bg_rule"] = rules[best]
+        report["bg_search"] = [
+            {**rule, "miou": r["miou"], "mprecision": r["mprecision"], "mrecall": r["mrecall"]}
+            for rule, r in zip(rules, per_rule, strict=True)
+        ]
+    report["seconds"] = round(seconds, 3)
+    return report
+
+
+def _summary(
+    result: dict[str, Any], truth: GroundTruth, todo: list[str], missing: list[str]
+) -> dict[str, Any]:
+    """The report's ``summary``: the best rule's means and the image counts."""
+    return {
         "miou": result["miou"],
         "mprecision": result["mprecision"],
         "mrecall": result["mrecall"],
         "pixel_accuracy": result["pixel_accuracy"],
         "images": len(todo),
         "missing": len(missing),
-        "no_gt": len(no_gt),
-        "images_total": len(ids) + len(no_gt),
+        "no_gt": len(truth.no_gt),
+        "images_total": len(truth.ids) + len(truth.no_gt),
         "pixels": result["pixels"],
         "classes_present": result["classes_present"],
         "pred_ignored_pixels": result["pred_ignored_pixels"],
-    }
-    return {
-        "tool": "ssr-cli",
-        "tool_version": __version__,
-        "num_classes": k,
-        "ignore_index": IGNORE_INDEX,
-        "pred_ignore": pred_ignore,
-        "pred": source.describe(),
-        "gt": gt_info,
-        "summary": summary,
-        "classes": result["classes"],
-        "confusion_matrix": conf.tolist(),
-        "missing_ids": missing[:20],
-        "no_gt_ids": no_gt[:20],
-        **(
-            {
-                "bg_rule": rules[best],
-                "bg_search": [
-                    {**rule, "miou": r["miou"], "mprecision": r["mprecision"], "mrecall": r["mrecall"]}
-                    for rule, r in zip(rules, per_rule, strict=True)
-                ],
-            }
-            if source.candidates
-            else {}
-        ),
-        "seconds": round(seconds, 3),
     }
