@@ -188,48 +188,11 @@ def eval_command(
       ssr eval runs/refine --data VOCdevkit/VOC2012 --split train
       ssr eval my_labels/ --gt VOC2012/SegmentationClass --json | jq .summary.miou
     """
-    import json
-
-    from ssr_cli.artefacts import atomic_write_json
-    from ssr_cli.console import info, set_quiet
-    from ssr_cli.errors import ConfigError, DataError
+    from ssr_cli.console import set_quiet
     from ssr_cli.stages.evaluate import bg_candidates, evaluate
 
     set_quiet(quiet)
-    dataset = None
-    class_names = None
-    if data is not None:
-        from ssr_cli.data.datasets import open_dataset
-
-        dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
-        if num_classes is not None and num_classes != dataset.vocab.num_classes:
-            raise ConfigError(
-                f"--num-classes {num_classes} but vocabulary '{dataset.vocab.name}' has "
-                f"{dataset.vocab.num_classes} classes with background",
-                hint="drop --num-classes",
-            )
-    elif gt is not None:
-        if split is not None:
-            raise ConfigError("--split needs --data", hint="pass --data ROOT, or drop --split with --gt DIR")
-        from ssr_cli.data.vocab import load_vocabulary
-
-        vocabulary = load_vocabulary(vocab or "voc")
-        if num_classes is None or num_classes == vocabulary.num_classes:
-            class_names = ["background", *vocabulary.classes]
-        elif vocab is not None:
-            raise ConfigError(
-                f"--num-classes {num_classes} but vocabulary '{vocabulary.name}' has "
-                f"{vocabulary.num_classes} classes with background",
-                hint="drop one of the two",
-            )
-    else:
-        dataset = _recorded_dataset(pred)
-        if dataset is None:
-            raise ConfigError(
-                "no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR"
-            )
-        info(f"ground truth of the dataset the run recorded: {dataset.root} (split {dataset.split})")
-
+    dataset, class_names = _ground_truth(pred, data, layout, split, labels, vocab, gt, num_classes)
     report = evaluate(
         pred,
         dataset=dataset,
@@ -242,7 +205,65 @@ def eval_command(
         bg_rules=bg_candidates(search_bg, bg_alpha, bg_threshold),
         refined_cams=search_bg or bg_threshold is not None,
     )
-    target = out if out is not None else pred / "metrics.json"
+    _write_and_show(report, out if out is not None else pred / "metrics.json", json_out)
+
+
+def _ground_truth(
+    pred: Path,
+    data: Path | None,
+    layout: str,
+    split: str | None,
+    labels: str,
+    vocab: str | None,
+    gt: Path | None,
+    num_classes: int | None,
+) -> tuple[Any, list[str] | None]:
+    """(dataset, class names) for ``evaluate``: --data's dataset, or --gt with --vocab's class
+    names, or else the dataset ``pred`` recorded; ConfigError for contradicting options."""
+    from ssr_cli.console import info
+    from ssr_cli.errors import ConfigError
+
+    if data is not None:
+        from ssr_cli.data.datasets import open_dataset
+
+        dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab, gt=gt)
+        if num_classes is not None and num_classes != dataset.vocab.num_classes:
+            raise ConfigError(
+                f"--num-classes {num_classes} but vocabulary '{dataset.vocab.name}' has "
+                f"{dataset.vocab.num_classes} classes with background",
+                hint="drop --num-classes",
+            )
+        return dataset, None
+    if gt is not None:
+        if split is not None:
+            raise ConfigError("--split needs --data", hint="pass --data ROOT, or drop --split with --gt DIR")
+        from ssr_cli.data.vocab import load_vocabulary
+
+        vocabulary = load_vocabulary(vocab or "voc")
+        if num_classes is None or num_classes == vocabulary.num_classes:
+            return None, ["background", *vocabulary.classes]
+        if vocab is not None:
+            raise ConfigError(
+                f"--num-classes {num_classes} but vocabulary '{vocabulary.name}' has "
+                f"{vocabulary.num_classes} classes with background",
+                hint="drop one of the two",
+            )
+        return None, None
+    dataset = _recorded_dataset(pred)
+    if dataset is None:
+        raise ConfigError("no ground truth to compare with", hint="pass --data ROOT [--split S] or --gt DIR")
+    info(f"ground truth of the dataset the run recorded: {dataset.root} (split {dataset.split})")
+    return dataset, None
+
+
+def _write_and_show(report: dict[str, Any], target: Path, json_out: bool) -> None:
+    """Write ``report`` to ``target``, then print it (a table, or JSON with ``json_out``)."""
+    import json
+
+    from ssr_cli.artefacts import atomic_write_json
+    from ssr_cli.console import info
+    from ssr_cli.errors import DataError
+
     try:
         atomic_write_json(target, report)
     except OSError as exc:
