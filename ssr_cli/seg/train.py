@@ -20,115 +20,28 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from ssr_cli.console import ProgressBar, info, progress_enabled
-from ssr_cli.errors import ConfigError, SSRError
+from ssr_cli.console import info, progress_enabled
+from ssr_cli.errors import SSRError
 from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
 from ssr_cli.procs import worker_guard
 from ssr_cli.runtime import autocast
 from ssr_cli.seg.checkpoint import MODEL_FILE, save_model_file
+from ssr_cli.seg.config import OPTIMIZERS, TrainConfig
 from ssr_cli.seg.data import Sample, StreamLayout, TrainStream, clean_worker_error
 from ssr_cli.seg.infer import validation_miou
-from ssr_cli.seg.loss import LOSSES, segmentation_loss
-from ssr_cli.seg.recipes import RECIPES
+from ssr_cli.seg.loss import segmentation_loss
 from ssr_cli.train import distributed as D
-from ssr_cli.train.log import LOG_FILE, log_writer, peak_memory_mb, truncate_log
-from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states, step_seed
+from ssr_cli.train.log import peak_memory_mb
+from ssr_cli.train.loop import RunFiles, StepTimes, TrainLoop, open_run, wrap_ddp
+from ssr_cli.train.state import rng_states, set_rng_states, step_seed
 
-OPTIMIZERS = ("sgd", "adamw")
-_DEFAULT = RECIPES["deeplabv3plus"]
-
-
-@dataclass
-class TrainConfig:
-    """Training settings. ``batch_size`` is per process; the effective batch is
-    ``batch_size * accum * world``. Fields after ``seed`` do not change results."""
-
-    iters: int = 20000
-    batch_size: int = 10
-    crop_size: int = 321
-    accum: int = 1
-    optimizer: str = "sgd"
-    lr: float = _DEFAULT.lr
-    momentum: float = _DEFAULT.momentum
-    weight_decay: float = _DEFAULT.weight_decay
-    poly_power: float = _DEFAULT.poly_power
-    head_lr_mult: float = _DEFAULT.head_lr_mult
-    head_bias_lr_mult: float = _DEFAULT.head_bias_lr_mult
-    freeze_bn: bool = _DEFAULT.freeze_bn
-    bias_decay: bool = _DEFAULT.bias_decay
-    norm_decay: bool = _DEFAULT.norm_decay
-    loss: str = "balanced"
-    scale_range: tuple[float, float] = (0.5, 1.5)
-    flip: bool = True
-    precision: str = "fp32"
-    sync_bn: bool = False
-    seed: int = 0
-    workers: int = 2
-    save_every: int = 1000
-    val_every: int = 1000
-    log_every: int = 20
-    check_sync_every: int = 0
-    tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
-
-    RESULT_FIELDS = (
-        "iters",
-        "batch_size",
-        "crop_size",
-        "accum",
-        "optimizer",
-        "lr",
-        "momentum",
-        "weight_decay",
-        "poly_power",
-        "head_lr_mult",
-        "head_bias_lr_mult",
-        "freeze_bn",
-        "bias_decay",
-        "norm_decay",
-        "loss",
-        "scale_range",
-        "flip",
-        "precision",
-        "sync_bn",
-        "seed",
-    )
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.iters >= 1, "--iters must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.crop_size >= 16, "--crop-size must be at least 16"),
-            (self.accum >= 1, "--accum must be at least 1"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.weight_decay >= 0, "--weight-decay must not be negative"),
-            (self.head_lr_mult > 0, "--head-lr-mult must be positive"),
-            (self.head_bias_lr_mult > 0, "--head-bias-lr-mult must be positive"),
-            (self.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
-            (0 < self.scale_range[0] <= self.scale_range[1], "--scale-range must be 0 < min <= max"),
-            (self.save_every >= 1, "--save-every must be at least 1"),
-            (self.log_every >= 1, "--log-every must be at least 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["scale_range"] = list(self.scale_range)
-        return data
-
-    def result_dict(self) -> dict[str, Any]:
-        data = self.to_dict()
-        return {k: data[k] for k in self.RESULT_FIELDS}
+__all__ = ["OPTIMIZERS", "TrainConfig", "build_optimizer", "optimizer_groups", "train"]
 
 
 class _Batches:
@@ -191,6 +104,201 @@ def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def build_model(model_cfg: SegmenterConfig, cfg: TrainConfig, env: D.DistEnv, backbone_state: Any) -> Any:
+    """The segmenter on its device, in training mode; its initial weights follow ``--seed``."""
+    torch.manual_seed(cfg.seed)  # the head's (and a random backbone's) initial weights follow --seed
+    model: Any = build_segmenter(model_cfg, backbone_state)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
+    if cfg.sync_bn and env.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(env.device).train()
+    return model
+
+
+def train_batches(
+    samples: Sequence[Sample], model_cfg: SegmenterConfig, cfg: TrainConfig, env: D.DistEnv, start: int
+) -> Iterator[Any]:
+    """This rank's (images, masks) micro-batches from iteration ``start`` on (worker processes start
+    here: the DataLoader draws its workers' base seed from torch's RNG)."""
+    stream = TrainStream(
+        samples,
+        model_cfg.num_classes,
+        cfg.seed,
+        cfg.crop_size,
+        model_cfg.mean,
+        model_cfg.std,
+        cfg.scale_range,
+        cfg.flip,
+    )
+    layout = StreamLayout(cfg.batch_size, cfg.accum, env.world)
+    loader = DataLoader(
+        stream,
+        batch_sampler=_Batches(layout, start, cfg.iters, env.rank),
+        num_workers=cfg.workers,
+        pin_memory=env.device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None,
+        worker_init_fn=worker_guard(),
+    )
+    return iter(loader)
+
+
+class SegLoop(TrainLoop):
+    """fit-seg's steps (``accum`` micro-batches each), log window, validation and checkpoints."""
+
+    name = "fit-seg"
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        net: Any,
+        batches: Iterator[Any],
+        opt: tuple[Any, Any, Any],
+        configs: tuple[SegmenterConfig, TrainConfig],
+        env: D.DistEnv,
+        files: RunFiles,
+        start: int,
+        best: dict[str, Any],
+        fingerprint: str,
+        val_samples: Sequence[Sample],
+    ) -> None:
+        """``opt``: (optimizer, scheduler, AMP scaler); ``best``: the best validation so far."""
+        model_cfg, cfg = configs
+        super().__init__(env, cfg, files, start, model, val_samples)
+        self.model, self.net, self.batches, self.best = model, net, batches, best
+        self.model_cfg, self.fingerprint = model_cfg, fingerprint
+        self.optimizer, self.scheduler, self.scaler = opt
+        self.images_per_step = cfg.batch_size * cfg.accum * env.world
+        self.class_names = model_cfg.class_names or tuple(str(i) for i in range(model_cfg.num_classes))
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        self.times = StepTimes(("data",))  # the log window's data time and clock
+        self.last_loss: float | None = None
+
+    def step(self, it: int) -> torch.Tensor:
+        cfg, env, device = self.cfg, self.env, self.env.device
+        torch.manual_seed(step_seed(cfg.seed, it, env.rank))
+        step_losses = []
+        for micro in range(cfg.accum):
+            t_data = time.perf_counter()
+            try:
+                x, y = next(self.batches)
+            except SSRError as exc:
+                raise clean_worker_error(exc) from None
+            self.times.add("data", time.perf_counter() - t_data)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            last = micro == cfg.accum - 1
+            sync = self.net.no_sync() if env.enabled and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(device, cfg.precision):
+                    logits = self.net(x)
+                loss = segmentation_loss(logits, y, cfg.loss)
+                self.scaler.scale(loss / cfg.accum).backward()
+            step_losses.append(loss.detach())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        step_loss = torch.stack(step_losses).double().mean()
+        self.loss_sum += step_loss
+        self.times.steps += 1
+        done = it + 1
+        if done - self.start == CPU_ESTIMATE_STEPS and device.type == "cpu" and env.is_main:
+            seconds = time.perf_counter() - self.started
+            announce_cpu_time(seconds, done - self.start, cfg.iters - done, cfg)
+        return step_loss
+
+    def log_window(self, done: int) -> None:
+        env, steps = self.env, self.times.steps
+        reduced = D.all_reduce_sum(env, self.loss_sum.clone()) / env.world
+        seconds = self.times.seconds()
+        self.last_loss = float(reduced) / steps
+        speed = steps * self.images_per_step / max(seconds, 1e-9)
+        record = {
+            "type": "train",
+            "iter": done,
+            "loss": self.last_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": round(speed, 3),
+            "data_share": round(self.times.window["data"] / max(seconds, 1e-9), 4),
+            **peak_memory_mb(env.device),
+        }
+        self.report(done, record, f"loss {self.last_loss:.4f}  {speed:.2f} img/s", steps)
+        self.loss_sum.zero_()
+        self.times.reset()
+
+    def paused(self, seconds: float) -> None:
+        self.times.pause(seconds)  # validation and checkpoint time is left out of the throughput
+
+    def validate(self, done: int) -> None:
+        env, bar, model, model_cfg, val_samples = (
+            self.env,
+            self.bar,
+            self.model,
+            self.model_cfg,
+            self.val_samples,
+        )
+        D.broadcast_buffers(env, model)
+        if env.is_main and not progress_enabled():
+            info(f"fit-seg: iteration {done}: validating on {len(val_samples)} images")
+
+        def val_status(seen: int, total: int) -> None:
+            if bar is not None:
+                bar.update(advance=0, status=f"validating {seen}/{total}")
+
+        val_status(0, -(-len(val_samples) // env.world))
+        result = validation_miou(
+            model,
+            val_samples,
+            model_cfg.num_classes,
+            self.class_names,
+            model_cfg.mean,
+            model_cfg.std,
+            env,
+            self.cfg.precision,
+            progress=val_status,
+        )
+        miou = result["miou"]
+
+        def best_state() -> dict[str, Any]:
+            return {
+                "iteration": done,
+                "model": model.state_dict(),
+                "miou": miou,
+                "model_config": model_cfg.to_dict(),
+                "fingerprint": self.fingerprint,
+            }
+
+        self.validated(done, miou, best_state, bar_status=True)
+
+    def checkpoint_state(self, done: int) -> dict[str, Any]:
+        return {
+            "iteration": done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_states(),
+            "best": self.best,
+            "model_config": self.model_cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        steps = self.cfg.iters - self.start
+        return {
+            "iterations": self.cfg.iters,
+            "resumed_from": self.start,
+            "final_loss": self.last_loss,
+            "best": self.best,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(steps * self.images_per_step / max(seconds, 1e-9), 3),
+            **peak_memory_mb(self.env.device),
+        }
+
+
 def train(
     out: Path,
     model_cfg: SegmenterConfig,
@@ -208,19 +316,12 @@ def train(
     the end, ``checkpoints/best.pt`` when validation mIoU improves, ``log.jsonl`` and
     the final ``model.safetensors``. ``resume``: a loaded ``last.pt`` to continue from.
     """
-    device = env.device
-    torch.manual_seed(cfg.seed)  # the head's (and a random backbone's) initial weights follow --seed
-    model: Any = build_segmenter(model_cfg, backbone_state)
-    if cfg.freeze_bn:
-        model.freeze_batchnorm()
-    if cfg.sync_bn and env.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device).train()
+    model = build_model(model_cfg, cfg, env, backbone_state)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1.0 - step / cfg.iters) ** cfg.poly_power
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     start = 0
     best: dict[str, Any] = {"miou": None, "iteration": None}
     if resume is not None:
@@ -230,194 +331,34 @@ def train(
         scaler.load_state_dict(resume["scaler"])
         set_rng_states(resume["rng"])
         start, best = int(resume["iteration"]), dict(resume.get("best") or best)
-    net: Any = model
-    if env.enabled:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    stream = TrainStream(
-        samples,
-        model_cfg.num_classes,
-        cfg.seed,
-        cfg.crop_size,
-        model_cfg.mean,
-        model_cfg.std,
-        cfg.scale_range,
-        cfg.flip,
+    net = wrap_ddp(model, env)
+    batches = train_batches(samples, model_cfg, cfg, env, start)
+    files = open_run(out, env, start, cfg.tensorboard)
+    loop = SegLoop(
+        model=model,
+        net=net,
+        batches=batches,
+        opt=(optimizer, scheduler, scaler),
+        configs=(model_cfg, cfg),
+        env=env,
+        files=files,
+        start=start,
+        best=best,
+        fingerprint=run_fingerprint,
+        val_samples=val_samples,
     )
-    layout = StreamLayout(cfg.batch_size, cfg.accum, env.world)
-    loader = DataLoader(
-        stream,
-        batch_sampler=_Batches(layout, start, cfg.iters, env.rank),
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers else None,
-        worker_init_fn=worker_guard(),
-    )
-    batches = iter(loader)
-    log_path = out / LOG_FILE
-    ckpt_dir = out / "checkpoints"
-    if env.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        truncate_log(log_path, start)
-    images_per_step = cfg.batch_size * cfg.accum * env.world
-    class_names = model_cfg.class_names or tuple(str(i) for i in range(model_cfg.num_classes))
-
-    write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
-
-    def checkpoint_state(iteration: int) -> dict[str, Any]:
-        return {
-            "iteration": iteration,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_states(),
-            "best": best,
-            "model_config": model_cfg.to_dict(),
-            "train_config": cfg.to_dict(),
-            "fingerprint": run_fingerprint,
-        }
-
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    # throughput window since the last log line; validation and checkpoint time is left out
-    window = {"steps": 0, "data": 0.0, "paused": 0.0, "start": time.perf_counter()}
-    started = time.perf_counter()
-    last_loss: float | None = None
-    with (
-        ProgressBar("fit-seg", total=cfg.iters, completed=start)
-        if env.is_main
-        else contextlib.nullcontext() as bar
-    ):
-        for it in range(start, cfg.iters):
-            torch.manual_seed(step_seed(cfg.seed, it, env.rank))
-            step_losses = []
-            for micro in range(cfg.accum):
-                t_data = time.perf_counter()
-                try:
-                    x, y = next(batches)
-                except SSRError as exc:
-                    raise clean_worker_error(exc) from None
-                window["data"] += time.perf_counter() - t_data
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = net.no_sync() if env.enabled and micro < cfg.accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast(device, cfg.precision):
-                        logits = net(x)
-                    loss = segmentation_loss(logits, y, cfg.loss)
-                    scaler.scale(loss / cfg.accum).backward()
-                step_losses.append(loss.detach())
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step_loss = torch.stack(step_losses).double().mean()
-            loss_sum += step_loss
-            window["steps"] += 1
-            done = it + 1
-            if done - start == CPU_ESTIMATE_STEPS and device.type == "cpu" and env.is_main:
-                _announce_cpu_time(time.perf_counter() - started, done - start, cfg.iters - done, cfg)
-
-            if done % cfg.log_every == 0 or done == cfg.iters:
-                reduced = D.all_reduce_sum(env, loss_sum.clone()) / env.world
-                seconds = time.perf_counter() - window["start"] - window["paused"]
-                last_loss = float(reduced) / window["steps"]
-                speed = window["steps"] * images_per_step / max(seconds, 1e-9)
-                record = {
-                    "type": "train",
-                    "iter": done,
-                    "loss": last_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": round(speed, 3),
-                    "data_share": round(window["data"] / max(seconds, 1e-9), 4),
-                    **peak_memory_mb(device),
-                }
-                write_log(record)
-                status = f"loss {last_loss:.4f}  {speed:.2f} img/s"
-                if bar is not None:
-                    bar.update(advance=window["steps"], status=status)
-                if env.is_main and not progress_enabled():
-                    info(f"fit-seg: iteration {done}/{cfg.iters}  {status}")
-                loss_sum.zero_()
-                window.update(steps=0, data=0.0, paused=0.0, start=time.perf_counter())
-
-            paused_from = time.perf_counter()
-            if cfg.check_sync_every and done % cfg.check_sync_every == 0:
-                D.check_ranks_agree(env, model, float(step_loss), done, write_log)
-
-            if val_samples and (done == cfg.iters or (cfg.val_every and done % cfg.val_every == 0)):
-                D.broadcast_buffers(env, model)
-                if env.is_main and not progress_enabled():
-                    info(f"fit-seg: iteration {done}: validating on {len(val_samples)} images")
-
-                def val_status(seen: int, total: int) -> None:
-                    if bar is not None:
-                        bar.update(advance=0, status=f"validating {seen}/{total}")
-
-                val_status(0, -(-len(val_samples) // env.world))
-                result = validation_miou(
-                    model,
-                    val_samples,
-                    model_cfg.num_classes,
-                    class_names,
-                    model_cfg.mean,
-                    model_cfg.std,
-                    env,
-                    cfg.precision,
-                    progress=val_status,
-                )
-                miou = result["miou"]
-                improved = miou is not None and (best["miou"] is None or miou > best["miou"])
-                if improved:
-                    best = {"miou": miou, "iteration": done}
-                write_log({"type": "val", "iter": done, "val_miou": miou, "best_miou": best["miou"]})
-                if bar is not None:
-                    bar.update(advance=0, status=f"validation mIoU {_pct(miou)}")
-                if env.is_main:
-                    info(f"fit-seg: iteration {done}: validation mIoU {_pct(miou)}")
-                    if improved:
-                        state = {
-                            "iteration": done,
-                            "model": model.state_dict(),
-                            "miou": miou,
-                            "model_config": model_cfg.to_dict(),
-                            "fingerprint": run_fingerprint,
-                        }
-                        save_checkpoint(ckpt_dir / "best.pt", state)
-
-            if done % cfg.save_every == 0 or done == cfg.iters:
-                if env.is_main:
-                    save_checkpoint(ckpt_dir / "last.pt", checkpoint_state(done))
-                D.barrier(env)
-            window["paused"] += time.perf_counter() - paused_from
-
-    if board is not None:
-        board.close()
+    loop.run()
+    files.close()
     if env.is_main:
         save_model_file(out / MODEL_FILE, model.state_dict(), model_cfg)
     D.barrier(env)
-    seconds = time.perf_counter() - started
-    steps = cfg.iters - start
-    return {
-        "iterations": cfg.iters,
-        "resumed_from": start,
-        "final_loss": last_loss,
-        "best": best,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(steps * images_per_step / max(seconds, 1e-9), 3),
-        **peak_memory_mb(device),
-    }
-
-
-def _pct(value: float | None) -> str:
-    """A score (a fraction in JSON and logs) as a percentage for people: ``45.00 %``."""
-    return "-" if value is None else f"{100 * value:.2f} %"
+    return loop.summary()
 
 
 CPU_ESTIMATE_STEPS = 3  # steps timed before the one-time CPU estimate (the first includes warm-up)
 
 
-def _announce_cpu_time(seconds: float, steps: int, remaining: int, cfg: Any) -> None:
+def announce_cpu_time(seconds: float, steps: int, remaining: int, cfg: Any) -> None:
     """Once, early in a CPU run: how long the remaining iterations take at the measured speed.
 
     The defaults are the paper's recipe, sized for a GPU; a CPU user learns the cost at once."""
