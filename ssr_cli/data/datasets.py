@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from PIL import Image
 
@@ -272,72 +272,27 @@ def open_dataset(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError("dataset folder not found" if not root.exists() else "not a folder", path=root)
-    layout = layout.lower()
-    if layout == "auto":
-        layout = detect_layout(root)
-    elif layout not in LAYOUTS:
-        raise ConfigError(f"unknown layout {layout!r}", hint="use auto, voc, coco or custom")
+    layout = _layout(root, layout)
     gt_path = None if gt is None else Path(gt).expanduser()
-    label_text = str(labels)
-    label_path = None if label_text.lower() in LABEL_KEYWORDS else Path(label_text).expanduser()
-    if label_path is not None and not label_path.is_file():
-        raise DataError(
-            "label file not found" if not label_path.exists() else "label file is not a file",
-            path=label_path,
-            hint=f"--labels takes {', '.join(LABEL_KEYWORDS)} or a label file path",
-        )
-    mode = "file" if label_path is not None else label_text.lower()
+    mode, label_path = _label_mode(labels)
     if mode == "xml" and layout != "voc":
         raise ConfigError(f"--labels xml needs the voc layout, not {layout}", hint="use mask or a label file")
 
     vocabulary = _resolve_vocab(layout, root, vocab)
     table = None
     if layout == "custom":
-        if label_path is None and mode in ("auto", "mask", "none") and (root / "labels.txt").is_file():
-            own = root / "labels.txt"
-            table = read_label_file(own, vocabulary)
-            if mode == "auto":
-                mode, label_path = "file", own
-        elif label_path is not None:
-            own, table = label_path, read_label_file(label_path, vocabulary)
-        else:
-            own = None
+        own, table = _custom_label_file(root, mode, label_path, vocabulary)
+        if own is not None and label_path is None and mode == "auto":
+            mode, label_path = "file", own
         label_ids = None if table is None else [(i, line) for i, (_, line) in table.items()]
         resolved = resolve_custom(root, split, gt_path, label_ids, own)
     elif layout == "voc":
         resolved = resolve_voc(root, split, gt_path)
     else:
         resolved = resolve_coco(root, split, gt_path)
-
     if mode == "auto":
-        has_all = all(g is not None for g in resolved.gts)
-        mode = "mask" if has_all or layout != "voc" else "xml"
-        if layout == "custom" and not has_all:
-            raise DataError(
-                "custom dataset has no labels.txt and not every image has a mask",
-                path=root / "labels.txt",
-                hint="write labels.txt (one line per image: id class class ...) or pass --labels PATH",
-            )
-    if mode == "mask":
-        label_lists = _labels_from_masks(resolved, vocabulary)
-        source = "mask"
-    elif mode == "xml":
-        assert resolved.xml_dir is not None
-        xml_dir = resolved.xml_dir
-        paths = [xml_dir / f"{image_id}.xml" for image_id, _ in resolved.ids]
-        label_lists = parallel_map(lambda p: _xml_labels(p, vocabulary), paths, "reading XML annotations")
-        source = "xml"
-    elif mode == "file":
-        assert label_path is not None
-        if table is None:
-            table = read_label_file(label_path, vocabulary)
-        label_lists = _labels_from_file(resolved, label_path, table)
-        from ssr_cli.artefacts.paths import absolute
-
-        source = f"file:{absolute(label_path)}"
-    else:
-        label_lists = [()] * len(resolved.ids)
-        source = "none"
+        mode = _auto_mode(resolved, root)
+    label_lists, source = _image_labels(mode, resolved, vocabulary, label_path, table)
 
     items = [
         Item(id=image_id, image=image, gt=gt_file, labels=tuple(found))
@@ -347,11 +302,89 @@ def open_dataset(
     ]
     dataset = Dataset(resolved.layout, resolved.root, resolved.split, vocabulary, items, source)
     if require_gt and not dataset.has_gt:
-        missing = next(i for i, item in enumerate(items) if item.gt is None)
-        folder = resolved.gt_dirs[0] if resolved.gt_dirs else root
-        raise DataError(
-            "ground-truth mask not found",
-            path=folder / f"{items[missing].id}.png",
-            hint=f"{len(items) - dataset.gt_count} of {len(items)} images have no mask; pass --gt FOLDER",
-        )
+        _no_gt_error(dataset, resolved.gt_dirs[0] if resolved.gt_dirs else root)
     return dataset
+
+
+def _layout(root: Path, layout: str) -> str:
+    """``layout`` checked, or (``auto``) detected from ``root``'s contents."""
+    layout = layout.lower()
+    if layout == "auto":
+        return detect_layout(root)
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}", hint="use auto, voc, coco or custom")
+    return layout
+
+
+def _label_mode(labels: str | Path) -> tuple[str, Path | None]:
+    """(mode, label file) of ``--labels``: a keyword (``auto``, ``mask``, ...) or ``file`` + its path."""
+    label_text = str(labels)
+    label_path = None if label_text.lower() in LABEL_KEYWORDS else Path(label_text).expanduser()
+    if label_path is not None and not label_path.is_file():
+        raise DataError(
+            "label file not found" if not label_path.exists() else "label file is not a file",
+            path=label_path,
+            hint=f"--labels takes {', '.join(LABEL_KEYWORDS)} or a label file path",
+        )
+    return ("file" if label_path is not None else label_text.lower()), label_path
+
+
+def _custom_label_file(
+    root: Path, mode: str, label_path: Path | None, vocabulary: Vocabulary
+) -> tuple[Path | None, dict[str, tuple[tuple[int, ...], int]] | None]:
+    """A custom dataset's label file in use and its table: ``--labels PATH``, else its own
+    ``labels.txt`` (also read for the ``all`` split's ids under ``mask`` and ``none``)."""
+    if label_path is None and mode in ("auto", "mask", "none") and (root / "labels.txt").is_file():
+        own = root / "labels.txt"
+        return own, read_label_file(own, vocabulary)
+    if label_path is not None:
+        return label_path, read_label_file(label_path, vocabulary)
+    return None, None
+
+
+def _auto_mode(resolved: Resolved, root: Path) -> str:
+    """``--labels auto`` without a label file: ``mask`` when every image has one (COCO: always),
+    else VOC's ``xml``; a custom dataset without masks for all is an error."""
+    has_all = all(g is not None for g in resolved.gts)
+    if resolved.layout == "custom" and not has_all:
+        raise DataError(
+            "custom dataset has no labels.txt and not every image has a mask",
+            path=root / "labels.txt",
+            hint="write labels.txt (one line per image: id class class ...) or pass --labels PATH",
+        )
+    return "mask" if has_all or resolved.layout != "voc" else "xml"
+
+
+def _image_labels(
+    mode: str,
+    resolved: Resolved,
+    vocabulary: Vocabulary,
+    label_path: Path | None,
+    table: dict[str, tuple[tuple[int, ...], int]] | None,
+) -> tuple[list[tuple[int, ...]], str]:
+    """Each image's class ids by ``mode``, and the ``label_source`` to record."""
+    if mode == "mask":
+        return _labels_from_masks(resolved, vocabulary), "mask"
+    if mode == "xml":
+        assert resolved.xml_dir is not None
+        xml_dir = resolved.xml_dir
+        paths = [xml_dir / f"{image_id}.xml" for image_id, _ in resolved.ids]
+        return parallel_map(lambda p: _xml_labels(p, vocabulary), paths, "reading XML annotations"), "xml"
+    if mode == "file":
+        assert label_path is not None
+        if table is None:
+            table = read_label_file(label_path, vocabulary)
+        from ssr_cli.artefacts.paths import absolute
+
+        return _labels_from_file(resolved, label_path, table), f"file:{absolute(label_path)}"
+    return [()] * len(resolved.ids), "none"
+
+
+def _no_gt_error(dataset: Dataset, folder: Path) -> NoReturn:
+    items = dataset.items
+    missing = next(i for i, item in enumerate(items) if item.gt is None)
+    raise DataError(
+        "ground-truth mask not found",
+        path=folder / f"{items[missing].id}.png",
+        hint=f"{len(items) - dataset.gt_count} of {len(items)} images have no mask; pass --gt FOLDER",
+    )
