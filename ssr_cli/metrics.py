@@ -49,8 +49,21 @@ def empty_confusion(num_classes: int, pred_ignore: str = "background") -> np.nda
     return np.zeros((num_classes, matrix_columns(num_classes, pred_ignore)), dtype=np.int64)
 
 
-def _first_bad(values: np.ndarray, bad: np.ndarray) -> int:
-    return int(values[bad].flat[0])
+def _value_error(name: str, value: int, k: int, ignore_index: int) -> ValueError:
+    return ValueError(
+        f"{name} has value {value}, which is not a class id 0..{k - 1} nor the ignore value {ignore_index}"
+    )
+
+
+def _ignored(flat: np.ndarray, name: str, k: int, ignore_index: int) -> np.ndarray:
+    """The ``ignore_index`` pixels of ``flat``; ValueError at the first value that is neither
+    a class id in [0, k) nor ``ignore_index``."""
+    ignored = flat == ignore_index
+    bad = (flat >= k) | (flat < 0) if flat.dtype.kind == "i" else flat >= k
+    bad &= ~ignored
+    if bad.any():
+        raise _value_error(name, int(flat[bad].flat[0]), k, ignore_index)
+    return ignored
 
 
 def confusion_matrix(
@@ -90,22 +103,8 @@ def confusion_matrix(
         return _confusion_uint8(gt, pred, k, ignore_index, pred_ignore)
     gt_flat = gt.ravel()
     pred_flat = pred.ravel()
-    gt_ign = gt_flat == ignore_index
-    bad = (gt_flat >= k) | (gt_flat < 0) if gt_flat.dtype.kind == "i" else gt_flat >= k
-    bad &= ~gt_ign
-    if bad.any():
-        raise ValueError(
-            f"ground truth has value {_first_bad(gt_flat, bad)}, which is not a class id "
-            f"0..{k - 1} nor the ignore value {ignore_index}"
-        )
-    pred_ign = pred_flat == ignore_index
-    bad = (pred_flat >= k) | (pred_flat < 0) if pred_flat.dtype.kind == "i" else pred_flat >= k
-    bad &= ~pred_ign
-    if bad.any():
-        raise ValueError(
-            f"prediction has value {_first_bad(pred_flat, bad)}, which is not a class id "
-            f"0..{k - 1} nor the ignore value {ignore_index}"
-        )
+    gt_ign = _ignored(gt_flat, "ground truth", k, ignore_index)
+    pred_ign = _ignored(pred_flat, "prediction", k, ignore_index)
 
     cols = matrix_columns(k, pred_ignore)
     keep = ~gt_ign
@@ -127,16 +126,10 @@ def _confusion_uint8(
     allowed = (ids < k) | (ids == ignore_index)
     bad_gt = table.sum(axis=1).astype(bool) & ~allowed
     if bad_gt.any():
-        raise ValueError(
-            f"ground truth has value {int(np.argmax(bad_gt))}, which is not a class id "
-            f"0..{k - 1} nor the ignore value {ignore_index}"
-        )
+        raise _value_error("ground truth", int(np.argmax(bad_gt)), k, ignore_index)
     bad_pred = table.sum(axis=0).astype(bool) & ~allowed
     if bad_pred.any():
-        raise ValueError(
-            f"prediction has value {int(np.argmax(bad_pred))}, which is not a class id "
-            f"0..{k - 1} nor the ignore value {ignore_index}"
-        )
+        raise _value_error("prediction", int(np.argmax(bad_pred)), k, ignore_index)
     conf = np.zeros((k, matrix_columns(k, pred_ignore)), dtype=np.int64)
     conf[:, :k] = table[:k, :k]
     conf[:, 0 if pred_ignore == "background" else k] += table[:k, ignore_index]
