@@ -26,7 +26,7 @@ as DeepLab's ``train_aug.txt``), the stem of the first path is the id.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from ssr_cli.data.vocab import Vocabulary
@@ -78,8 +78,21 @@ def _read_lines(path: Path, what: str) -> list[str]:
         raise DataError(f"cannot read {what}: {exc.strerror or exc}", path=path) from None
 
 
-def _strip_comment(text: str) -> str:
-    return text.split("#", 1)[0].strip()
+def _content_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of the lines of ``path`` that are not blank once ``#`` comments go."""
+    for number, raw in enumerate(_read_lines(path, what), start=1):
+        text = raw.split("#", 1)[0].strip()
+        if text:
+            yield number, text
+
+
+def _new_id(image_id: str, first: int | None, path: Path, line: int, hint: str) -> None:
+    """Check ``image_id`` (:func:`check_id`) and that it was not listed before, on line ``first``."""
+    check_id(image_id, path, line)
+    if first is not None:
+        raise DataError(
+            f"duplicate image id {image_id!r} (first on line {first})", path=path, line=line, hint=hint
+        )
 
 
 def read_id_list(path: str | Path, file_names: bool = False) -> list[tuple[str, int]]:
@@ -91,21 +104,11 @@ def read_id_list(path: str | Path, file_names: bool = False) -> list[tuple[str, 
     path = Path(path)
     seen: dict[str, int] = {}
     ids: list[tuple[str, int]] = []
-    for number, raw in enumerate(_read_lines(path, "split file"), start=1):
-        text = _strip_comment(raw)
-        if not text:
-            continue
+    for number, text in _content_lines(path, "split file"):
         image_id = text.split()[0]
         if file_names and "." in image_id.rsplit("/", 1)[-1] and "/" in image_id:
             image_id = PurePosixPath(image_id).stem
-        check_id(image_id, path, number)
-        if image_id in seen:
-            raise DataError(
-                f"duplicate image id {image_id!r} (first on line {seen[image_id]})",
-                path=path,
-                line=number,
-                hint="list each image once",
-            )
+        _new_id(image_id, seen.get(image_id), path, number, "list each image once")
         seen[image_id] = number
         ids.append((image_id, number))
     if not ids:
@@ -132,19 +135,10 @@ def read_label_file(path: str | Path, vocab: Vocabulary) -> dict[str, tuple[tupl
     """
     path = Path(path)
     labels: dict[str, tuple[tuple[int, ...], int]] = {}
-    for number, raw in enumerate(_read_lines(path, "label file"), start=1):
-        text = _strip_comment(raw)
-        if not text:
-            continue
+    for number, text in _content_lines(path, "label file"):
         image_id, names, commas = parse_label_line(text)
-        check_id(image_id, path, number)
-        if image_id in labels:
-            raise DataError(
-                f"duplicate image id {image_id!r} (first on line {labels[image_id][1]})",
-                path=path,
-                line=number,
-                hint="give each image one line with all its classes",
-            )
+        first = labels[image_id][1] if image_id in labels else None
+        _new_id(image_id, first, path, number, "give each image one line with all its classes")
         ids = set()
         for name in names:
             try:

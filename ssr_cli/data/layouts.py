@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ssr_cli.data.images import IMAGE_EXTENSIONS
 from ssr_cli.data.labelfile import read_id_list
@@ -195,57 +196,76 @@ def _attach_gts(ids: list[tuple[str, int]], gt_dirs: list[Path]) -> list[Path | 
     return gts
 
 
-def _gt_override(gt: Path | None) -> list[Path] | None:
-    if gt is None:
-        return None
-    if not gt.is_dir():
+def _gt_dirs(gt: Path | None, defaults: list[Path]) -> list[Path]:
+    """The ground-truth folders that exist: ``--gt`` (which must be a folder), else ``defaults``."""
+    if gt is not None and not gt.is_dir():
         raise DataError(
             "ground-truth folder not found", path=gt, hint="--gt takes a folder of <id>.png masks"
         )
-    return [gt]
+    return [d for d in ([gt] if gt is not None else defaults) if d.is_dir()]
+
+
+_NOT_FOUND = {  # layout -> (problem, hint) when its folder is not found under the root
+    "voc": ("not a VOC2012 folder: JPEGImages/ not found", "pass the VOC2012 (or VOCdevkit) folder"),
+    "coco": (
+        "not a COCO-as-PNG folder: no JPEGImages/<split>/ or images/<split>/ folder",
+        "expected JPEGImages/train2014/<id>.jpg and SegmentationClass/train2014/<id>.png",
+    ),
+}
+
+
+def _layout_folder(layout: str, folder: Path | None, root: Path) -> Path:
+    """``folder`` (the layout's folder found under ``root``), or DataError when it was not found."""
+    if folder is None:
+        problem, hint = _NOT_FOUND[layout]
+        raise DataError(problem, path=root, hint=hint)
+    return folder
+
+
+def _split_name(split: str) -> str:
+    return Path(split).stem if split.endswith(".txt") else split
+
+
+def _resolved(
+    layout: str,
+    root: Path,
+    split: str,
+    ids: list[tuple[str, int]],
+    id_file: Path | None,
+    images: list[Path],
+    gt_dirs: list[Path],
+    **extra: Any,
+) -> Resolved:
+    """A :class:`Resolved` with each id's mask looked up in ``gt_dirs`` (first found wins)."""
+    gts = _attach_gts(ids, gt_dirs)
+    return Resolved(layout, root, split, ids, id_file, images, gts, gt_dirs, **extra)
 
 
 def resolve_voc(root: Path, split: str | None, gt: Path | None) -> Resolved:
-    voc = _voc_root(root)
-    if voc is None:
-        raise DataError(
-            "not a VOC2012 folder: JPEGImages/ not found",
-            path=root,
-            hint="pass the VOC2012 (or VOCdevkit) folder",
-        )
+    voc = _layout_folder("voc", _voc_root(root), root)
     split = split or DEFAULT_SPLIT["voc"]
     sets = [voc / "ImageSets" / "Segmentation", voc / "ImageSets" / "SegmentationAug"]
     split_file = _split_file(split, [d / f"{split}.txt" for d in sets], sets)
     ids = read_id_list(split_file, file_names=True)
     images = _attach_images(ids, _listing(voc / "JPEGImages"), voc / "JPEGImages", split_file)
-    gt_dirs = _gt_override(gt) or [
-        voc / "SegmentationClass",
-        voc / "SegmentationClassAug",
-        voc.parent / "SegmentationClassAug",
-    ]
-    gt_dirs = [d for d in gt_dirs if d.is_dir()]
-    return Resolved(
-        layout="voc",
-        root=voc,
-        split=Path(split).stem if split.endswith(".txt") else split,
-        ids=ids,
-        id_file=split_file,
-        images=images,
-        gts=_attach_gts(ids, gt_dirs),
-        gt_dirs=gt_dirs,
+    gt_dirs = _gt_dirs(
+        gt, [voc / "SegmentationClass", voc / "SegmentationClassAug", voc.parent / "SegmentationClassAug"]
+    )
+    return _resolved(
+        "voc",
+        voc,
+        _split_name(split),
+        ids,
+        split_file,
+        images,
+        gt_dirs,
         xml_dir=voc / "Annotations",
         vocab_spec="voc",
     )
 
 
 def resolve_coco(root: Path, split: str | None, gt: Path | None) -> Resolved:
-    image_root = _coco_image_root(root)
-    if image_root is None:
-        raise DataError(
-            "not a COCO-as-PNG folder: no JPEGImages/<split>/ or images/<split>/ folder",
-            path=root,
-            hint="expected JPEGImages/train2014/<id>.jpg and SegmentationClass/train2014/<id>.png",
-        )
+    image_root = _layout_folder("coco", _coco_image_root(root), root)
     split = split or DEFAULT_SPLIT["coco"]
     as_file = Path(split).expanduser()
     list_file = (
@@ -268,18 +288,8 @@ def resolve_coco(root: Path, split: str | None, gt: Path | None) -> Resolved:
         if not ids:
             raise DataError("split folder holds no images", path=folder)
     images = _attach_images(ids, listing, folder, id_file)
-    gt_dirs = [d for d in (_gt_override(gt) or [root / "SegmentationClass" / name]) if d.is_dir()]
-    return Resolved(
-        layout="coco",
-        root=root,
-        split=name,
-        ids=ids,
-        id_file=id_file,
-        images=images,
-        gts=_attach_gts(ids, gt_dirs),
-        gt_dirs=gt_dirs,
-        vocab_spec="coco",
-    )
+    gt_dirs = _gt_dirs(gt, [root / "SegmentationClass" / name])
+    return _resolved("coco", root, name, ids, id_file, images, gt_dirs, vocab_spec="coco")
 
 
 def resolve_custom(
@@ -311,15 +321,5 @@ def resolve_custom(
         id_file = _split_file(split, [splits / f"{split}.txt"], [splits])
         ids = read_id_list(id_file)
     images = _attach_images(ids, listing, folder, id_file)
-    gt_dirs = [d for d in (_gt_override(gt) or [root / "masks"]) if d.is_dir()]
-    return Resolved(
-        layout="custom",
-        root=root,
-        split=Path(split).stem if split.endswith(".txt") else split,
-        ids=ids,
-        id_file=id_file,
-        images=images,
-        gts=_attach_gts(ids, gt_dirs),
-        gt_dirs=gt_dirs,
-        label_file=label_file,
-    )
+    gt_dirs = _gt_dirs(gt, [root / "masks"])
+    return _resolved("custom", root, _split_name(split), ids, id_file, images, gt_dirs, label_file=label_file)
