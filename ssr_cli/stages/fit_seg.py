@@ -22,14 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssr_cli.artefacts import fingerprint, read_manifest
+from ssr_cli.artefacts import fingerprint
 from ssr_cli.artefacts.fingerprint import file_sha256
 from ssr_cli.artefacts.manifest import is_run, open_run
-from ssr_cli.artefacts.paths import absolute, locate_inputs
-from ssr_cli.artefacts.run import new_manifest
-from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
+from ssr_cli.artefacts.paths import absolute
+from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run
 from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
+from ssr_cli.stages.training_common import (
+    begin_run,
+    distributed,
+    input_fingerprints,
+    start_run,
+    train_config,
+    training_manifest,
+    validation_samples,
+)
 
 STAGE = "fit-seg"
 
@@ -109,19 +117,87 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
 
 def run(opts: FitSegOptions) -> dict[str, Any]:
     """Train the segmenter as ``opts`` says; returns the final manifest (on every rank)."""
-    import torch
-
-    from ssr_cli.data import open_dataset
     from ssr_cli.models.backbone_weights import resolve_backbone_state
-    from ssr_cli.models.segmenter import SegmenterConfig, backbone_normalisation
-    from ssr_cli.runtime import resolve_device, resolve_precision
+    from ssr_cli.runtime import resolve_device
     from ssr_cli.seg.checkpoint import MODEL_FILE, load_checkpoint_file
-    from ssr_cli.seg.data import Sample
     from ssr_cli.seg.recipes import fill_defaults
     from ssr_cli.seg.train import TrainConfig, train
-    from ssr_cli.train import distributed as D
 
     out = Path(opts.out)
+    dataset, samples, label_dir, pseudo = open_pseudo_labels(opts)
+    val_samples, val_desc = validation_samples(
+        opts.data,
+        layout=opts.layout,
+        split=opts.val_split,
+        vocab=opts.vocab,
+        gt=opts.gt,
+        hint="add masks for some of them, pass --gt DIR, or drop --val-split",
+        warn_partial=True,
+    )
+    device = resolve_device(opts.device)
+    tdict, output_stride, recipe = fill_defaults(opts.head, opts.train, opts.output_stride)
+    tcfg = train_config(TrainConfig, tdict, device)
+    model_cfg = segmenter_config(opts, dataset.vocab, output_stride)
+    backbone_state, weights_src = resolve_backbone_state(
+        opts.backbone, opts.backbone_weights, opts.pretrained
+    )
+    weights_desc = weights_src.describe()
+    with distributed(device) as env:
+        check_sync_bn(tcfg, env, device)
+        inputs = input_fingerprints(dataset, val_desc)
+        basis = run_basis(model_cfg, tcfg, env.world, weights_src.is_random, weights_desc, pseudo, inputs)
+        fp = fingerprint(basis)
+        start = begin_run(
+            env,
+            out,
+            basis,
+            command="fit-seg",
+            what="this trained model",
+            prepare=lambda: prepare_run(out, basis, opts.resume, opts.overwrite),
+            load_checkpoint=load_checkpoint_file,
+            iters=tcfg.iters,
+            log_every_rank=True,
+        )
+        if start.done is not None:
+            return start.done
+        manifest = training_manifest(
+            STAGE,
+            out,
+            config=manifest_config(opts, dataset, device, env.world, model_cfg, tcfg, weights_desc, recipe),
+            basis=basis,
+            upstream={"pseudo": pseudo["fingerprint"]},
+            inputs={
+                "dataset": dataset.describe(),
+                "val": val_desc,
+                "pseudo": {**pseudo, "dir": str(label_dir)},
+            },
+            iters=tcfg.iters,
+            samples=len(samples),
+            model_file=MODEL_FILE,
+        )
+        start_run(env, out, manifest, resumed=start.resume_state is not None)
+        info(
+            f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
+            f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}"
+        )
+        describe_recipe(opts.head, recipe, tcfg, output_stride)
+        if tcfg.freeze_bn and weights_src.is_random and env.is_main:
+            warn(
+                "--freeze-bn with random backbone weights keeps BatchNorm at its initial statistics "
+                "(mean 0, variance 1); the recipe assumes pretrained weights"
+            )
+        summary = train(
+            out, model_cfg, tcfg, samples, val_samples, env, backbone_state, start.resume_state, fp
+        )
+        return finish_training_manifest(out, manifest, iters=tcfg.iters, summary=summary, write=env.is_main)
+
+
+def open_pseudo_labels(opts: FitSegOptions) -> tuple[Any, list[Any], Path, dict[str, Any]]:
+    """(dataset, its samples that have a pseudo-label, the pseudo-labels' folder, their
+    description with a fingerprint) of ``opts``; warns about the images left out."""
+    from ssr_cli.data import open_dataset
+    from ssr_cli.seg.data import Sample
+
     label_dir, pseudo = resolve_pseudo(opts.pseudo)
     split = opts.split or pseudo.get("split")
     dataset = open_dataset(opts.data, layout=opts.layout, split=split, labels="none", vocab=opts.vocab)
@@ -140,131 +216,93 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
         )
     if pseudo["fingerprint"] is None:
         pseudo["fingerprint"] = _folder_fingerprint([s.label for s in samples])
-    val_samples: list[Sample] = []
-    val_desc = None
-    if opts.val_split:
-        val = open_dataset(
-            opts.data, layout=opts.layout, split=opts.val_split, labels="none", vocab=opts.vocab, gt=opts.gt
-        )
-        val_samples = [Sample(i.id, i.image, i.gt) for i in val.items if i.gt is not None]
-        if not val_samples:
-            raise DataError(
-                f"none of the {len(val)} images of --val-split {opts.val_split} has a ground-truth mask",
-                path=val.root,
-                hint="add masks for some of them, pass --gt DIR, or drop --val-split",
-            )
-        if len(val_samples) < len(val):  # partial ground truth: validate on the images that have it
-            warn(
-                f"validating on the {len(val_samples)} of {len(val)} images of split {opts.val_split} "
-                "that have a ground-truth mask"
-            )
-        val_desc = val.describe()
+    return dataset, samples, label_dir, pseudo
 
-    device = resolve_device(opts.device)
-    tdict, output_stride, recipe = fill_defaults(opts.head, opts.train, opts.output_stride)
-    tdict["precision"] = resolve_precision(tdict.get("precision", "auto"), device)
-    tcfg = TrainConfig(**tdict)
+
+def check_sync_bn(tcfg: Any, env: Any, device: Any) -> None:
+    """Refuse --sync-bn where PyTorch cannot run it: several processes on the CPU."""
+    if tcfg.sync_bn and env.enabled and device.type == "cpu":
+        raise ConfigError(
+            "--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU",
+            hint="drop --sync-bn for CPU runs",
+        )
+
+
+def segmenter_config(opts: FitSegOptions, vocab: Any, output_stride: int) -> Any:
+    """The segmenter's config: backbone, head, the backbone's input normalisation, the classes."""
+    from ssr_cli.models.segmenter import SegmenterConfig, backbone_normalisation
+
     mean, std = backbone_normalisation(opts.backbone)
-    model_cfg = SegmenterConfig(
-        num_classes=dataset.vocab.num_classes,
+    return SegmenterConfig(
+        num_classes=vocab.num_classes,
         backbone=opts.backbone,
         output_stride=output_stride,
         head=opts.head,
         aspp_channels=opts.aspp_channels,
         mean=mean,
         std=std,
-        class_names=("background", *dataset.vocab.classes),
+        class_names=("background", *vocab.classes),
     )
-    backbone_state, weights_src = resolve_backbone_state(
-        opts.backbone, opts.backbone_weights, opts.pretrained
+
+
+def run_basis(
+    model_cfg: Any,
+    tcfg: Any,
+    world: int,
+    random_weights: bool,
+    weights_desc: dict[str, Any],
+    pseudo: dict[str, Any],
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
+    """What the run's fingerprint hashes: the model and the settings that change results, the
+    number of processes, the backbone weights, the pseudo-labels and the ``inputs``."""
+    return {
+        "stage": STAGE,
+        "config": {
+            "model": model_cfg.to_dict(),
+            "train": tcfg.result_dict(),
+            "world_size": world,
+            "backbone_weights": {
+                "origin_random": random_weights,
+                "sha256": weights_desc["sha256"],
+            },
+        },
+        "upstream": {"pseudo": pseudo["fingerprint"]},
+        "inputs": inputs,
+    }
+
+
+def manifest_config(
+    opts: FitSegOptions,
+    dataset: Any,
+    device: Any,
+    world: int,
+    model_cfg: Any,
+    tcfg: Any,
+    weights_desc: dict[str, Any],
+    recipe: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``config`` of the run's manifest: the options as resolved, the model, the recipe."""
+    return {
+        "data": str(absolute(opts.data)),
+        "layout": dataset.layout,
+        "split": dataset.split,
+        "pseudo": str(absolute(opts.pseudo)),
+        "val_split": opts.val_split,
+        "device": str(device),
+        "world_size": world,
+        "model": model_cfg.to_dict(),
+        "train": tcfg.to_dict(),
+        "backbone_weights": weights_desc,
+        "recipe": recipe,
+    }
+
+
+def describe_recipe(head: str, recipe: dict[str, Any], tcfg: Any, output_stride: int) -> None:
+    """Log the optimizer settings of the run and where their defaults came from."""
+    info(
+        f"fit-seg: head {head}, recipe of {recipe['source']}; backbone lr {tcfg.lr:g}, "
+        f"head x{tcfg.head_lr_mult:g} (biases x{tcfg.head_bias_lr_mult:g}), weight decay "
+        f"{tcfg.weight_decay:g}, BatchNorm {'frozen' if tcfg.freeze_bn else 'trained'}, "
+        f"output stride {output_stride}"
     )
-    weights_desc = weights_src.describe()
-    env = D.init_distributed(device)
-    try:
-        if tcfg.sync_bn and env.enabled and device.type == "cpu":
-            raise ConfigError(
-                "--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU",
-                hint="drop --sync-bn for CPU runs",
-            )
-        basis = {
-            "stage": STAGE,
-            "config": {
-                "model": model_cfg.to_dict(),
-                "train": tcfg.result_dict(),
-                "world_size": env.world,
-                "backbone_weights": {
-                    "origin_random": weights_src.is_random,
-                    "sha256": weights_desc["sha256"],
-                },
-            },
-            "upstream": {"pseudo": pseudo["fingerprint"]},
-            "inputs": {
-                "dataset": dataset.fingerprint(),
-                "val": None if val_desc is None else val_desc["fingerprint"],
-            },
-        }
-        fp = fingerprint(basis)
-        decision = D.decide_on_main(env, lambda: prepare_run(out, basis, opts.resume, opts.overwrite))
-        if decision == "done":
-            info(f"fit-seg: {out} already holds this trained model; nothing to do (--overwrite trains again)")
-            return read_manifest(out)
-        resume_state = None
-        if decision == "resume":
-            resume_state = load_checkpoint_file(out / "checkpoints" / "last.pt")
-            if resume_state.get("fingerprint") != fp:
-                raise ArtefactError(
-                    "checkpoints/last.pt belongs to another run",
-                    path=out,
-                    hint="start again with --overwrite",
-                )
-            info(f"fit-seg: resuming {out} at iteration {resume_state['iteration']} of {tcfg.iters}")
-        manifest = new_manifest(
-            STAGE,
-            config={
-                "data": str(absolute(opts.data)),
-                "layout": dataset.layout,
-                "split": dataset.split,
-                "pseudo": str(absolute(opts.pseudo)),
-                "val_split": opts.val_split,
-                "device": str(device),
-                "world_size": env.world,
-                "model": model_cfg.to_dict(),
-                "train": tcfg.to_dict(),
-                "backbone_weights": weights_desc,
-                "recipe": recipe,
-            },
-            basis=basis,
-            upstream={"pseudo": pseudo["fingerprint"]},
-            inputs=locate_inputs(
-                {"dataset": dataset.describe(), "val": val_desc, "pseudo": {**pseudo, "dir": str(label_dir)}},
-                out,
-            ),
-            item_dir="checkpoints",
-            item_suffix=".pt",
-            item_count=tcfg.iters,
-            samples=len(samples),
-            model_file=MODEL_FILE,
-        )
-        if env.is_main:
-            start_training_manifest(out, manifest, resumed=resume_state is not None)
-        D.barrier(env)
-        info(
-            f"fit-seg: {len(samples)} images, {model_cfg.num_classes} classes, backbone {opts.backbone} "
-            f"({weights_desc['origin']}), {tcfg.iters} iterations on {device} x{env.world}"
-        )
-        info(
-            f"fit-seg: head {opts.head}, recipe of {recipe['source']}; backbone lr {tcfg.lr:g}, "
-            f"head x{tcfg.head_lr_mult:g} (biases x{tcfg.head_bias_lr_mult:g}), weight decay "
-            f"{tcfg.weight_decay:g}, BatchNorm {'frozen' if tcfg.freeze_bn else 'trained'}, "
-            f"output stride {output_stride}"
-        )
-        if tcfg.freeze_bn and weights_src.is_random and env.is_main:
-            warn(
-                "--freeze-bn with random backbone weights keeps BatchNorm at its initial statistics "
-                "(mean 0, variance 1); the recipe assumes pretrained weights"
-            )
-        summary = train(out, model_cfg, tcfg, samples, val_samples, env, backbone_state, resume_state, fp)
-        return finish_training_manifest(out, manifest, iters=tcfg.iters, summary=summary, write=env.is_main)
-    finally:
-        if torch.distributed.is_available():
-            D.shutdown(env)

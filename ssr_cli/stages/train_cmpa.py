@@ -22,21 +22,27 @@ Imports torch: only import inside command bodies.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssr_cli.artefacts import fingerprint, read_manifest
-from ssr_cli.artefacts.paths import absolute, locate_inputs
-from ssr_cli.artefacts.run import new_manifest
-from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
-from ssr_cli.console import info, warn
-from ssr_cli.errors import ArtefactError
+from ssr_cli.artefacts import fingerprint
+from ssr_cli.artefacts.paths import absolute
+from ssr_cli.artefacts.training import prepare_training_run
+from ssr_cli.console import info
+from ssr_cli.stages.training_common import (
+    begin_run,
+    distributed,
+    finish_run,
+    labelled_items,
+    save_cmpa_outputs,
+    start_run,
+    train_config,
+    training_manifest,
+)
 
 STAGE = "cmpa"
 CMPA_VERSION = "cmpa-1"  # bump when the training computation changes results
-CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 @dataclass
@@ -87,32 +93,21 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
 
 def run(opts: CmpaOptions) -> dict[str, Any]:
     """Train CMPA heads as ``opts`` says; returns the final manifest (on every rank)."""
-    import torch
-
-    from ssr_cli.cmpa.data import TrainItem
-    from ssr_cli.cmpa.prototypes import save_prototypes
     from ssr_cli.cmpa.train import CmpaConfig, train
     from ssr_cli.data import open_dataset
     from ssr_cli.models.clip import load_clip, register_arch
-    from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE, clip_identity, save_heads
-    from ssr_cli.runtime import resolve_device, resolve_precision
-    from ssr_cli.train import distributed as D
+    from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE, clip_identity
+    from ssr_cli.runtime import resolve_device
 
     out = Path(opts.out)
     dataset = open_dataset(
         opts.data, layout=opts.layout, split=opts.split, labels=opts.labels, vocab=opts.vocab
     )
-    items = [TrainItem(i.id, i.image, tuple(c - 1 for c in i.labels)) for i in dataset.items if i.labels]
-    if len(items) < len(dataset):
-        missing = len(dataset) - len(items)
-        warn(f"{missing} of {len(dataset)} images have no image-level label; training without them")
+    items = labelled_items(dataset)
     device = resolve_device(opts.device)
-    tdict = dict(opts.train)
-    tdict["precision"] = resolve_precision(tdict.get("precision", "auto"), device)
-    cfg = CmpaConfig(**tdict)
+    cfg = train_config(CmpaConfig, opts.train, device)
     arch = register_arch(opts.arch)
-    env = D.init_distributed(device)
-    try:
+    with distributed(device) as env:
         model = load_clip(arch, opts.weights, device, seed=cfg.seed)
         clip_id = clip_identity(model)
         notices = []
@@ -121,68 +116,35 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
                 "CLIP weights are RANDOM (untrained, --clip-weights random): these heads are "
                 "meaningless; use them only to smoke-test the pipeline"
             )
-        basis = {
-            "stage": STAGE,
-            "config": {
-                "version": CMPA_VERSION,
-                "train": cfg.result_dict(),
-                "clip": clip_id,
-                "world_size": env.world,
-            },
-            "upstream": {},
-            "inputs": {"dataset": dataset.fingerprint()},
-        }
+        basis = run_basis(cfg, clip_id, env.world, dataset)
         fp = fingerprint(basis)
-        decision = D.decide_on_main(env, lambda: prepare_run(out, basis, opts.resume, opts.overwrite))
-        if decision == "done":
-            if env.is_main:
-                info(
-                    f"train-cmpa: {out} already holds these trained heads; nothing to do "
-                    "(--overwrite trains again)"
-                )
-            return read_manifest(out)
-        resume_state = None
-        if decision == "resume":
-            resume_state = load_checkpoint_file(out / CHECKPOINT)
-            if resume_state.get("fingerprint") != fp:
-                raise ArtefactError(
-                    "checkpoints/last.pt belongs to another run",
-                    path=out,
-                    hint="start again with --overwrite",
-                )
-            if env.is_main:
-                info(f"train-cmpa: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
-        manifest = new_manifest(
+        start = begin_run(
+            env,
+            out,
+            basis,
+            command="train-cmpa",
+            what="these trained heads",
+            prepare=lambda: prepare_run(out, basis, opts.resume, opts.overwrite),
+            load_checkpoint=load_checkpoint_file,
+            iters=cfg.iters,
+        )
+        if start.done is not None:
+            return start.done
+        config = manifest_config(opts, dataset, arch=arch, device=device, world=env.world, cfg=cfg)
+        manifest = training_manifest(
             STAGE,
-            config={
-                "data": str(absolute(opts.data)),
-                "layout": dataset.layout,
-                "split": dataset.split,
-                "labels": opts.labels,
-                "vocab": dataset.vocab.name,
-                "arch": arch,
-                "clip_arch_option": opts.arch,
-                "weights": opts.weights,
-                "device": str(device),
-                "world_size": env.world,
-                "train": cfg.to_dict(),
-            },
+            out,
+            config=config,
             basis=basis,
             upstream={},
-            inputs=locate_inputs({"dataset": dataset.describe(), "clip": model.describe()}, out),
-            item_dir="checkpoints",
-            item_suffix=".pt",
-            item_count=cfg.iters,
+            inputs={"dataset": dataset.describe(), "clip": model.describe()},
+            iters=cfg.iters,
             notices=notices,
             images=len(items),
             heads_file=HEADS_FILE,
             prototypes_file=PROTOTYPES_FILE,
         )
-        if env.is_main:
-            start_training_manifest(out, manifest, resumed=resume_state is not None)
-            for notice in notices:
-                warn(notice)
-        D.barrier(env)
+        start_run(env, out, manifest, resumed=start.resume_state is not None, notices=notices)
         if env.is_main:
             info(
                 f"train-cmpa: {len(items)} images, {len(dataset.vocab.classes)} classes, CLIP {arch}, "
@@ -196,23 +158,46 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             dataset.vocab,
             cfg,
             env,
-            resume=resume_state,
+            resume=start.resume_state,
             run_fingerprint=fp,
             clip_id=clip_id,
         )
         if env.is_main:
-            extra = {"iteration": cfg.iters, "fingerprint": fp, "temperature": heads.temperature}
-            save_heads(out / HEADS_FILE, heads, clip_id, extra)
-            meta = {
-                "classes": json.dumps(list(dataset.vocab.classes)),
-                "background": json.dumps(list(dataset.vocab.background)),
-                "refreshed_at": str(protos.iteration),
-                "fingerprint": fp,
-            }
-            save_prototypes(out / PROTOTYPES_FILE, protos, meta)
-        finish_training_manifest(out, manifest, iters=cfg.iters, summary=summary, write=env.is_main)
-        D.barrier(env)
-        return manifest
-    finally:
-        if torch.distributed.is_available():
-            D.shutdown(env)
+            extra = {"iteration": cfg.iters, "fingerprint": fp}
+            save_cmpa_outputs(out, heads, protos, clip_id=clip_id, vocab=dataset.vocab, extra=extra)
+        return finish_run(env, out, manifest, iters=cfg.iters, summary=summary)
+
+
+def run_basis(cfg: Any, clip_id: dict[str, Any], world: int, dataset: Any) -> dict[str, Any]:
+    """What the run's fingerprint hashes: the settings that change results, the CLIP identity,
+    the number of processes and the dataset's fingerprint."""
+    return {
+        "stage": STAGE,
+        "config": {
+            "version": CMPA_VERSION,
+            "train": cfg.result_dict(),
+            "clip": clip_id,
+            "world_size": world,
+        },
+        "upstream": {},
+        "inputs": {"dataset": dataset.fingerprint()},
+    }
+
+
+def manifest_config(
+    opts: CmpaOptions, dataset: Any, *, arch: str, device: Any, world: int, cfg: Any
+) -> dict[str, Any]:
+    """The ``config`` of the run's manifest: the options as resolved."""
+    return {
+        "data": str(absolute(opts.data)),
+        "layout": dataset.layout,
+        "split": dataset.split,
+        "labels": opts.labels,
+        "vocab": dataset.vocab.name,
+        "arch": arch,
+        "clip_arch_option": opts.arch,
+        "weights": opts.weights,
+        "device": str(device),
+        "world_size": world,
+        "train": cfg.to_dict(),
+    }

@@ -22,21 +22,29 @@ Imports torch: only import inside command bodies.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssr_cli.artefacts import fingerprint, read_manifest
-from ssr_cli.artefacts.paths import absolute, locate_inputs
-from ssr_cli.artefacts.run import new_manifest
-from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
-from ssr_cli.console import info, warn
-from ssr_cli.errors import ArtefactError, DataError
+from ssr_cli.artefacts import fingerprint
+from ssr_cli.artefacts.paths import absolute
+from ssr_cli.artefacts.training import prepare_training_run
+from ssr_cli.console import info
+from ssr_cli.stages.training_common import (
+    begin_run,
+    distributed,
+    finish_run,
+    input_fingerprints,
+    labelled_items,
+    save_cmpa_outputs,
+    start_run,
+    train_config,
+    training_manifest,
+    validation_samples,
+)
 
 STAGE = "train"
 TRAIN_VERSION = "ssr-train-1"  # bump when the training computation changes results
-CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 @dataclass
@@ -60,11 +68,30 @@ class TrainOptions:
     train: dict[str, Any] = field(default_factory=dict)  # SsrConfig fields
 
 
+def output_files() -> dict[str, str]:
+    """The manifest's names of the run's weight files."""
+    from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE
+    from ssr_cli.onestage.decoder import MODEL_FILE
+
+    return {"model_file": MODEL_FILE, "heads_file": HEADS_FILE, "prototypes_file": PROTOTYPES_FILE}
+
+
 def outputs() -> tuple[str, ...]:
+    """The files and folders a run writes (what --overwrite removes)."""
     from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE
     from ssr_cli.onestage.decoder import MODEL_FILE
 
     return ("checkpoints", "log.jsonl", "tensorboard", MODEL_FILE, HEADS_FILE, PROTOTYPES_FILE)
+
+
+def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
+    """Check ``out`` against the new run: "fresh", "resume" or "done" (may clear the folder);
+    refuses as train-cmpa's ``prepare_run`` does."""
+    from ssr_cli.onestage.decoder import MODEL_FILE
+
+    return prepare_training_run(
+        out, stage=STAGE, basis=basis, resume=resume, overwrite=overwrite, outputs=outputs(), final=MODEL_FILE
+    )
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -78,184 +105,64 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
 
 def run(opts: TrainOptions) -> dict[str, Any]:
     """Train single-stage SSR as ``opts`` says; returns the final manifest (on every rank)."""
-    import torch
-
-    from ssr_cli.cmpa.data import TrainItem
-    from ssr_cli.cmpa.prototypes import save_prototypes
-    from ssr_cli.data import open_dataset
     from ssr_cli.models.clip import load_clip, register_arch
-    from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE, clip_identity, save_heads
+    from ssr_cli.models.cmpa import clip_identity
     from ssr_cli.onestage.config import SsrConfig
-    from ssr_cli.onestage.decoder import MODEL_FILE, DecoderConfig, resolve_layers
+    from ssr_cli.onestage.decoder import resolve_layers
     from ssr_cli.onestage.train import save_decoder, train
-    from ssr_cli.runtime import resolve_device, resolve_precision
-    from ssr_cli.seg.data import Sample
-    from ssr_cli.train import distributed as D
+    from ssr_cli.runtime import resolve_device
 
     out = Path(opts.out)
-    dataset = open_dataset(
-        opts.data, layout=opts.layout, split=opts.split, labels=opts.labels, vocab=opts.vocab
-    )
-    items = [TrainItem(i.id, i.image, tuple(c - 1 for c in i.labels)) for i in dataset.items if i.labels]
-    if len(items) < len(dataset):
-        missing = len(dataset) - len(items)
-        warn(f"{missing} of {len(dataset)} images have no image-level label; training without them")
-    val_samples: list[Any] = []
-    val_desc = None
-    if opts.val_split:
-        val = open_dataset(
-            opts.data, layout=opts.layout, split=opts.val_split, labels="none", vocab=opts.vocab
-        )
-        val_samples = [Sample(i.id, i.image, i.gt) for i in val.items if i.gt is not None]
-        if not val_samples:
-            raise DataError(
-                f"none of the {len(val)} images of --val-split {opts.val_split} has a ground-truth mask",
-                path=val.root,
-                hint="drop --val-split",
-            )
-        val_desc = val.describe()
+    dataset, items, val_samples, val_desc = open_inputs(opts)
     device = resolve_device(opts.device)
-    tdict = dict(opts.train)
-    tdict["precision"] = resolve_precision(tdict.get("precision", "auto"), device)
-    cfg = SsrConfig(**tdict)
+    cfg = train_config(SsrConfig, opts.train, device)
     arch = register_arch(opts.arch)
-    env = D.init_distributed(device)
-    try:
+    with distributed(device) as env:
         model = load_clip(arch, opts.weights, device, seed=cfg.seed)
         clip_id = clip_identity(model)
-        dino, dino_record = None, None
-        if "dino" in cfg.affinity:
-            from ssr_cli.refine.sources import load_dino_model
-
-            dino, dino_record = load_dino_model(opts.dino_model, opts.dino_weights, device, seed=cfg.seed)
-        notices = []
-        if model.is_random:
-            notices.append(
-                "CLIP weights are RANDOM (untrained, --clip-weights random): this run is "
-                "meaningless; use it only to smoke-test the pipeline"
-            )
-        if dino is not None and dino.is_random:
-            notices.append("DINO weights are RANDOM (--dino-weights random): the affinity is meaningless")
+        dino, dino_record = load_dino(opts, cfg, device)
+        notices = random_weights_notices(model, dino)
         layers = resolve_layers(cfg.decoder_layers, len(model.blocks))
-        classes = tuple(dataset.vocab.classes)
-        dino_id = None
-        if dino_record is not None:
-            dino_id = {k: v for k, v in dino_record.items() if k != "weights"}
-            assert dino is not None
-            dino_id["weights"] = dino.source.sha256 if not dino.is_random else f"random:seed={cfg.seed}"
-        basis = {
-            "stage": STAGE,
-            "config": {
-                "version": TRAIN_VERSION,
-                "train": cfg.result_dict(),
-                "clip": clip_id,
-                "dino": dino_id,
-                "decoder_layers": list(layers),
-                "world_size": env.world,
-            },
-            "upstream": {},
-            "inputs": {
-                "dataset": dataset.fingerprint(),
-                "val": None if val_desc is None else val_desc["fingerprint"],
-            },
-        }
+        dino_id = dino_identity(dino, dino_record, cfg.seed)
+        basis = run_basis(cfg, clip_id, dino_id, layers, env.world, input_fingerprints(dataset, val_desc))
         fp = fingerprint(basis)
-        decision = D.decide_on_main(
+        start = begin_run(
             env,
-            lambda: prepare_training_run(
-                out,
-                stage=STAGE,
-                basis=basis,
-                resume=opts.resume,
-                overwrite=opts.overwrite,
-                outputs=outputs(),
-                final=MODEL_FILE,
-            ),
+            out,
+            basis,
+            command="train",
+            what="this trained model",
+            prepare=lambda: prepare_run(out, basis, opts.resume, opts.overwrite),
+            load_checkpoint=load_checkpoint_file,
+            iters=cfg.iters,
         )
-        if decision == "done":
-            if env.is_main:
-                info(
-                    f"train: {out} already holds this trained model; nothing to do (--overwrite trains again)"
-                )
-            return read_manifest(out)
-        resume_state = None
-        if decision == "resume":
-            resume_state = load_checkpoint_file(out / CHECKPOINT)
-            if resume_state.get("fingerprint") != fp:
-                raise ArtefactError(
-                    "checkpoints/last.pt belongs to another run",
-                    path=out,
-                    hint="start again with --overwrite",
-                )
-            if env.is_main:
-                info(f"train: resuming {out} at iteration {resume_state['iteration']} of {cfg.iters}")
-        weights_path = model.weights_source.path
-        decoder_cfg = DecoderConfig(
-            num_classes=len(classes) + 1,
-            width=int(model.width),
-            layers=layers,
-            dim=cfg.decoder_dim,
-            convs=cfg.decoder_convs,
-            class_names=("background", *classes),
-            clip={
-                "arch": arch,
-                "arch_option": str(absolute(opts.arch)) if opts.arch.endswith(".json") else arch,
-                "weights_path": None if weights_path is None else str(absolute(weights_path)),
-                "seed": cfg.seed,
-                "identity": clip_id,
-            },
-        )
-        if model.is_random:
-            decoder_cfg.clip["weights_path"] = "random"
-        manifest = new_manifest(
+        if start.done is not None:
+            return start.done
+        decoder_cfg = decoder_config(opts, arch, model, clip_id, cfg, layers, dataset.vocab.classes)
+        config = manifest_config(opts, dataset, cfg, decoder_cfg, arch=arch, device=device, world=env.world)
+        manifest = training_manifest(
             STAGE,
-            config={
-                "data": str(absolute(opts.data)),
-                "layout": dataset.layout,
-                "split": dataset.split,
-                "labels": opts.labels,
-                "vocab": dataset.vocab.name,
-                "val_split": opts.val_split,
-                "arch": arch,
-                "clip_arch_option": opts.arch,
-                "weights": opts.weights,
-                "dino_model": opts.dino_model,
-                "dino_weights": opts.dino_weights,
-                "device": str(device),
-                "world_size": env.world,
-                "train": cfg.to_dict(),
-                "decoder": decoder_cfg.to_dict(),
-            },
+            out,
+            config=config,
             basis=basis,
             upstream={},
-            inputs=locate_inputs(
-                {
-                    "dataset": dataset.describe(),
-                    "val": val_desc,
-                    "clip": model.describe(),
-                    "dino": dino_record,
-                },
-                out,
-            ),
-            item_dir="checkpoints",
-            item_suffix=".pt",
-            item_count=cfg.iters,
+            inputs={
+                "dataset": dataset.describe(),
+                "val": val_desc,
+                "clip": model.describe(),
+                "dino": dino_record,
+            },
+            iters=cfg.iters,
             notices=notices,
             images=len(items),
-            model_file=MODEL_FILE,
-            heads_file=HEADS_FILE,
-            prototypes_file=PROTOTYPES_FILE,
+            **output_files(),
         )
-        if env.is_main:
-            start_training_manifest(out, manifest, resumed=resume_state is not None)
-            for notice in notices:
-                warn(notice)
-        D.barrier(env)
+        start_run(env, out, manifest, resumed=start.resume_state is not None, notices=notices)
         if env.is_main:
             info(
-                f"train: single-stage SSR on {len(items)} images, {len(classes)} classes, CLIP {arch}, "
-                f"affinity {cfg.affinity}, mask {cfg.mask}, gamma {cfg.gamma:g}, {cfg.iters} iterations on "
-                f"{device} x{env.world}, precision {cfg.precision}"
+                f"train: single-stage SSR on {len(items)} images, {len(dataset.vocab.classes)} classes, "
+                f"CLIP {arch}, affinity {cfg.affinity}, mask {cfg.mask}, gamma {cfg.gamma:g}, {cfg.iters} "
+                f"iterations on {device} x{env.world}, precision {cfg.precision}"
             )
         heads, protos, decoder, summary = train(
             out,
@@ -267,24 +174,137 @@ def run(opts: TrainOptions) -> dict[str, Any]:
             cfg,
             decoder_cfg,
             env,
-            resume=resume_state,
+            resume=start.resume_state,
             run_fingerprint=fp,
             clip_id=clip_id,
         )
         if env.is_main:
             extra = {"iteration": cfg.iters, "fingerprint": fp}
             save_decoder(out, decoder, extra)
-            save_heads(out / HEADS_FILE, heads, clip_id, extra | {"temperature": heads.temperature})
-            meta = {
-                "classes": json.dumps(list(classes)),
-                "background": json.dumps(list(dataset.vocab.background)),
-                "refreshed_at": str(protos.iteration),
-                "fingerprint": fp,
-            }
-            save_prototypes(out / PROTOTYPES_FILE, protos, meta)
-        finish_training_manifest(out, manifest, iters=cfg.iters, summary=summary, write=env.is_main)
-        D.barrier(env)
-        return manifest
-    finally:
-        if torch.distributed.is_available():
-            D.shutdown(env)
+            save_cmpa_outputs(out, heads, protos, clip_id=clip_id, vocab=dataset.vocab, extra=extra)
+        return finish_run(env, out, manifest, iters=cfg.iters, summary=summary)
+
+
+def open_inputs(opts: TrainOptions) -> tuple[Any, list[Any], list[Any], dict[str, Any] | None]:
+    """(dataset, its labelled training items, validation samples, the validation split's
+    description) of ``opts``."""
+    from ssr_cli.data import open_dataset
+
+    dataset = open_dataset(
+        opts.data, layout=opts.layout, split=opts.split, labels=opts.labels, vocab=opts.vocab
+    )
+    items = labelled_items(dataset)
+    val_samples, val_desc = validation_samples(
+        opts.data, layout=opts.layout, split=opts.val_split, vocab=opts.vocab, hint="drop --val-split"
+    )
+    return dataset, items, val_samples, val_desc
+
+
+def load_dino(opts: TrainOptions, cfg: Any, device: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(DINO model, its record) for the affinity of ``cfg``; (None, None) when it reads no DINO."""
+    if "dino" not in cfg.affinity:
+        return None, None
+    from ssr_cli.refine.sources import load_dino_model
+
+    return load_dino_model(opts.dino_model, opts.dino_weights, device, seed=cfg.seed)
+
+
+def random_weights_notices(model: Any, dino: Any) -> list[str]:
+    """The manifest's notices of a run on RANDOM (untrained) CLIP or DINO weights."""
+    notices = []
+    if model.is_random:
+        notices.append(
+            "CLIP weights are RANDOM (untrained, --clip-weights random): this run is "
+            "meaningless; use it only to smoke-test the pipeline"
+        )
+    if dino is not None and dino.is_random:
+        notices.append("DINO weights are RANDOM (--dino-weights random): the affinity is meaningless")
+    return notices
+
+
+def dino_identity(dino: Any, dino_record: dict[str, Any] | None, seed: int) -> dict[str, Any] | None:
+    """What the fingerprint records of the DINO model: its record with the weights' SHA-256 (or
+    the seed of random weights) in place of their path; None without DINO."""
+    if dino_record is None:
+        return None
+    dino_id = {k: v for k, v in dino_record.items() if k != "weights"}
+    assert dino is not None
+    dino_id["weights"] = dino.source.sha256 if not dino.is_random else f"random:seed={seed}"
+    return dino_id
+
+
+def run_basis(
+    cfg: Any,
+    clip_id: dict[str, Any],
+    dino_id: dict[str, Any] | None,
+    layers: Any,
+    world: int,
+    inputs: dict[str, Any],
+) -> dict[str, Any]:
+    """What the run's fingerprint hashes: the settings that change results, the CLIP and DINO
+    identities, the decoder's CLIP blocks, the number of processes and the ``inputs``."""
+    return {
+        "stage": STAGE,
+        "config": {
+            "version": TRAIN_VERSION,
+            "train": cfg.result_dict(),
+            "clip": clip_id,
+            "dino": dino_id,
+            "decoder_layers": list(layers),
+            "world_size": world,
+        },
+        "upstream": {},
+        "inputs": inputs,
+    }
+
+
+def decoder_config(
+    opts: TrainOptions, arch: str, model: Any, clip_id: dict[str, Any], cfg: Any, layers: Any, classes: Any
+) -> Any:
+    """The segmentation decoder's config: its shape (``layers``: the CLIP blocks it reads), its
+    ``classes`` and the CLIP it reads (``arch`` as registered, ``clip_id`` its identity)."""
+    from ssr_cli.onestage.decoder import DecoderConfig
+
+    classes = tuple(classes)
+    weights_path = model.weights_source.path
+    decoder_cfg = DecoderConfig(
+        num_classes=len(classes) + 1,
+        width=int(model.width),
+        layers=layers,
+        dim=cfg.decoder_dim,
+        convs=cfg.decoder_convs,
+        class_names=("background", *classes),
+        clip={
+            "arch": arch,
+            "arch_option": str(absolute(opts.arch)) if opts.arch.endswith(".json") else arch,
+            "weights_path": None if weights_path is None else str(absolute(weights_path)),
+            "seed": cfg.seed,
+            "identity": clip_id,
+        },
+    )
+    if model.is_random:
+        decoder_cfg.clip["weights_path"] = "random"
+    return decoder_cfg
+
+
+def manifest_config(
+    opts: TrainOptions, dataset: Any, cfg: Any, decoder_cfg: Any, *, arch: str, device: Any, world: int
+) -> dict[str, Any]:
+    """The ``config`` of the run's manifest: the options as resolved, the decoder's config."""
+    return {
+        "data": str(absolute(opts.data)),
+        "layout": dataset.layout,
+        "split": dataset.split,
+        "labels": opts.labels,
+        "vocab": dataset.vocab.name,
+        "val_split": opts.val_split,
+        "arch": arch,
+        "clip_arch_option": opts.arch,
+        "weights": opts.weights,
+        "dino_model": opts.dino_model,
+        "dino_weights": opts.dino_weights,
+        "device": str(device),
+        "world_size": world,
+        "train": cfg.to_dict(),
+        "decoder": decoder_cfg.to_dict(),
+    }
