@@ -18,55 +18,36 @@ Imports torch: import lazily.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ssr_cli.cmpa.config import CmpaConfig
-from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_batch
-from ssr_cli.cmpa.loss import prototype_loss, similarity_stats
-from ssr_cli.cmpa.prototypes import (
-    Prototypes,
-    clip_pass,
-    ema_update,
-    embedding_moment,
-    pool_features,
-    refresh_prototypes,
-    text_prototypes,
-    weighted_mean,
-)
-from ssr_cli.console import ProgressBar, info, progress_enabled
+from ssr_cli.cmpa.data import Loader, TrainItem
+from ssr_cli.cmpa.loss import similarity_stats
+from ssr_cli.cmpa.prototypes import Prototypes, clip_pass, embedding_moment
+from ssr_cli.console import info
 from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
-from ssr_cli.runtime import autocast
 from ssr_cli.train import distributed as D
-from ssr_cli.train.log import LOG_FILE, log_writer, peak_memory_mb, truncate_log
-from ssr_cli.train.state import step_seed
+from ssr_cli.train.log import peak_memory_mb
+from ssr_cli.train.loop import StepTimes, open_run, sync_device, wrap_ddp
+from ssr_cli.train.proto_loop import (
+    PromptSet,
+    ProtoLoop,
+    ProtoParts,
+    add_finite,
+    head_groups,
+    prompt_set,
+)
+from ssr_cli.train.state import restore_training, rng_states
 
 # log-window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
-_WINDOW = 10
+WINDOW_SIZE = 10
 STAGE = "train-cmpa"  # (its step seeds)
-
-
-def prompt_embeddings(model: Any, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(classes [K, T, E], background [B, T, E]): CLIP's normalised embedding of every
-    template filled with every class prompt / background word (one text pass)."""
-    templates = list(vocab.templates)
-    words = list(vocab.prompts) + list(vocab.background)
-    encoded = model.encode_text([t.format(w) for w in words for t in templates])
-    per = encoded.view(len(words), len(templates), -1)
-    k = len(vocab.prompts)
-    return per[:k].contiguous(), per[k:].contiguous()
-
-
-def class_embeddings(prompts: torch.Tensor) -> torch.Tensor:
-    """[K, T, E] -> [K, E]: normalise(mean over templates), as ``cam.prompts.text_embeddings``."""
-    return F.normalize(prompts.mean(dim=1), dim=-1)
 
 
 def init_heads(
@@ -98,9 +79,118 @@ def init_heads(
     return heads
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def load_or_init_heads(
+    model: Any,
+    items: list[TrainItem],
+    cfg: CmpaConfig,
+    env: D.DistEnv,
+    prompts: PromptSet,
+    loader: Loader,
+    resume: dict[str, Any] | None,
+) -> CmpaHeads:
+    """The heads of checkpoint ``resume``, else the step-0 heads (:func:`init_heads`)."""
+    if resume is not None:
+        heads = CmpaHeads(HeadConfig.from_dict(resume["head_config"]), cfg.temperature)
+        heads.load_state_dict(resume["heads"])
+        return heads
+    return init_heads(model, items, cfg, env, torch.cat([prompts.fg, prompts.bg]), cfg.precision, loader)
+
+
+class CmpaLoop(ProtoLoop):
+    """train-cmpa's steps: CLIP forward and GradCAM, the prototype loss through the heads."""
+
+    name = STAGE
+    sync_what = "the CMPA heads"
+
+    def cams_through_heads(self) -> bool:
+        return bool(self.cfg.cam_source == "heads")
+
+    def step(self, it: int) -> torch.Tensor:
+        cfg, env, device, heads, prompts = self.cfg, self.env, self.env.device, self.heads, self.prompts
+        self.begin_step(it)
+        t0 = time.perf_counter()
+        idx = self.stream.indices(it, env.rank)
+        x = self.fetch(it)
+        t1 = time.perf_counter()
+        present = [list(self.items[i].classes) for i in idx]
+        with torch.no_grad():
+            use_heads = cfg.cam_source == "heads"
+            fg_cam = heads.project_text(prompts.fg) if use_heads else prompts.fg
+            bg_cam = heads.project_text(prompts.bg) if use_heads else prompts.bg
+        head = heads.project_image if cfg.cam_source == "heads" else None
+        patches, cams, img_idx, cls_idx = clip_pass(
+            self.model, x, present, fg_cam, bg_cam, head, self.precision
+        )
+        sync_device(device)
+        t2 = time.perf_counter()
+        step = self.prototype_forward(patches, cams, img_idx, cls_idx)
+        touch = step.touch()
+        loss = step.loss + 0.0 * touch  # every parameter in the graph, even without anchors (DDP)
+        self.update(loss)
+        text_live = step.live.detach()
+        self.ema(step, cls_idx)
+        same, other = similarity_stats(step.feats[step.ok].detach(), cls_idx[step.ok], text_live)
+        self.window[0] += loss.detach().double()
+        self.window[9] += 1
+        for j, v in enumerate((step.stats["loss_i2t"], step.stats["loss_t2i"], same, other)):
+            add_finite(self.window, 2 * j + 1, v)  # (sum, count) pairs at 1-2, 3-4, 5-6, 7-8
+        sync_device(device)
+        t3 = time.perf_counter()
+        self.times.add_step((t1 - t0, t2 - t1, t3 - t2))
+        return loss.detach()
+
+    def log_window(self, done: int) -> None:
+        w = self.reduced_window().tolist()
+        speed = self.speed()
+        record = {
+            "type": "train",
+            "iter": done,
+            "loss": w[0] / max(w[9], 1),
+            "loss_i2t": w[1] / w[2] if w[2] else None,
+            "loss_t2i": w[3] / w[4] if w[4] else None,
+            "sim_same": w[5] / w[6] if w[6] else None,
+            "sim_other": w[7] / w[8] if w[8] else None,
+            "temperature": self.heads.temperature,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "iters_per_s": round(speed, 4),
+            **peak_memory_mb(self.env.device),
+            **{f"time_{k}": round(v, 4) for k, v in self.times.window.items()},
+        }
+        status = f"loss {record['loss']:.4f}  temperature {record['temperature']:.4f}  {speed:.2f} it/s"
+        self.report_window(done, record, status)
+
+    def checkpoint_state(self, done: int) -> dict[str, Any]:
+        assert self.protos is not None
+        return {
+            "iteration": done,
+            "heads": self.heads.state_dict(),
+            "head_config": self.heads.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "prototypes": self.protos.state_dict(),
+            "rng": rng_states(),
+            "window": self.reduced_window().cpu(),
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            "clip": self.clip_id,
+        }
+
+    def summary(self, digests: list[str]) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        steps = self.cfg.iters - self.start
+        timing = self.times.total
+        busy = sum(timing.values())
+        return {
+            "iterations": self.cfg.iters,
+            "resumed_from": self.start,
+            "final": self.last,
+            "temperature": self.heads.temperature,
+            "seconds": round(seconds, 2),
+            "iters_per_s": round(steps / max(seconds, 1e-9), 4),
+            "time_share": {key: round(v / busy, 4) for key, v in timing.items()} if busy > 0 else {},
+            "rank_digests": digests,
+            **peak_memory_mb(self.env.device),
+        }
 
 
 def train(
@@ -117,235 +207,38 @@ def train(
 ) -> tuple[CmpaHeads, Prototypes, dict[str, Any]]:
     """Train CMPA heads into run folder ``out``; returns (heads, prototypes, summary).
 
-    Rank 0 writes ``checkpoints/last.pt`` every ``save_every`` iterations and at the
-    end, and ``log.jsonl``. ``resume``: a loaded ``last.pt`` to continue from.
+    Rank 0 writes ``checkpoints/last.pt`` every ``save_every`` iterations and at the end,
+    and ``log.jsonl``. ``resume``: a loaded ``last.pt`` to continue from.
     """
-    from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states
-
-    device, precision = env.device, cfg.precision
     if not items:
         raise DataError("no training image has an image-level label", hint="check --labels and --split")
-    fg_prompts, bg_prompts = (t.to(device) for t in prompt_embeddings(model, vocab))
-    fg, bg = class_embeddings(fg_prompts), class_embeddings(bg_prompts)
-    k, t_count = fg_prompts.shape[:2]
-    flat_prompts = fg_prompts.reshape(k * t_count, -1)
-    txt_cls = torch.arange(k, device=device).repeat_interleave(t_count)
+    prompts = prompt_set(model, vocab, env.device)
     loader = Loader(cfg.workers)
     try:
-        if resume is not None:
-            heads = CmpaHeads(HeadConfig.from_dict(resume["head_config"]), cfg.temperature)
-            heads.load_state_dict(resume["heads"])
-        else:
-            heads = init_heads(model, items, cfg, env, torch.cat([fg, bg]), precision, loader)
-        heads.to(device).train()
-        decay = [p for n, p in heads.named_parameters() if n != "log_inv_tau"]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": [heads.log_inv_tau], "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
+        heads = load_or_init_heads(model, items, cfg, env, prompts, loader, resume)
+        heads.to(env.device).train()
+        optimizer = torch.optim.AdamW(head_groups(heads, cfg.weight_decay), lr=cfg.lr)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        start = 0 if resume is None else restore_training(resume, optimizer=optimizer, scaler=scaler)
+        net = wrap_ddp(heads, env)
+        files = open_run(out, env, start, cfg.tensorboard, redone_at_last=lambda r: "prototypes" in r)
+        loop = CmpaLoop(
+            ProtoParts(model, heads, net, items, prompts, loader, optimizer, scaler),
+            cfg=cfg,
+            env=env,
+            files=files,
+            start=start,
+            sync_module=heads,
+            times=StepTimes(("data", "clip", "heads"), extra=("protos",)),
+            window_size=WINDOW_SIZE,
+            resume=resume,
+            fingerprint=run_fingerprint,
+            clip_id=clip_id,
         )
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        start, protos, window = 0, None, torch.zeros(_WINDOW, dtype=torch.float64, device=device)
-        if resume is not None:
-            optimizer.load_state_dict(resume["optimizer"])
-            scaler.load_state_dict(resume["scaler"])
-            set_rng_states(resume["rng"])
-            start = int(resume["iteration"])
-            protos = Prototypes.from_state_dict(resume["prototypes"], device)
-            if env.is_main:  # the saved window is already summed over ranks
-                window = resume["window"].to(device=device, dtype=torch.float64)
-        net: torch.nn.Module = heads
-        if env.enabled:
-            net = torch.nn.parallel.DistributedDataParallel(
-                heads, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        stream = SampleStream(len(items), cfg.seed, cfg.batch_size, env.world)
-        log_path, ckpt_dir = out / LOG_FILE, out / "checkpoints"
-        if env.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            truncate_log(log_path, start, redone_at_last=lambda r: "prototypes" in r)  # refreshed again
-
-        write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
-
-        def jobs(it: int) -> list[tuple[Path, int, Any]]:
-            idx, side, augs = step_batch(stream, cfg, it, env.rank, model.patch_size)
-            return [(items[i].image, side, a) for i, a in zip(idx, augs, strict=True)]
-
-        timing = {"data": 0.0, "clip": 0.0, "heads": 0.0, "protos": 0.0}
-        wtime = {"data": 0.0, "clip": 0.0, "heads": 0.0}  # this log window's step time, by part
-        bar_box: list[Any] = [None]
-
-        def refresh(it: int) -> Prototypes:
-            found, seconds = refresh_prototypes(
-                "train-cmpa",
-                it,
-                model=model,
-                heads=heads,
-                items=items,
-                cfg=cfg,
-                prompts=(fg_prompts, bg_prompts),
-                cams=(fg, bg, cfg.cam_source == "heads"),
-                precision=precision,
-                env=env,
-                loader=loader,
-                pick_seed=step_seed(cfg.seed, it, 0, STAGE) % 2**31,
-                bar=bar_box[0],
-                write_log=write_log,
-            )
-            timing["protos"] += seconds
-            return found
-
-        def checkpoint_state(iteration: int) -> dict[str, Any]:
-            assert protos is not None
-            return {
-                "iteration": iteration,
-                "heads": heads.state_dict(),
-                "head_config": heads.cfg.to_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "prototypes": protos.state_dict(),
-                "rng": rng_states(),
-                "window": D.all_reduce_sum(env, window.clone()).cpu(),
-                "config": cfg.to_dict(),
-                "fingerprint": run_fingerprint,
-                "clip": clip_id or {},
-            }
-
-        started = time.perf_counter()
-        clock = {"start": time.perf_counter(), "steps": 0}
-        last: dict[str, Any] = {}
-        with (
-            ProgressBar("train-cmpa", total=cfg.iters, completed=start)
-            if env.is_main
-            else contextlib.nullcontext() as bar
-        ):
-            bar_box[0] = bar
-            for it in range(start, cfg.iters):
-                if it % cfg.proto_every == 0 or protos is None:
-                    protos = refresh(it)
-                torch.manual_seed(step_seed(cfg.seed, it, env.rank, STAGE))
-                t0 = time.perf_counter()
-                idx = stream.indices(it, env.rank)
-                for ahead in range(it + 1, min(it + 1 + loader.ahead, cfg.iters)):
-                    loader.submit(("train", ahead), jobs(ahead))
-                x = loader.get(("train", it), jobs(it)).to(device)
-                t1 = time.perf_counter()
-                present = [list(items[i].classes) for i in idx]
-                with torch.no_grad():
-                    use_heads = cfg.cam_source == "heads"
-                    fg_cam = heads.project_text(fg) if use_heads else fg
-                    bg_cam = heads.project_text(bg) if use_heads else bg
-                head = heads.project_image if cfg.cam_source == "heads" else None
-                patches, cams, img_idx, cls_idx = clip_pass(
-                    model, x, present, fg_cam, bg_cam, head, precision
-                )
-                _sync(device)
-                t2 = time.perf_counter()
-                if cfg.pool == "tokens":  # ISA(CAM-weighted mean token): the CAM's ISA(mean token) form
-                    pooled, ok = weighted_mean(cams, patches, img_idx)
-                    with autocast(device, precision):
-                        projected, txt, inv_tau = net(pooled, flat_prompts)
-                    feats = F.normalize(projected.float(), dim=-1)
-                else:
-                    with autocast(device, precision):
-                        projected, txt, inv_tau = net(patches, flat_prompts)
-                    feats, ok = pool_features(cams, projected, img_idx)
-                txt_feats = F.normalize(txt.float(), dim=-1)
-                live = F.normalize(txt_feats.view(k, t_count, -1).mean(dim=1), dim=-1)
-                loss, stats = prototype_loss(
-                    feats[ok],
-                    cls_idx[ok],
-                    txt_feats,
-                    txt_cls,
-                    protos,
-                    inv_tau.float(),
-                    text_live=live if cfg.text_target == "live" else None,
-                )
-                touch = projected.float().sum() + txt.float().sum()
-                loss = loss + 0.0 * touch  # every parameter in the graph, even without anchors (DDP)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                text_live = live.detach()
-                if cfg.proto_ema > 0:
-                    with torch.no_grad():
-                        bg_live = text_prototypes(heads.project_text, bg_prompts)
-                    ema_update(protos, feats[ok], cls_idx[ok], text_live, bg_live, cfg.proto_ema, env)
-                same, other = similarity_stats(feats[ok].detach(), cls_idx[ok], text_live)
-                window[0] += loss.detach().double()
-                window[9] += 1
-                for j, v in enumerate((stats["loss_i2t"], stats["loss_t2i"], same, other)):
-                    if bool(torch.isfinite(v)):  # (sum, count) pairs at 1-2, 3-4, 5-6, 7-8
-                        window[2 * j + 1] += v.double()
-                        window[2 * j + 2] += 1
-                _sync(device)
-                t3 = time.perf_counter()
-                for key, dt in (("data", t1 - t0), ("clip", t2 - t1), ("heads", t3 - t2)):
-                    timing[key] += dt
-                    wtime[key] += dt
-                clock["steps"] += 1
-                done = it + 1
-
-                if done % cfg.log_every == 0 or done == cfg.iters:
-                    w = D.all_reduce_sum(env, window.clone()).tolist()
-                    seconds = time.perf_counter() - clock["start"]
-                    speed = clock["steps"] / max(seconds, 1e-9)
-                    last = {
-                        "type": "train",
-                        "iter": done,
-                        "loss": w[0] / max(w[9], 1),
-                        "loss_i2t": w[1] / w[2] if w[2] else None,
-                        "loss_t2i": w[3] / w[4] if w[4] else None,
-                        "sim_same": w[5] / w[6] if w[6] else None,
-                        "sim_other": w[7] / w[8] if w[8] else None,
-                        "temperature": heads.temperature,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "iters_per_s": round(speed, 4),
-                        **peak_memory_mb(device),
-                        **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
-                    }
-                    write_log(last)
-                    status = (
-                        f"loss {last['loss']:.4f}  temperature {last['temperature']:.4f}  {speed:.2f} it/s"
-                    )
-                    if bar is not None:
-                        bar.update(advance=int(clock["steps"]), status=status)
-                    if env.is_main and not progress_enabled():
-                        info(f"train-cmpa: iteration {done}/{cfg.iters}  {status}")
-                    window.zero_()
-                    wtime.update(data=0.0, clip=0.0, heads=0.0)
-                    clock.update(start=time.perf_counter(), steps=0)
-
-                if cfg.check_sync_every and done % cfg.check_sync_every == 0:
-                    D.check_ranks_agree(env, heads, float(loss.detach()), done, write_log, "the CMPA heads")
-
-                if done % cfg.save_every == 0 or done == cfg.iters:
-                    state = checkpoint_state(done)
-                    if env.is_main:
-                        save_checkpoint(ckpt_dir / "last.pt", state)
-                    D.barrier(env)
-        if protos is None:  # --iters 0: the step-0 heads and prototypes
-            protos = refresh(start)
-        digests = D.all_gather_object(env, D.parameter_digest(heads))
-        seconds = time.perf_counter() - started
-        steps = cfg.iters - start
-        busy = sum(timing.values())
-        summary = {
-            "iterations": cfg.iters,
-            "resumed_from": start,
-            "final": last,
-            "temperature": heads.temperature,
-            "seconds": round(seconds, 2),
-            "iters_per_s": round(steps / max(seconds, 1e-9), 4),
-            "time_share": {key: round(v / busy, 4) for key, v in timing.items()} if busy > 0 else {},
-            "rank_digests": digests,
-            **peak_memory_mb(device),
-        }
-        if board is not None:
-            board.close()
+        loop.run()
+        protos, digests = loop.finish()
+        summary = loop.summary(digests)
+        files.close()
         return heads, protos, summary
     finally:
         loader.close()

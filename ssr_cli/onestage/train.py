@@ -23,31 +23,21 @@ Imports torch: import lazily.
 
 from __future__ import annotations
 
-import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ssr_cli.cmpa.data import Loader, SampleStream, TrainItem, step_batch
-from ssr_cli.cmpa.loss import prototype_loss
-from ssr_cli.cmpa.prototypes import (
-    Prototypes,
-    ema_update,
-    pool_features,
-    refresh_prototypes,
-    text_prototypes,
-    weighted_mean,
-)
-from ssr_cli.cmpa.train import class_embeddings, init_heads, prompt_embeddings
-from ssr_cli.console import ProgressBar, info, progress_enabled
+from ssr_cli.cmpa.data import Loader, TrainItem
+from ssr_cli.cmpa.prototypes import Prototypes
+from ssr_cli.cmpa.train import load_or_init_heads
 from ssr_cli.errors import DataError
 from ssr_cli.models.clip import CLIP_MEAN, CLIP_STD
-from ssr_cli.models.cmpa import CmpaHeads, HeadConfig
-from ssr_cli.onestage.config import REGION_CELLS, SsrConfig
+from ssr_cli.models.cmpa import CmpaHeads
+from ssr_cli.onestage.config import SsrConfig
 from ssr_cli.onestage.decoder import (
     DecoderConfig,
     SegDecoder,
@@ -56,41 +46,257 @@ from ssr_cli.onestage.decoder import (
     layer_tokens,
     save_model_file,
 )
+from ssr_cli.onestage.parts import Joint, build_decoder, joint_optimizer, region_cache
 from ssr_cli.onestage.pseudo import RegionCache, dino_grid_attention, pseudo_masks
-from ssr_cli.runtime import autocast
 from ssr_cli.seg.loss import segmentation_loss
 from ssr_cli.train import distributed as D
-from ssr_cli.train.log import LOG_FILE, log_writer, peak_memory_mb, truncate_log
-from ssr_cli.train.state import rng_states, save_checkpoint, set_rng_states, step_seed
+from ssr_cli.train.log import peak_memory_mb
+from ssr_cli.train.loop import StepTimes, open_run, sync_device, wrap_ddp
+from ssr_cli.train.proto_loop import ProtoLoop, ProtoParts, add_finite, prompt_set
+from ssr_cli.train.state import restore_training, rng_states
 
 STAGE = "train"  # (its step seeds)
 PARTS = ("data", "clip", "pseudo", "forward", "update")
 # log-window sums: loss, proto, n_proto, seg, n_seg, steps, foreground share of the pseudo-masks
-_WINDOW = 7
+WINDOW_SIZE = 7
 
 
-class Joint(nn.Module):
-    """The trained parts in one module (what DistributedDataParallel wraps): CMPA heads + decoder."""
+@dataclass
+class ClipPass:
+    """A step's frozen CLIP pass: its ``tokens`` (with the last blocks' attention), the CAMs of
+    the present classes (``cams``; ``flat`` [P, h*w]) for the (image, class) pairs ``img_idx``,
+    ``cls_idx``; the patch embeddings ``patches`` and the decoder's input tokens ``feats_in``."""
 
-    def __init__(self, heads: CmpaHeads, decoder: SegDecoder) -> None:
-        super().__init__()
-        self.heads = heads
-        self.decoder = decoder
-
-    def forward(
-        self, patches: torch.Tensor, prompts: torch.Tensor, tokens: list[torch.Tensor], grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        projected, txt, inv_tau = self.heads(patches, prompts)
-        return projected, txt, inv_tau, self.decoder(tokens, grid)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    tokens: Any
+    cams: list[torch.Tensor]
+    flat: torch.Tensor
+    img_idx: torch.Tensor
+    cls_idx: torch.Tensor
+    patches: torch.Tensor
+    feats_in: list[torch.Tensor]
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
+class SsrLoop(ProtoLoop):
+    """``ssr train``'s steps: CLIP and GradCAM through the heads, online pseudo-masks, the prototype
+    and segmentation losses; validation of the decoder; its checkpoints."""
+
+    name = STAGE
+
+    def setup(
+        self, dino: Any, decoder: SegDecoder, decoder_cfg: DecoderConfig, scheduler: Any, regions: Any
+    ) -> None:
+        """The parts of ``ssr train`` beyond the prototype loop's."""
+        cfg, model = self.cfg, self.model
+        self.dino, self.decoder, self.decoder_cfg, self.scheduler = dino, decoder, decoder_cfg, scheduler
+        self.regions: RegionCache | None = regions
+        self.sources = cfg.affinity.split("+") if cfg.affinity != "none" else []
+        self.weights = dict(zip(("clip", "dino"), cfg.affinity_weights, strict=True))
+        self.layers, self.last_block = decoder_cfg.layers, len(model.blocks) - 1
+        self.segmenter = SsrSegmenter(model, decoder, self.precision)
+        self.cam_target = None if cfg.cam_target == "auto" else cfg.cam_target
+
+    def prefetch(self, ahead: int) -> None:
+        if self.regions is not None:
+            self.regions.submit(self.stream.indices(ahead, self.env.rank))
+
+    def step(self, it: int) -> torch.Tensor:
+        cfg, device = self.cfg, self.env.device
+        self.begin_step(it)
+        t0 = time.perf_counter()
+        idx, _side, augs = self.batch_of(it)
+        x = self.fetch(it)
+        t1 = time.perf_counter()
+        present = [list(self.items[i].classes) for i in idx]
+        clip = self.clip_forward(x, present)
+        sync_device(device)
+        t2 = time.perf_counter()
+        target, waited = self.pseudo_targets(x, clip, present, idx, [a.flip for a in augs])
+        sync_device(device)
+        t3 = time.perf_counter() - waited
+        step = self.prototype_forward(
+            clip.patches, clip.flat, clip.img_idx, clip.cls_idx, clip.feats_in, clip.tokens.grid
+        )
+        sync_device(device)
+        t4 = time.perf_counter() - waited
+        logits = F.interpolate(
+            step.rest[0].float(), size=target.shape[-2:], mode="bilinear", align_corners=False
+        )
+        l_seg = segmentation_loss(logits, target, cfg.seg_loss)
+        touch = step.touch()
+        loss = step.loss + cfg.gamma * l_seg + 0.0 * touch  # every parameter in the graph (DDP)
+        self.update(loss)
+        self.scheduler.step()
+        self.ema(step, clip.cls_idx)
+        self.count(loss, step.loss, l_seg, target)
+        sync_device(device)
+        t5 = time.perf_counter() - waited
+        # forward: heads, decoder, prototype loss; update: segmentation loss, backward, step
+        self.times.add_step((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4))
+        return loss.detach()
+
+    def clip_forward(self, x: torch.Tensor, present: list[list[int]]) -> ClipPass:
+        """Frozen CLIP on the batch: block tokens, attention, GradCAM through the current heads."""
+        from ssr_cli.cam.gradcam import gradcam
+
+        model, heads, precision, device = self.model, self.heads, self.precision, self.env.device
+        with torch.no_grad():
+            fg_cam, bg_cam = heads.project_text(self.prompts.fg), heads.project_text(self.prompts.bg)
+        with capture_blocks(model, self.layers) as found_tokens:
+            tokens = model.image_tokens(
+                x,
+                grad_last_block=False,
+                precision=precision,
+                attn_blocks=self.cfg.clip_blocks if "clip" in self.sources else None,
+            )
+        cams = gradcam(
+            model,
+            tokens,
+            present,
+            fg_cam,
+            bg_cam,
+            image_head=heads.project_image,
+            precision=precision,
+            target=self.cam_target,
+        )
+        with torch.no_grad():
+            patches = model.patch_embeddings(tokens).detach()
+        feats_in = layer_tokens(found_tokens, tokens.post, self.layers, self.last_block)
+        pairs = [(i, c) for i, classes in enumerate(present) for c in classes]
+        img_idx = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
+        cls_idx = torch.tensor([c for _, c in pairs], dtype=torch.long, device=device)
+        flat = torch.cat([c.flatten(1) for c in cams], dim=0).to(device).float()
+        return ClipPass(tokens, cams, flat, img_idx, cls_idx, patches, feats_in)
+
+    def pseudo_targets(
+        self, x: torch.Tensor, clip: ClipPass, present: list[list[int]], idx: list[int], flips: list[Any]
+    ) -> tuple[torch.Tensor, float]:
+        """(the step's online pseudo-masks, seconds spent waiting for superpixels: once per image,
+        not step time)."""
+        from ssr_cli.refine.affinity import fuse_affinity
+
+        cfg, tokens = self.cfg, clip.tokens
+        with torch.no_grad():
+            attn: dict[str, torch.Tensor] = {}
+            if "clip" in self.sources:
+                assert tokens.attn is not None
+                attn["clip"] = tokens.attn.float()
+            if "dino" in self.sources:
+                attn["dino"] = dino_grid_attention(self.dino, x, tokens.grid, cfg.dino_blocks, self.precision)
+            affinity = fuse_affinity(attn, self.weights) if attn else None
+            waited = time.perf_counter()
+            maps = None if self.regions is None else [self.regions.get(i) for i in idx]
+            waited = time.perf_counter() - waited
+            self.times.pause(waited, "superpixels")
+            target = pseudo_masks(clip.cams, present, affinity, maps, flips, cfg).to(self.env.device)
+        return target, waited
+
+    def count(
+        self, loss: torch.Tensor, l_proto: torch.Tensor, l_seg: torch.Tensor, target: torch.Tensor
+    ) -> None:
+        """Add the step to the log window's sums."""
+        window = self.window
+        window[0] += loss.detach().double()
+        for j, v in ((1, l_proto), (3, l_seg)):
+            add_finite(window, j, v)
+        window[5] += 1
+        labelled = target != 255
+        window[6] += float(((target > 0) & labelled).sum()) / max(int(labelled.sum()), 1)
+
+    def log_window(self, done: int) -> None:
+        w = self.reduced_window().tolist()
+        busy = sum(self.times.window.values())
+        speed = self.speed()
+        record = {
+            "type": "train",
+            "iter": done,
+            "loss": w[0] / max(w[5], 1),
+            "loss_proto": w[1] / w[2] if w[2] else None,
+            "loss_seg": w[3] / w[4] if w[4] else None,
+            "pseudo_fg": w[6] / max(w[5], 1),
+            "temperature": self.heads.temperature,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seg_lr": self.optimizer.param_groups[2]["lr"],
+            "iters_per_s": round(speed, 4),
+            "seconds_per_iter": round(1 / max(speed, 1e-9), 4),
+            "pseudo_share": round(self.times.window["pseudo"] / busy, 4) if busy > 0 else None,
+            **peak_memory_mb(self.env.device),
+            **{f"time_{k}": round(v, 4) for k, v in self.times.window.items()},
+        }
+        self.report_window(done, record, f"loss {record['loss']:.4f}  {speed:.2f} it/s")
+
+    def paused(self, seconds: float) -> None:
+        self.times.pause(seconds, "val")  # validation and checkpoints are not step time
+
+    def validate(self, done: int) -> None:
+        from ssr_cli.seg.infer import validation_miou
+
+        if self.bar is not None:
+            self.bar.update(advance=0, status=f"validating {len(self.val_samples)} images")
+        decoder_cfg = self.decoder_cfg
+        result = validation_miou(
+            self.segmenter,
+            self.val_samples,
+            decoder_cfg.num_classes,
+            decoder_cfg.class_names,
+            CLIP_MEAN,
+            CLIP_STD,
+            self.env,
+            self.precision,
+        )
+        miou = result["miou"]
+
+        def best_state() -> dict[str, Any]:
+            return {
+                "iteration": done,
+                "decoder": self.decoder.state_dict(),
+                "miou": miou,
+                "decoder_config": decoder_cfg.to_dict(),
+                "fingerprint": self.fingerprint,
+            }
+
+        self.validated(done, miou, best_state, bar_status=False)
+        self.sync_module.train()
+
+    def checkpoint_state(self, done: int) -> dict[str, Any]:
+        assert self.protos is not None
+        return {
+            "iteration": done,
+            "heads": self.heads.state_dict(),
+            "head_config": self.heads.cfg.to_dict(),
+            "decoder": self.decoder.state_dict(),
+            "decoder_config": self.decoder_cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "prototypes": self.protos.state_dict(),
+            "rng": rng_states(),
+            "window": self.reduced_window().cpu(),
+            "best": self.best,
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            "clip": self.clip_id,
+        }
+
+    def summary(self, digests: list[str]) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.started
+        steps = self.cfg.iters - self.start
+        timing = self.times.total
+        busy = sum(timing[key] for key in PARTS)
+        return {
+            "iterations": self.cfg.iters,
+            "resumed_from": self.start,
+            "final": self.last,
+            "best": self.best,
+            "temperature": self.heads.temperature,
+            "seconds": round(seconds, 2),
+            "seconds_per_iter": round(busy / steps, 4) if steps else None,
+            "time_share": self.times.shares(),
+            "pseudo_share": round(timing["pseudo"] / busy, 4) if busy > 0 else None,
+            "prototype_seconds": round(timing["protos"], 2),
+            "superpixel_seconds": round(timing["superpixels"], 2),
+            "rank_digests": digests,
+            **peak_memory_mb(self.env.device),
+        }
 
 
 def train(
@@ -114,360 +320,43 @@ def train(
     ``checkpoints/best.pt`` (the decoder at the best validation mIoU), ``log.jsonl`` and
     ``model.safetensors`` (the final decoder).
     """
-    from ssr_cli.cam.gradcam import gradcam
-    from ssr_cli.refine.affinity import fuse_affinity
-    from ssr_cli.seg.infer import validation_miou
-
-    device, precision = env.device, cfg.precision
     if not items:
         raise DataError("no training image has an image-level label", hint="check --labels and --split")
-    fg_prompts, bg_prompts = (t.to(device) for t in prompt_embeddings(model, vocab))
-    fg, bg = class_embeddings(fg_prompts), class_embeddings(bg_prompts)
-    k, t_count = fg_prompts.shape[:2]
-    flat_prompts = fg_prompts.reshape(k * t_count, -1)
-    txt_cls = torch.arange(k, device=device).repeat_interleave(t_count)
-    cmpa_cfg = cfg.cmpa_config()
+    prompts = prompt_set(model, vocab, env.device)
     loader = Loader(cfg.workers)
-    side0 = max(model.patch_size, int(round(cfg.size / model.patch_size)) * model.patch_size)
-    regions = None
-    if cfg.mask == "sgc" and cfg.affinity != "none":  # the mask only masks the affinity's columns
-        cells = (side0 // model.patch_size) * REGION_CELLS
-        regions = RegionCache([i.image for i in items], side0, cells, cfg.sgc, cfg.workers)
-    sources = cfg.affinity.split("+") if cfg.affinity != "none" else []
-    weights = dict(zip(("clip", "dino"), cfg.affinity_weights, strict=True))
+    regions = region_cache(model, items, cfg)
     try:
+        heads = load_or_init_heads(model, items, cfg.cmpa_config(), env, prompts, loader, resume)
+        decoder = build_decoder(decoder_cfg, cfg.seed, resume)
+        joint = Joint(heads, decoder).to(env.device).train()
+        optimizer, scheduler = joint_optimizer(heads, decoder, cfg)
+        scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
+        start = 0
         if resume is not None:
-            heads = CmpaHeads(HeadConfig.from_dict(resume["head_config"]), cfg.temperature)
-            heads.load_state_dict(resume["heads"])
-        else:
-            heads = init_heads(model, items, cmpa_cfg, env, torch.cat([fg, bg]), precision, loader)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            decoder = SegDecoder(decoder_cfg)
-        if resume is not None:
-            decoder.load_state_dict(resume["decoder"])
-        joint = Joint(heads, decoder).to(device).train()
-        decay = [p for n, p in heads.named_parameters() if n != "log_inv_tau"]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr},
-                {"params": [heads.log_inv_tau], "weight_decay": 0.0, "lr": cfg.lr},
-                {
-                    "params": list(decoder.parameters()),
-                    "weight_decay": cfg.seg_weight_decay,
-                    "lr": cfg.seg_lr,
-                },
-            ],
-            lr=cfg.lr,
+            start = restore_training(resume, optimizer=optimizer, scaler=scaler, scheduler=scheduler)
+        net = wrap_ddp(joint, env)
+        files = open_run(out, env, start, cfg.tensorboard, redone_at_last=lambda r: "prototypes" in r)
+        loop = SsrLoop(
+            ProtoParts(model, heads, net, items, prompts, loader, optimizer, scaler),
+            cfg=cfg,
+            env=env,
+            files=files,
+            start=start,
+            sync_module=joint,
+            times=StepTimes(PARTS, extra=("protos", "val", "superpixels")),
+            window_size=WINDOW_SIZE,
+            resume=resume,
+            fingerprint=run_fingerprint,
+            clip_id=clip_id,
+            val_samples=val_samples,
         )
-        iters = max(cfg.iters, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            [lambda s: 1.0, lambda s: 1.0, lambda s: max(0.0, 1.0 - s / iters) ** cfg.poly_power],
-        )
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        start, protos = 0, None
-        window = torch.zeros(_WINDOW, dtype=torch.float64, device=device)
-        best: dict[str, Any] = {"miou": None, "iteration": None}
+        loop.setup(dino, decoder, decoder_cfg, scheduler, regions)
         if resume is not None:
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            scaler.load_state_dict(resume["scaler"])
-            set_rng_states(resume["rng"])
-            start = int(resume["iteration"])
-            protos = Prototypes.from_state_dict(resume["prototypes"], device)
-            best = dict(resume.get("best") or best)
-            if env.is_main:  # the saved window is already summed over ranks
-                window = resume["window"].to(device=device, dtype=torch.float64)
-        net: nn.Module = joint
-        if env.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                joint, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        stream = SampleStream(len(items), cfg.seed, cfg.batch_size, env.world)
-        log_path, ckpt_dir = out / LOG_FILE, out / "checkpoints"
-        if env.is_main:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            truncate_log(log_path, start, redone_at_last=lambda r: "prototypes" in r)
-        write_log, board = log_writer(out, log_path, env.is_main, cfg.tensorboard)
-        layers = decoder_cfg.layers
-        last_block = len(model.blocks) - 1
-        class_names = decoder_cfg.class_names
-        segmenter = SsrSegmenter(model, decoder, precision)
-        cam_target = None if cfg.cam_target == "auto" else cfg.cam_target
-
-        def batch_of(it: int) -> tuple[list[int], int, list[Any]]:
-            return step_batch(stream, cfg, it, env.rank, model.patch_size)
-
-        def jobs(it: int) -> list[tuple[Path, int, Any]]:
-            idx, side, augs = batch_of(it)
-            return [(items[i].image, side, a) for i, a in zip(idx, augs, strict=True)]
-
-        timing = dict.fromkeys((*PARTS, "protos", "val", "superpixels"), 0.0)
-        wtime = dict.fromkeys(PARTS, 0.0)
-        bar_box: list[Any] = [None]
-
-        def refresh(it: int) -> Prototypes:
-            found, seconds = refresh_prototypes(
-                "train",
-                it,
-                model=model,
-                heads=heads,
-                items=items,
-                cfg=cfg,
-                prompts=(fg_prompts, bg_prompts),
-                cams=(fg, bg, True),
-                precision=precision,
-                env=env,
-                loader=loader,
-                pick_seed=step_seed(cfg.seed, it, 0, STAGE) % 2**31,
-                bar=bar_box[0],
-                write_log=write_log,
-            )
-            timing["protos"] += seconds
-            return found
-
-        def checkpoint_state(iteration: int) -> dict[str, Any]:
-            assert protos is not None
-            return {
-                "iteration": iteration,
-                "heads": heads.state_dict(),
-                "head_config": heads.cfg.to_dict(),
-                "decoder": decoder.state_dict(),
-                "decoder_config": decoder_cfg.to_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "prototypes": protos.state_dict(),
-                "rng": rng_states(),
-                "window": D.all_reduce_sum(env, window.clone()).cpu(),
-                "best": best,
-                "config": cfg.to_dict(),
-                "fingerprint": run_fingerprint,
-                "clip": clip_id or {},
-            }
-
-        started = time.perf_counter()
-        clock = {"start": time.perf_counter(), "steps": 0}
-        last: dict[str, Any] = {}
-        with (
-            ProgressBar("train", total=cfg.iters, completed=start)
-            if env.is_main
-            else contextlib.nullcontext() as bar
-        ):
-            bar_box[0] = bar
-            for it in range(start, cfg.iters):
-                if it % cfg.proto_every == 0 or protos is None:
-                    protos = refresh(it)
-                torch.manual_seed(step_seed(cfg.seed, it, env.rank, STAGE))
-                t0 = time.perf_counter()
-                idx, _side, augs = batch_of(it)
-                for ahead in range(it + 1, min(it + 1 + loader.ahead, cfg.iters)):
-                    loader.submit(("train", ahead), jobs(ahead))
-                    if regions is not None:
-                        regions.submit(stream.indices(ahead, env.rank))
-                x = loader.get(("train", it), jobs(it)).to(device)
-                t1 = time.perf_counter()
-                present = [list(items[i].classes) for i in idx]
-                with torch.no_grad():
-                    fg_cam, bg_cam = heads.project_text(fg), heads.project_text(bg)
-                with capture_blocks(model, layers) as found_tokens:
-                    tokens = model.image_tokens(
-                        x,
-                        grad_last_block=False,
-                        precision=precision,
-                        attn_blocks=cfg.clip_blocks if "clip" in sources else None,
-                    )
-                cams = gradcam(
-                    model,
-                    tokens,
-                    present,
-                    fg_cam,
-                    bg_cam,
-                    image_head=heads.project_image,
-                    precision=precision,
-                    target=cam_target,
-                )
-                with torch.no_grad():
-                    patches = model.patch_embeddings(tokens).detach()
-                feats_in = layer_tokens(found_tokens, tokens.post, layers, last_block)
-                pairs = [(i, c) for i, classes in enumerate(present) for c in classes]
-                img_idx = torch.tensor([i for i, _ in pairs], dtype=torch.long, device=device)
-                cls_idx = torch.tensor([c for _, c in pairs], dtype=torch.long, device=device)
-                flat = torch.cat([c.flatten(1) for c in cams], dim=0).to(device).float()
-                _sync(device)
-                t2 = time.perf_counter()
-                with torch.no_grad():
-                    attn: dict[str, torch.Tensor] = {}
-                    if "clip" in sources:
-                        assert tokens.attn is not None
-                        attn["clip"] = tokens.attn.float()
-                    if "dino" in sources:
-                        attn["dino"] = dino_grid_attention(dino, x, tokens.grid, cfg.dino_blocks, precision)
-                    affinity = fuse_affinity(attn, weights) if attn else None
-                    waited = time.perf_counter()
-                    maps = None if regions is None else [regions.get(i) for i in idx]
-                    waited = time.perf_counter() - waited  # superpixels: once per image, not step time
-                    timing["superpixels"] += waited
-                    clock["start"] += waited
-                    target = pseudo_masks(cams, present, affinity, maps, [a.flip for a in augs], cfg).to(
-                        device
-                    )
-                _sync(device)
-                t3 = time.perf_counter() - waited
-                if cfg.pool == "tokens":  # as train-cmpa: ISA(CAM-weighted mean token)
-                    pooled, ok = weighted_mean(flat, patches, img_idx)
-                    with autocast(device, precision):
-                        projected, txt, inv_tau, logits = net(pooled, flat_prompts, feats_in, tokens.grid)
-                    feats = F.normalize(projected.float(), dim=-1)
-                else:
-                    with autocast(device, precision):
-                        projected, txt, inv_tau, logits = net(patches, flat_prompts, feats_in, tokens.grid)
-                    feats, ok = pool_features(flat, projected, img_idx)
-                txt_feats = F.normalize(txt.float(), dim=-1)
-                live = F.normalize(txt_feats.view(k, t_count, -1).mean(dim=1), dim=-1)
-                l_proto, _stats = prototype_loss(
-                    feats[ok],
-                    cls_idx[ok],
-                    txt_feats,
-                    txt_cls,
-                    protos,
-                    inv_tau.float(),
-                    text_live=live if cfg.text_target == "live" else None,
-                )
-                _sync(device)
-                t4 = time.perf_counter() - waited
-                logits = F.interpolate(
-                    logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False
-                )
-                l_seg = segmentation_loss(logits, target, cfg.seg_loss)
-                touch = projected.float().sum() + txt.float().sum()
-                loss = l_proto + cfg.gamma * l_seg + 0.0 * touch  # every parameter in the graph (DDP)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                if cfg.proto_ema > 0:
-                    with torch.no_grad():
-                        bg_live = text_prototypes(heads.project_text, bg_prompts)
-                    ema_update(protos, feats[ok], cls_idx[ok], live.detach(), bg_live, cfg.proto_ema, env)
-                window[0] += loss.detach().double()
-                for j, v in ((1, l_proto), (3, l_seg)):
-                    if bool(torch.isfinite(v.detach())):
-                        window[j] += v.detach().double()
-                        window[j + 1] += 1
-                window[5] += 1
-                labelled = target != 255
-                window[6] += float(((target > 0) & labelled).sum()) / max(int(labelled.sum()), 1)
-                _sync(device)
-                t5 = time.perf_counter() - waited
-                # forward: heads, decoder, prototype loss; update: segmentation loss, backward, step
-                for key, dt in zip(PARTS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-                    timing[key] += dt
-                    wtime[key] += dt
-                clock["steps"] += 1
-                done = it + 1
-
-                if done % cfg.log_every == 0 or done == cfg.iters:
-                    w = D.all_reduce_sum(env, window.clone()).tolist()
-                    seconds = time.perf_counter() - clock["start"]
-                    busy = sum(wtime.values())
-                    speed = clock["steps"] / max(seconds, 1e-9)
-                    last = {
-                        "type": "train",
-                        "iter": done,
-                        "loss": w[0] / max(w[5], 1),
-                        "loss_proto": w[1] / w[2] if w[2] else None,
-                        "loss_seg": w[3] / w[4] if w[4] else None,
-                        "pseudo_fg": w[6] / max(w[5], 1),
-                        "temperature": heads.temperature,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "seg_lr": optimizer.param_groups[2]["lr"],
-                        "iters_per_s": round(speed, 4),
-                        "seconds_per_iter": round(1 / max(speed, 1e-9), 4),
-                        "pseudo_share": round(wtime["pseudo"] / busy, 4) if busy > 0 else None,
-                        **peak_memory_mb(device),
-                        **{f"time_{k}": round(v, 4) for k, v in wtime.items()},
-                    }
-                    write_log(last)
-                    status = f"loss {last['loss']:.4f}  {speed:.2f} it/s"
-                    if bar is not None:
-                        bar.update(advance=int(clock["steps"]), status=status)
-                    if env.is_main and not progress_enabled():
-                        info(f"train: iteration {done}/{cfg.iters}  {status}")
-                    window.zero_()
-                    wtime.update(dict.fromkeys(PARTS, 0.0))
-                    clock.update(start=time.perf_counter(), steps=0)
-
-                paused = time.perf_counter()
-                if cfg.check_sync_every and done % cfg.check_sync_every == 0:
-                    D.check_ranks_agree(env, joint, float(loss.detach()), done, write_log)
-
-                if val_samples and (done == cfg.iters or (cfg.val_every and done % cfg.val_every == 0)):
-                    if bar is not None:
-                        bar.update(advance=0, status=f"validating {len(val_samples)} images")
-                    result = validation_miou(
-                        segmenter,
-                        val_samples,
-                        decoder_cfg.num_classes,
-                        class_names,
-                        CLIP_MEAN,
-                        CLIP_STD,
-                        env,
-                        precision,
-                    )
-                    miou = result["miou"]
-                    improved = miou is not None and (best["miou"] is None or miou > best["miou"])
-                    if improved:
-                        best = {"miou": miou, "iteration": done}
-                    write_log({"type": "val", "iter": done, "val_miou": miou, "best_miou": best["miou"]})
-                    if env.is_main:
-                        info(f"train: iteration {done}: validation mIoU {_pct(miou)}")
-                        if improved:
-                            save_checkpoint(
-                                ckpt_dir / "best.pt",
-                                {
-                                    "iteration": done,
-                                    "decoder": decoder.state_dict(),
-                                    "miou": miou,
-                                    "decoder_config": decoder_cfg.to_dict(),
-                                    "fingerprint": run_fingerprint,
-                                },
-                            )
-                    joint.train()
-
-                if done % cfg.save_every == 0 or done == cfg.iters:
-                    state = checkpoint_state(done)
-                    if env.is_main:
-                        save_checkpoint(ckpt_dir / "last.pt", state)
-                    D.barrier(env)
-                pause = time.perf_counter() - paused
-                timing["val"] += pause
-                clock["start"] += pause  # validation and checkpoints are not step time
-        if protos is None:  # --iters 0
-            protos = refresh(start)
-        digests = D.all_gather_object(env, D.parameter_digest(joint))
-        seconds = time.perf_counter() - started
-        steps = cfg.iters - start
-        busy = sum(timing[key] for key in PARTS)
-        summary = {
-            "iterations": cfg.iters,
-            "resumed_from": start,
-            "final": last,
-            "best": best,
-            "temperature": heads.temperature,
-            "seconds": round(seconds, 2),
-            "seconds_per_iter": round(busy / steps, 4) if steps else None,
-            "time_share": {key: round(timing[key] / busy, 4) for key in PARTS} if busy > 0 else {},
-            "pseudo_share": round(timing["pseudo"] / busy, 4) if busy > 0 else None,
-            "prototype_seconds": round(timing["protos"], 2),
-            "superpixel_seconds": round(timing["superpixels"], 2),
-            "rank_digests": digests,
-            **peak_memory_mb(device),
-        }
-        if board is not None:
-            board.close()
+            loop.best = dict(resume.get("best") or loop.best)
+        loop.run()
+        protos, digests = loop.finish()
+        summary = loop.summary(digests)
+        files.close()
         return heads, protos, decoder, summary
     finally:
         loader.close()

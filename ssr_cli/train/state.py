@@ -1,6 +1,6 @@
 """Training checkpoints: atomic ``torch.save`` of plain values and tensors (they load with
 ``torch.load(weights_only=True)``, so no code runs) and every global RNG state, so that
-``--resume`` continues exactly. Shared by train-cmpa and fit-seg.
+``--resume`` continues exactly. Shared by train-cmpa, fit-seg and train.
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def restore_training(state: dict[str, Any], *, optimizer: Any, scaler: Any, scheduler: Any = None) -> int:
+    """Continue from checkpoint ``state``: load the optimizer, the scheduler (if any) and the AMP
+    scaler, restore every RNG state; returns the iteration to resume at."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+    return int(state["iteration"])
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
