@@ -47,6 +47,16 @@ def _blocks_text(blocks: int | tuple[int, ...]) -> str:
     return str(blocks) if isinstance(blocks, int) else ",".join(str(b) for b in blocks)
 
 
+def _sgc(flag: str, what: str, **limits: Any) -> Any:
+    """A ``--sgc-*`` option: its help names the SGC mask."""
+    return typer.Option(flag, help=f"{_SGC}: {what}.", **limits)
+
+
+def _crf(flag: str, what: str, **limits: Any) -> Any:
+    """A ``--crf-*`` option: its help names the dense CRF."""
+    return typer.Option(flag, help=f"{_CRF}: {what}.", **limits)
+
+
 T = TypeVar("T")
 
 
@@ -158,41 +168,30 @@ def refine_command(
             "the right/bottom edge loses its last column/row); full = whole boxes, threshold x float max.",
         ),
     ] = _R.box_style,
-    sgc_slic: Annotated[
-        str, typer.Option("--sgc-slic", help=f"{_SGC}: SLIC | SLICO | MSLIC.")
-    ] = _S.slic_algorithm,
+    sgc_slic: Annotated[str, _sgc("--sgc-slic", "SLIC | SLICO | MSLIC")] = _S.slic_algorithm,
     sgc_region_size: Annotated[
-        int,
-        typer.Option("--sgc-region-size", min=2, help=f"{_SGC}: superpixel size in pixels (one CLIP patch)."),
+        int, _sgc("--sgc-region-size", "superpixel size in pixels (one CLIP patch)", min=2)
     ] = _S.region_size,
-    sgc_ruler: Annotated[float, typer.Option("--sgc-ruler", help=f"{_SGC}: SLIC compactness.")] = _S.ruler,
-    sgc_iterations: Annotated[
-        int, typer.Option("--sgc-iterations", min=1, help=f"{_SGC}: SLIC iterations.")
-    ] = _S.iterations,
-    sgc_clusters: Annotated[
-        int, typer.Option("--sgc-clusters", min=1, help=f"{_SGC}: K-means colour clusters.")
-    ] = _S.n_clusters,
+    sgc_ruler: Annotated[float, _sgc("--sgc-ruler", "SLIC compactness")] = _S.ruler,
+    sgc_iterations: Annotated[int, _sgc("--sgc-iterations", "SLIC iterations", min=1)] = _S.iterations,
+    sgc_clusters: Annotated[int, _sgc("--sgc-clusters", "K-means colour clusters", min=1)] = _S.n_clusters,
     sgc_region_mode: Annotated[
-        str, typer.Option("--sgc-region-mode", help=f"{_SGC}: connected (pieces of a cluster) | cluster.")
+        str, _sgc("--sgc-region-mode", "connected (pieces of a cluster) | cluster")
     ] = _S.region_mode,
     sgc_high_conf: Annotated[
-        float,
-        typer.Option("--sgc-high-conf", min=0.0, max=1.0, help=f"{_SGC}: high-confidence CAM level x max."),
+        float, _sgc("--sgc-high-conf", "high-confidence CAM level x max", min=0.0, max=1.0)
     ] = _S.high_conf,
     sgc_region_thresh: Annotated[
         float,
-        typer.Option(
+        _sgc(
             "--sgc-region-thresh",
+            "share of high-confidence pixels that makes a region a target",
             min=0.0,
             max=1.0,
-            help=f"{_SGC}: share of high-confidence pixels that makes a region a target.",
         ),
     ] = _S.region_thresh,
     sgc_patch_fraction: Annotated[
-        float,
-        typer.Option(
-            "--sgc-patch-fraction", min=0.0, max=1.0, help=f"{_SGC}: share of a patch in targets to keep it."
-        ),
+        float, _sgc("--sgc-patch-fraction", "share of a patch in targets to keep it", min=0.0, max=1.0)
     ] = _S.patch_fraction,
     bg_alpha: Annotated[
         float,
@@ -201,24 +200,12 @@ def refine_command(
     crf: Annotated[
         bool, typer.Option("--crf/--no-crf", help=f"{_CRF} on the CAMs (docs/METHOD.md section 4).")
     ] = _R.crf,
-    crf_iters: Annotated[
-        int, typer.Option("--crf-iters", min=1, help=f"{_CRF}: mean-field iterations.")
-    ] = _C.iters,
-    crf_gauss_sxy: Annotated[
-        float, typer.Option("--crf-gauss-sxy", help=f"{_CRF}: Gaussian sxy.")
-    ] = _C.gauss_sxy,
-    crf_gauss_compat: Annotated[
-        float, typer.Option("--crf-gauss-compat", help=f"{_CRF}: Gaussian compat.")
-    ] = _C.gauss_compat,
-    crf_bi_sxy: Annotated[
-        float, typer.Option("--crf-bi-sxy", help=f"{_CRF}: bilateral sxy.")
-    ] = _C.bilateral_sxy,
-    crf_bi_srgb: Annotated[
-        float, typer.Option("--crf-bi-srgb", help=f"{_CRF}: bilateral srgb.")
-    ] = _C.bilateral_srgb,
-    crf_bi_compat: Annotated[
-        float, typer.Option("--crf-bi-compat", help=f"{_CRF}: bilateral compat.")
-    ] = _C.bilateral_compat,
+    crf_iters: Annotated[int, _crf("--crf-iters", "mean-field iterations", min=1)] = _C.iters,
+    crf_gauss_sxy: Annotated[float, _crf("--crf-gauss-sxy", "Gaussian sxy")] = _C.gauss_sxy,
+    crf_gauss_compat: Annotated[float, _crf("--crf-gauss-compat", "Gaussian compat")] = _C.gauss_compat,
+    crf_bi_sxy: Annotated[float, _crf("--crf-bi-sxy", "bilateral sxy")] = _C.bilateral_sxy,
+    crf_bi_srgb: Annotated[float, _crf("--crf-bi-srgb", "bilateral srgb")] = _C.bilateral_srgb,
+    crf_bi_compat: Annotated[float, _crf("--crf-bi-compat", "bilateral compat")] = _C.bilateral_compat,
     crf_image: Annotated[
         str,
         typer.Option(
@@ -289,7 +276,7 @@ def refine_command(
     set_quiet(quiet)
     from ssr_cli.artefacts import parse_shard
     from ssr_cli.artefacts.manifest import open_run
-    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
+    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
     from ssr_cli.data.recorded import recorded_root, recorded_vocabulary
@@ -297,7 +284,8 @@ def refine_command(
 
     # Before torch: the seeds run, the dataset and the weights files; a complete run with the
     # same inputs answers "nothing to do" in well under a second.
-    seeds_manifest = open_run(seeds, "seeds", option="--seeds").data
+    seeds_run = open_run(seeds, "seeds", option="--seeds")  # read once: the stage gets it
+    seeds_manifest = seeds_run.data
     seeds_dataset = (seeds_manifest.get("inputs") or {}).get("dataset") or {}
     recorded = {k: v for k, v in seeds_dataset.items() if isinstance(v, str)}  # what the seeds used
     recorded_cfg = seeds_manifest.get("config", {})
@@ -363,17 +351,14 @@ def refine_command(
         oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
     )
     try:  # (the stage checks cfg)
-        manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite)
+        manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite, seeds_run=seeds_run)
     except stage.ItemFailure as exc:
         if os.environ.get("SSR_DEBUG", "") not in ("", "0") and exc.detail:
             print(exc.detail, file=sys.stderr)
         raise
-    if manifest["completed"] and key is not None:
-        remember(out, key)
-    state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
-    info(f"refine: {out} ({state}, fingerprint {manifest['fingerprint']})")
-    for notice in manifest.get("notices", []):
-        info(f"[yellow]note:[/yellow] {notice}")
+    from ssr_cli.stages.finished import report_finished
+
+    report_finished("refine", out, manifest, key)
 
 
 _NOT_RESULTS = ("out", "workers", "shard", "overwrite", "quiet")

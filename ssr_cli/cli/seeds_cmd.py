@@ -121,7 +121,7 @@ def make_seeds(
     """
     set_quiet(quiet)
     from ssr_cli.artefacts import parse_shard
-    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key, remember
+    from ssr_cli.artefacts.quick import finished_unchanged, nothing_to_do, quick_key
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
 
@@ -184,9 +184,6 @@ def make_seeds(
         cam_target=cam_target,
     )
     manifest = stage.run(dataset, out, cfg, shard=shard_, overwrite=overwrite)
-    if manifest["completed"] and key is not None:
-        remember(out, key)
-    state = "complete" if manifest["completed"] else f"{manifest['items_done']}/{manifest['item_count']} done"
-    info(f"make-seeds: {out} ({state}, fingerprint {manifest['fingerprint']})")
-    for notice in manifest.get("notices", []):
-        info(f"[yellow]note:[/yellow] {notice}")
+    from ssr_cli.stages.finished import report_finished
+
+    report_finished("make-seeds", out, manifest, key)

@@ -9,6 +9,8 @@
   checks a ``--clip-weights`` given against the seeds' SHA-256;
 - :func:`load_dino_model`: DINO by name, or from a JSON file naming a model and timm
   overrides (a custom or tiny architecture, e.g. in tests);
+- :class:`Attention` / :func:`load_attention`: the device, precision and models that
+  ``RefineConfig`` asks for, and a batch's fused affinity from them;
 - :func:`batch_affinity`: the main-process (device) part of refine for a batch of
   images: CLIP attention (last N blocks, head-averaged, CLS dropped; computed, or read
   from the seeds), DINO attention on
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from ssr_cli.data import Dataset
 from ssr_cli.errors import ArtefactError, ConfigError, DataError, WeightsError
 from ssr_cli.models.attention import AttentionModel, Blocks
 from ssr_cli.models.clip import register_arch
-from ssr_cli.refine.config import AFFINITY_WEIGHTS
+from ssr_cli.refine.config import AFFINITY_WEIGHTS, RefineConfig
 
 #: an opened seeds run (``open_seeds``)
 SeedsRun = Manifest
@@ -216,6 +219,75 @@ def load_dino_model(
     dino = load_dino(name, weights, device, seed=seed, arch_overrides=overrides)
     record = dino.describe() | ({"overrides": overrides} if overrides else {})
     return dino, record
+
+
+@dataclass
+class Attention:
+    """The main-process (device) part of refine: where CLIP's attention comes from, the models
+    (None where not a source) and their manifest records."""
+
+    cfg: RefineConfig
+    device: Any
+    precision: str
+    clip: Any = None
+    clip_record: dict[str, Any] | None = None
+    clip_attention: str | None = None  # "seeds" | "recomputed" | None (CLIP is no source)
+    dino: Any = None
+    dino_record: dict[str, Any] | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether CLIP's attention is read from the seeds."""
+        return self.clip_attention == "seeds"
+
+    def fused(
+        self, batch: list[str], read: list, seeds: SeedsRun, seconds: dict[str, float]
+    ) -> np.ndarray | None:
+        """The fused affinities ``[N, hw, hw]`` of one batch (None: ``--affinity none``); pops the
+        stored attention off the seeds (it does not go to the workers)."""
+        images = [image for image, _ in read]
+        grid = (int(read[0][1]["cams"].shape[1]), int(read[0][1]["cams"].shape[2]))
+        if any(tuple(s["cams"].shape[1:]) != grid for _, s in read):
+            raise ArtefactError(f"seeds of images {batch} have different grids", path=seeds.root)
+        attn = np.stack([s.pop("attn") for _, s in read]) if self.stored else None
+        if not self.cfg.sources():
+            return None
+        return batch_affinity(
+            images,
+            grid,
+            self.clip,
+            self.dino,
+            clip_blocks=self.cfg.clip_blocks,
+            dino_blocks=self.cfg.dino_blocks,
+            weights=self.cfg.affinity_weights,
+            precision=self.precision,
+            seconds=seconds,
+            ids=batch,
+            stored_clip=attn,
+            device=self.device,
+        )
+
+
+def load_attention(cfg: RefineConfig, seeds: SeedsRun) -> Attention:
+    """The device, precision, CLIP (or the seeds' stored attention) and DINO that ``cfg`` asks for."""
+    from ssr_cli.runtime import resolve_device, resolve_precision
+
+    device = resolve_device(cfg.device)
+    sources = cfg.sources()
+    precision = resolve_precision(cfg.precision, device) if sources else "fp32"
+    clip, clip_record, clip_attention = resolve_clip(
+        seeds,
+        device,
+        use_clip="clip" in sources,
+        clip_blocks=cfg.clip_blocks,
+        mode=cfg.clip_attention,
+        clip_arch=cfg.clip_arch,
+        clip_weights=cfg.clip_weights,
+    )
+    dino, dino_record = (None, None)
+    if "dino" in sources:
+        dino, dino_record = load_dino_model(cfg.dino_model, cfg.dino_weights, device, cfg.seed)
+    return Attention(cfg, device, precision, clip, clip_record, clip_attention, dino, dino_record)
 
 
 def batch_affinity(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,11 @@ from ssr_cli.artefacts.seeds import save_seed, seed_readable
 from ssr_cli.cam.config import SeedsConfig
 from ssr_cli.cam.multiscale import cams_and_attention
 from ssr_cli.console import ProgressBar, info, warn
-from ssr_cli.data import Dataset, read_image
-from ssr_cli.data.size_limit import (
-    SizeLimit,
-    SizePlan,
-    image_size,
-    plan_sizes,
-    read_downscaled,
-)
+from ssr_cli.data import Dataset
+from ssr_cli.data.size_limit import SizePlan
 from ssr_cli.errors import DataError
 from ssr_cli.models.clip import register_arch
+from ssr_cli.stages.working_size import plan_dataset, read_working, working_hw
 
 STAGE = "seeds"
 ITEM_DIR = "cams"
@@ -54,13 +49,6 @@ def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: 
     return batches
 
 
-def _read(dataset: Dataset, item_id: str, plan: SizePlan | None) -> np.ndarray:
-    """The image, downscaled when ``plan`` says so."""
-    target = None if plan is None else plan.target_hw(item_id)
-    path = dataset.get(item_id).image
-    return read_image(path) if target is None else read_downscaled(path, target)
-
-
 def _prefetch(
     dataset: Dataset, batches: list[list[str]], workers: int, plan: SizePlan | None = None
 ) -> Iterator[tuple[list[str], list[np.ndarray]]]:
@@ -73,7 +61,7 @@ def _prefetch(
         def submit() -> None:
             batch = next(it, None)
             if batch is not None:
-                futures.append((batch, [pool.submit(_read, dataset, i, plan) for i in batch]))
+                futures.append((batch, [pool.submit(read_working, dataset, i, plan) for i in batch]))
 
         for _ in range(ahead):
             submit()
@@ -83,22 +71,25 @@ def _prefetch(
             yield batch, [f.result() for f in fs]
 
 
-def run(
-    dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, overwrite: bool
-) -> dict[str, Any]:
-    """Compute CAM seeds for ``dataset`` into the run folder ``out``; returns the manifest."""
-    from ssr_cli.cam.prompts import cached_text_embeddings
-    from ssr_cli.models.clip import load_clip
-    from ssr_cli.runtime import resolve_device, resolve_precision
+@dataclass
+class SeedsModel:
+    """The CLIP of a make-seeds run, its CMPA heads (or None) and what the run's fingerprint
+    records of them (``result_config``), with the resolved CAM target and stored attention blocks."""
 
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    if cfg.batch_size < 1:
-        raise DataError("--batch-size must be at least 1")
-    if cfg.save_attn and cfg.attn_blocks < 1:
-        raise DataError("--attn-blocks must be at least 1")
-    paths = [dataset.get(i).image for i in dataset.ids]
-    plan = plan_sizes(dataset.ids, paths, SizeLimit(cfg.max_side, cfg.oversize), stage="make-seeds")
+    model: Any
+    description: dict[str, Any]  # model.describe(), for the manifest's inputs
+    heads: Any
+    cmpa_fp: str | None
+    result_config: dict[str, Any]
+    cam_target: str
+    attn_indices: list[int]
+
+
+def load_seeds_model(cfg: SeedsConfig, device: Any, precision: str, plan: SizePlan) -> SeedsModel:
+    """CLIP (and ``--cmpa``'s heads) as ``cfg`` says, and the settings that change the seeds."""
+    from ssr_cli.cam.gradcam import resolve_target
+    from ssr_cli.models.clip import load_clip
+
     arch = register_arch(cfg.arch)
     model = load_clip(arch, cfg.weights, device, seed=cfg.seed)
     heads, cmpa_fp = None, None
@@ -123,8 +114,6 @@ def run(
     }
     if plan.record() is not None:
         result_config["oversize"] = plan.record()
-    from ssr_cli.cam.gradcam import resolve_target
-
     cam_target = resolve_target(cfg.cam_target, heads)
     if cam_target != "prob":  # CLIP-ES's target keeps the fingerprints of earlier runs
         result_config["cam_target"] = cam_target
@@ -133,23 +122,36 @@ def run(
         depth = len(model.blocks)  # the last n blocks, as ClipModel.attention(x, blocks=n)
         attn_indices = list(range(max(0, depth - cfg.attn_blocks), depth))
         result_config["attn_blocks"] = cfg.attn_blocks
+    return SeedsModel(model, clip_desc, heads, cmpa_fp, result_config, cam_target, attn_indices)
+
+
+def _open_run_folder(
+    out: str | Path,
+    dataset: Dataset,
+    cfg: SeedsConfig,
+    clip: SeedsModel,
+    config: dict[str, Any],
+    ids: list[str],
+    *,
+    shard: Shard,
+    overwrite: bool,
+) -> RunFolder:
+    """The seeds run folder ``out`` (created, resumed or refused as its manifest says); warns the notices."""
     notices = []
-    if model.is_random:
+    if clip.model.is_random:
         notices.append(
             "CLIP weights are RANDOM (untrained, --clip-weights random): these CAMs are meaningless; "
             "use them only to smoke-test the pipeline"
         )
-    config = {**asdict(cfg), "precision_resolved": precision, "device_resolved": str(device)}
-    ids = [i for i in dataset.ids if i not in plan.skipped]
     run_folder = RunFolder.open(
         out,
         stage=STAGE,
         item_dir=ITEM_DIR,
         item_suffix=ITEM_SUFFIX,
         config=config,
-        result_config=result_config,
-        upstream={"cmpa": cmpa_fp} if cmpa_fp else {},
-        inputs={"dataset": dataset.describe(), "clip": clip_desc},
+        result_config=clip.result_config,
+        upstream={"cmpa": clip.cmpa_fp} if clip.cmpa_fp else {},
+        inputs={"dataset": dataset.describe(), "clip": clip.description},
         ids=ids,
         shard=shard,
         overwrite=overwrite,
@@ -158,6 +160,69 @@ def run(
     )
     for notice in notices:
         warn(notice)
+    return run_folder
+
+
+def _write_batch(
+    run_folder: RunFolder,
+    dataset: Dataset,
+    cfg: SeedsConfig,
+    clip: SeedsModel,
+    plan: SizePlan,
+    batch: list[str],
+    images: list[np.ndarray],
+    cams: Sequence[torch.Tensor],
+    attn: torch.Tensor | None,
+    pending: set[str],
+    bar: ProgressBar,
+) -> None:
+    """Save the seeds of a batch's pending images (with the original image size)."""
+    for k, (item_id, image, cam) in enumerate(zip(batch, images, cams, strict=True)):
+        if item_id not in pending:
+            continue
+        labels = dataset.get(item_id).labels
+        item_attn = None if attn is None else attn[k].numpy()
+
+        def write(
+            path: Path,
+            cam: torch.Tensor = cam,
+            labels: Any = labels,
+            hw: Any = plan.downscaled.get(item_id, image.shape[:2]),  # the original size
+            item_attn: np.ndarray | None = item_attn,
+        ) -> None:
+            save_seed(
+                path,
+                cam.float().cpu().numpy(),
+                labels,
+                hw,
+                cfg.scales,
+                cfg.flip,
+                attn=item_attn,
+                attn_blocks=clip.attn_indices,
+            )
+
+        run_folder.write_item(item_id, write)
+        bar.update(1)
+
+
+def run(
+    dataset: Dataset, out: str | Path, cfg: SeedsConfig, *, shard: Shard, overwrite: bool
+) -> dict[str, Any]:
+    """Compute CAM seeds for ``dataset`` into the run folder ``out``; returns the manifest."""
+    from ssr_cli.cam.prompts import cached_text_embeddings
+    from ssr_cli.runtime import resolve_device, resolve_precision
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.batch_size < 1:
+        raise DataError("--batch-size must be at least 1")
+    if cfg.save_attn and cfg.attn_blocks < 1:
+        raise DataError("--attn-blocks must be at least 1")
+    plan, ids = plan_dataset(dataset, cfg.max_side, cfg.oversize, stage="make-seeds")
+    clip = load_seeds_model(cfg, device, precision, plan)
+    model, heads = clip.model, clip.heads
+    config = {**asdict(cfg), "precision_resolved": precision, "device_resolved": str(device)}
+    run_folder = _open_run_folder(out, dataset, cfg, clip, config, ids, shard=shard, overwrite=overwrite)
     fg, bg = cached_text_embeddings(
         model, dataset.vocab, run_folder.extra_path("text_embeddings.safetensors")
     )
@@ -170,7 +235,7 @@ def run(
         f"make-seeds: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done, "
         f"precision {precision} on {device}"
     )
-    sizes = {i: model.resized_size(*(plan.target_hw(i) or image_size(dataset.get(i).image))) for i in mine}
+    sizes = {i: model.resized_size(*working_hw(dataset, i, plan)) for i in mine}
     batches = [b for b in _batches(mine, sizes, cfg.batch_size) if any(i in pending for i in b)]
     loop_started = time.perf_counter()
     with ProgressBar("make-seeds", total=len(pending)) as bar:
@@ -188,33 +253,8 @@ def run(
                 image_head=None if heads is None else heads.project_image,
                 text_head=None,
                 attn_blocks=cfg.attn_blocks if cfg.save_attn else None,
-                target=cam_target,
+                target=clip.cam_target,
             )
-            for k, (item_id, image, cam) in enumerate(zip(batch, images, cams, strict=True)):
-                if item_id not in pending:
-                    continue
-                labels = dataset.get(item_id).labels
-                item_attn = None if attn is None else attn[k].numpy()
-
-                def write(
-                    path: Path,
-                    cam: torch.Tensor = cam,
-                    labels: Any = labels,
-                    hw: Any = plan.downscaled.get(item_id, image.shape[:2]),  # the original size
-                    item_attn: np.ndarray | None = item_attn,
-                ) -> None:
-                    save_seed(
-                        path,
-                        cam.float().cpu().numpy(),
-                        labels,
-                        hw,
-                        cfg.scales,
-                        cfg.flip,
-                        attn=item_attn,
-                        attn_blocks=attn_indices,
-                    )
-
-                run_folder.write_item(item_id, write)
-                bar.update(1)
+            _write_batch(run_folder, dataset, cfg, clip, plan, batch, images, cams, attn, pending, bar)
     manifest = run_folder.finish(ids, loop_seconds=time.perf_counter() - loop_started)
     return manifest

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -43,34 +43,22 @@ from ssr_cli.artefacts import RunFolder, Shard, atomic_write_bytes
 from ssr_cli.artefacts.item_checks import png_check
 from ssr_cli.artefacts.seeds import load_seed
 from ssr_cli.console import ProgressBar, info, progress_enabled, warn
-from ssr_cli.data import Dataset, read_image
-from ssr_cli.data.size_limit import (
-    SizeLimit,
-    SizePlan,
-    image_size,
-    plan_sizes,
-    read_downscaled,
-    upscale_labels,
-)
+from ssr_cli.data import Dataset
+from ssr_cli.data.size_limit import SizePlan, upscale_labels
 from ssr_cli.errors import ArtefactError
-from ssr_cli.parallel import bounded_map
 from ssr_cli.refine.config import BOX_THRESH, BOX_THRESH_DEFAULT, RefineConfig
+from ssr_cli.refine.inputs import one_size_batches, prefetch
 from ssr_cli.refine.pipeline import (
     ItemFailure,
     ItemFn,
     ItemJob,
+    ItemResult,
     RefineParams,
-    WorkerPool,
     process_item,
 )
-from ssr_cli.refine.sources import (
-    SeedsRun,
-    batch_affinity,
-    check_dataset,
-    load_dino_model,
-    open_seeds,
-    resolve_clip,
-)
+from ssr_cli.refine.pool import WorkerPool
+from ssr_cli.refine.sources import Attention, SeedsRun, check_dataset, load_attention, open_seeds
+from ssr_cli.stages.working_size import plan_dataset
 
 STAGE = "refine"
 ITEM_DIR = "labels"
@@ -79,74 +67,8 @@ CAMS_DIR = "cams"
 REFINE_VERSION = "refine-1"  # bump when the computation changes results
 
 
-def _batches(
-    dataset: Dataset, ids: Sequence[str], batch_size: int, plan: SizePlan | None = None
-) -> list[list[str]]:
-    """Consecutive ids of one (working) image size, at most ``batch_size`` each (fixed by the id
-    order, so a resumed run forms the same batches and computes the same numbers)."""
-    if batch_size == 1:
-        return [[i] for i in ids]
-    batches: list[list[str]] = []
-    last: tuple[int, int] | None = None
-    for item_id in ids:
-        target = None if plan is None else plan.target_hw(item_id)
-        size = target or image_size(dataset.get(item_id).image)
-        if batches and len(batches[-1]) < batch_size and size == last:
-            batches[-1].append(item_id)
-        else:
-            batches.append([item_id])
-        last = size
-    return batches
-
-
-def _read(
-    dataset: Dataset, seeds: SeedsRun, item_id: str, attn: bool = False, plan: SizePlan | None = None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The image and its seed; with ``attn`` the seed must hold the stored CLIP attention ``[hw, hw]``.
-
-    An image that ``plan`` downscales comes at its working size, and so does the seed's ``image_hw``."""
-    target = None if plan is None else plan.target_hw(item_id)
-    image_path, path = dataset.get(item_id).image, seeds.item_path(item_id)
-    image = read_image(image_path) if target is None else read_downscaled(image_path, target)
-    original = image.shape[:2] if plan is None or target is None else plan.downscaled[item_id]
-    seed = load_seed(path, with_attn=attn)
-    if tuple(int(v) for v in seed["image_hw"]) != tuple(original) or seed["cams"].ndim != 3:
-        raise ArtefactError(
-            f"this seed was made from an image of size {tuple(seed['image_hw'])}, "
-            f"the image now has {image.shape[:2]}",
-            path=path,
-            hint="the dataset changed since make-seeds: rerun make-seeds",
-        )
-    hw = int(seed["cams"].shape[1] * seed["cams"].shape[2])
-    if attn and ("attn" not in seed or seed["attn"].shape != (hw, hw)):
-        raise ArtefactError(
-            "this seed lacks the CLIP attention its run's manifest promises (or it has another grid)",
-            path=path,
-            hint="rerun make-seeds into that folder with --overwrite, or pass --clip-attention recompute",
-        )
-    if target is not None:
-        seed["image_hw"] = np.asarray(target, dtype=np.int32)
-    return image, seed
-
-
-def _prefetch(
-    dataset: Dataset,
-    seeds: SeedsRun,
-    batches: list[list[str]],
-    attn: bool = False,
-    plan: SizePlan | None = None,
-) -> Iterator[tuple[list[str], list]]:
-    """Read the images and seeds of upcoming batches on two threads (a few batches ahead)."""
-
-    def read(batch: list[str]) -> tuple[list[str], list]:
-        return batch, [_read(dataset, seeds, i, attn, plan) for i in batch]
-
-    yield from bounded_map(read, batches, 2, ahead=3, name="ssr-refine-read")
-
-
 def _item_check(out: Path, save_cams: bool) -> Callable[[Path], bool]:
     """A finished item is a readable label PNG and, with ``--save-cams``, a well-formed CAM file."""
-    from ssr_cli.artefacts.seeds import load_seed
 
     def check(label: Path) -> bool:
         if not png_check(label):
@@ -273,29 +195,8 @@ def _result_config(
     return result_config, notices
 
 
-def run(
-    dataset: Dataset,
-    seeds_dir: str | Path,
-    out: str | Path,
-    cfg: RefineConfig,
-    *,
-    shard: Shard,
-    overwrite: bool,
-    item_fn: ItemFn = process_item,
-) -> dict[str, Any]:
-    """Refine the seeds in ``seeds_dir`` into pseudo-labels in the run folder ``out``; returns the manifest.
-
-    ``item_fn`` is the per-image CPU work (a module-level function when ``workers`` > 0).
-    """
-    from ssr_cli.runtime import resolve_device, resolve_precision, torch_threads
-
-    cfg.check()
-    seeds = open_seeds(seeds_dir)
-    check_dataset(seeds, dataset)
-    paths = [dataset.get(i).image for i in dataset.ids]
-    plan = plan_sizes(dataset.ids, paths, SizeLimit(cfg.max_side, cfg.oversize), stage="refine")
-    ids = [i for i in dataset.ids if i not in plan.skipped]
-    mine = shard.select(ids)
+def _check_seeds_cover(seeds: SeedsRun, mine: Sequence[str]) -> None:
+    """Refuse a shard whose images the seeds run does not (yet) all have."""
     missing = [i for i in mine if not seeds.item_path(i).is_file()]
     if missing:
         raise ArtefactError(
@@ -303,26 +204,26 @@ def run(
             path=seeds.root,
             hint="finish make-seeds first (rerun the same make-seeds command)",
         )
-    device = resolve_device(cfg.device)
-    sources = cfg.sources()
-    precision = resolve_precision(cfg.precision, device) if sources else "fp32"
-    params = resolved_params(cfg, dataset)
-    clip, clip_record, clip_attention = resolve_clip(
-        seeds,
-        device,
-        use_clip="clip" in sources,
-        clip_blocks=cfg.clip_blocks,
-        mode=cfg.clip_attention,
-        clip_arch=cfg.clip_arch,
-        clip_weights=cfg.clip_weights,
-    )
-    dino, dino_record = (None, None)
-    if "dino" in sources:
-        dino, dino_record = load_dino_model(cfg.dino_model, cfg.dino_weights, device, cfg.seed)
 
-    clip_random = (clip_record or {}).get("weights", {}).get("origin") == "random"
+
+def _open_run_folder(
+    out: str | Path,
+    dataset: Dataset,
+    seeds: SeedsRun,
+    seeds_dir: str | Path,
+    cfg: RefineConfig,
+    params: RefineParams,
+    att: Attention,
+    plan: SizePlan,
+    ids: list[str],
+    *,
+    shard: Shard,
+    overwrite: bool,
+) -> tuple[RunFolder, list[str]]:
+    """The refine run folder ``out`` (created, resumed or refused as its manifest says) and the notices."""
+    clip_random = (att.clip_record or {}).get("weights", {}).get("origin") == "random"
     result_config, notices = _result_config(
-        cfg, params, precision, clip_attention, clip_random, dino, dino_record
+        cfg, params, att.precision, att.clip_attention, clip_random, att.dino, att.dino_record
     )
     if plan.record() is not None:
         result_config["oversize"] = plan.record()
@@ -330,15 +231,15 @@ def run(
         "dataset": dataset.describe(),
         "seeds": {"path": str(seeds.root), "fingerprint": seeds.fingerprint},
     }
-    if clip_record is not None:
-        inputs["clip"] = clip_record
-    if dino_record is not None:
-        inputs["dino"] = dino_record
+    if att.clip_record is not None:
+        inputs["clip"] = att.clip_record
+    if att.dino_record is not None:
+        inputs["dino"] = att.dino_record
     config = {
         **asdict(cfg),
         "seeds": str(seeds_dir),
-        "precision_resolved": precision,
-        "device_resolved": str(device),
+        "precision_resolved": att.precision,
+        "device_resolved": str(att.device),
         "box_thresh_resolved": params.box_thresh,
         "conf_thresh_resolved": params.conf_thresh,
     }
@@ -358,6 +259,114 @@ def run(
         extra_items={CAMS_DIR: ".npz"},
         check_item=_item_check(Path(out), cfg.save_cams),
     )
+    return run_folder, notices
+
+
+class _ResultWriter:
+    """Writes the workers' results into the run folder (the CAMs first: the label file marks the
+    item done), back at the original size of a downscaled image; sums their ``seconds``."""
+
+    def __init__(self, run_folder: RunFolder, cams_dir: Path, plan: SizePlan, seconds: dict[str, float]):
+        self.run_folder, self.cams_dir, self.plan, self.seconds = run_folder, cams_dir, plan, seconds
+        self.bar: Any = None
+        self.first_result = True
+
+    def __call__(self, result: ItemResult) -> None:
+        start = time.perf_counter()
+        result = _at_original_size(result, self.plan.downscaled.get(result.item_id))
+        if result.cams_npz is not None:  # before the label: the label file marks the item done
+            self.run_folder.check_still_ours()
+            atomic_write_bytes(self.cams_dir / f"{result.item_id}.npz", result.cams_npz)
+        self.run_folder.write_item(result.item_id, lambda p: p.write_bytes(result.png))
+        seconds = self.seconds
+        for key, value in result.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + value
+        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - start
+        self.bar.update(1, status="" if self.first_result else None)  # the first ends the start-up status
+        self.first_result = False
+
+
+def _show_start(bar: ProgressBar, workers: int, batch_size: int, pending: int) -> None:
+    """A start-up status (the bar would sit at 0 while the workers start and the first attention runs)."""
+    starting = f"starting {workers} worker process(es), " if workers else ""
+    status = f"{starting}attention of the first {min(batch_size, pending)} image(s)"
+    bar.update(0, status=status)
+    if not progress_enabled():
+        info(f"refine: {status}")
+
+
+def _refine_batches(
+    dataset: Dataset,
+    seeds: SeedsRun,
+    plan: SizePlan,
+    batches: list[list[str]],
+    pending: set[str],
+    att: Attention,
+    pool: WorkerPool,
+    write: _ResultWriter,
+) -> None:
+    """The attention of each batch here, the rest of each pending image on the pool; writes the
+    results as they come, and what the workers finished even when something fails."""
+    try:
+        for batch, read in prefetch(dataset, seeds, batches, att.stored, plan):
+            if pool.failed:
+                break
+            fused = att.fused(batch, read, seeds, write.seconds)
+            for k, (item_id, (image, seed)) in enumerate(zip(batch, read, strict=True)):
+                if item_id in pending:
+                    job = ItemJob(item_id, image, seed, None if fused is None else fused[k])
+                    for result in pool.submit(job):
+                        write(result)
+    except Exception:
+        for result in pool.drain():  # keep what the workers finished, then report the error
+            write(result)
+        raise
+    for result in pool.drain():
+        write(result)
+
+
+def _raise_failures(failures: list[ItemFailure]) -> None:
+    """The first failed image's error (with the count of the others), if any failed."""
+    if failures:
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ItemFailure(
+            first.item_id,
+            first.cause + more,
+            first.hint or "finished items are kept: fix the cause and rerun the same command to resume",
+            first.detail,
+        )
+
+
+def run(
+    dataset: Dataset,
+    seeds_dir: str | Path,
+    out: str | Path,
+    cfg: RefineConfig,
+    *,
+    shard: Shard,
+    overwrite: bool,
+    item_fn: ItemFn = process_item,
+    seeds_run: SeedsRun | None = None,
+) -> dict[str, Any]:
+    """Refine the seeds in ``seeds_dir`` into pseudo-labels in the run folder ``out``; returns the manifest.
+
+    ``item_fn`` is the per-image CPU work (a module-level function when ``workers`` > 0);
+    ``seeds_run``: ``seeds_dir`` already opened (``open_seeds``), not read again.
+    """
+    from ssr_cli.runtime import torch_threads
+
+    cfg.check()
+    seeds = open_seeds(seeds_dir) if seeds_run is None else seeds_run
+    check_dataset(seeds, dataset)
+    plan, ids = plan_dataset(dataset, cfg.max_side, cfg.oversize, stage="refine")
+    mine = shard.select(ids)
+    _check_seeds_cover(seeds, mine)
+    params = resolved_params(cfg, dataset)
+    att = load_attention(cfg, seeds)
+    run_folder, notices = _open_run_folder(
+        out, dataset, seeds, seeds_dir, cfg, params, att, plan, ids, shard=shard, overwrite=overwrite
+    )
     cams_dir = run_folder.extra_path(CAMS_DIR)
     for notice in notices:
         warn(notice)
@@ -366,87 +375,26 @@ def run(
     info(
         f"refine: {len(mine)} images in shard {shard}, {len(mine) - len(pending)} already done; "
         f"affinity {cfg.affinity}"
-        + (f" (CLIP attention {clip_attention})" if clip_attention else "")
+        + (f" (CLIP attention {att.clip_attention})" if att.clip_attention else "")
         + f", mask {cfg.mask}, CRF {'on' if cfg.crf else 'off'}, "
-        f"{cfg.workers} worker(s), {precision} on {device}"
+        f"{cfg.workers} worker(s), {att.precision} on {att.device}"
     )
-    batches = [b for b in _batches(dataset, mine, cfg.batch_size, plan) if any(i in pending for i in b)]
-    seconds: dict[str, float] = {}
-    first_result = [True]
-
-    def write(result: Any) -> None:
-        start = time.perf_counter()
-        result = _at_original_size(result, plan.downscaled.get(result.item_id))
-        if result.cams_npz is not None:  # before the label: the label file marks the item done
-            run_folder.check_still_ours()
-            atomic_write_bytes(cams_dir / f"{result.item_id}.npz", result.cams_npz)
-        run_folder.write_item(result.item_id, lambda p: p.write_bytes(result.png))
-        for key, value in result.seconds.items():
-            seconds[key] = seconds.get(key, 0.0) + value
-        seconds["write"] = seconds.get("write", 0.0) + time.perf_counter() - start
-        bar.update(1, status="" if first_result else None)  # the first result ends the start-up status
-        first_result.clear()
-
-    threads = main_threads(device, cfg.workers)
+    batches = [
+        b for b in one_size_batches(dataset, mine, cfg.batch_size, plan) if any(i in pending for i in b)
+    ]
+    write = _ResultWriter(run_folder, cams_dir, plan, {})
     with (
         ProgressBar("refine", total=len(pending)) as bar,
         WorkerPool(cfg.workers, params, item_fn) as pool,
-        torch_threads(threads),
+        torch_threads(main_threads(att.device, cfg.workers)),
     ):
-        if pending:  # the bar would sit at 0 while the workers start and the first attention runs
-            starting = f"starting {cfg.workers} worker process(es), " if cfg.workers else ""
-            status = f"{starting}attention of the first {min(cfg.batch_size, len(pending))} image(s)"
-            bar.update(0, status=status)
-            if not progress_enabled():
-                info(f"refine: {status}")
-        try:
-            stored = clip_attention == "seeds"
-            for batch, read in _prefetch(dataset, seeds, batches, stored, plan):
-                if pool.failed:
-                    break
-                images = [image for image, _ in read]
-                grid = (int(read[0][1]["cams"].shape[1]), int(read[0][1]["cams"].shape[2]))
-                if any(tuple(s["cams"].shape[1:]) != grid for _, s in read):
-                    raise ArtefactError(f"seeds of images {batch} have different grids", path=seeds.root)
-                fused = None
-                attn = np.stack([s.pop("attn") for _, s in read]) if stored else None  # not to the workers
-                if sources:
-                    fused = batch_affinity(
-                        images,
-                        grid,
-                        clip,
-                        dino,
-                        clip_blocks=cfg.clip_blocks,
-                        dino_blocks=cfg.dino_blocks,
-                        weights=cfg.affinity_weights,
-                        precision=precision,
-                        seconds=seconds,
-                        ids=batch,
-                        stored_clip=attn,
-                        device=device,
-                    )
-                for k, (item_id, (image, seed)) in enumerate(zip(batch, read, strict=True)):
-                    if item_id in pending:
-                        job = ItemJob(item_id, image, seed, None if fused is None else fused[k])
-                        for result in pool.submit(job):
-                            write(result)
-        except Exception:
-            for result in pool.drain():  # keep what the workers finished, then report the error
-                write(result)
-            raise
-        for result in pool.drain():
-            write(result)
-    extra: dict[str, Any] = {"last_run_seconds": {k: round(v, 3) for k, v in seconds.items()}}
-    if clip_attention is not None:
-        extra["clip_attention"] = clip_attention
+        write.bar = bar
+        if pending:
+            _show_start(bar, cfg.workers, cfg.batch_size, len(pending))
+        _refine_batches(dataset, seeds, plan, batches, pending, att, pool, write)
+    extra: dict[str, Any] = {"last_run_seconds": {k: round(v, 3) for k, v in write.seconds.items()}}
+    if att.clip_attention is not None:
+        extra["clip_attention"] = att.clip_attention
     manifest = run_folder.finish(ids, extra=extra)
-    if pool.failures:
-        first = pool.failures[0]
-        more = f" (and {len(pool.failures) - 1} more)" if len(pool.failures) > 1 else ""
-        raise ItemFailure(
-            first.item_id,
-            first.cause + more,
-            first.hint or "finished items are kept: fix the cause and rerun the same command to resume",
-            first.detail,
-        )
+    _raise_failures(pool.failures)
     return manifest
