@@ -37,6 +37,21 @@ def _parse_scales(text: str) -> tuple[float, ...]:
     return scales
 
 
+def _input_ids(
+    data: Path | None, images: Path | None, layout: str, split: str | None, vocab: str | None
+) -> tuple[list[str], str]:
+    """The ids and the fingerprint of the images to predict (a folder, or a dataset split)."""
+    if images is not None:
+        from ssr_cli.data.folder import describe_folder
+
+        pairs, described = describe_folder(images)
+        return [i for i, _ in pairs], described["fingerprint"]
+    from ssr_cli.data.datasets import open_dataset
+
+    dataset = open_dataset(data or Path(), layout=layout, split=split, labels="none", vocab=vocab)
+    return dataset.ids, dataset.fingerprint()
+
+
 @app.command("predict")
 def predict(
     model: Annotated[
@@ -94,24 +109,10 @@ def predict(
 
     key = None
     if (data is None) != (images is None):  # before torch: a complete run with the same inputs
-        if images is not None:
-            from ssr_cli.data.folder import describe_folder
-
-            pairs, described = describe_folder(images)
-            ids, input_fp = [i for i, _ in pairs], described["fingerprint"]
-        else:
-            from ssr_cli.data.datasets import open_dataset
-
-            dataset = open_dataset(data or Path(), layout=layout, split=split, labels="none", vocab=vocab)
-            ids, input_fp = dataset.ids, dataset.fingerprint()
+        ids, input_fp = _input_ids(data, images, layout, split, vocab)
         model_files = [model, model / "model.safetensors"] if model.is_dir() else [model]
-        key = quick_key(
-            "predict",
-            options,
-            dataset_fingerprint=input_fp,
-            files=model_files,
-            runs=[model] if model.is_dir() else [],
-        )
+        runs = [model] if model.is_dir() else []
+        key = quick_key("predict", options, dataset_fingerprint=input_fp, files=model_files, runs=runs)
         done = None if overwrite else finished_unchanged(out, key)
         if done is not None:
             info(nothing_to_do("predict", out, done, ids, parse_shard(shard)))
