@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ssr_cli.config_fields import ResultFields
 from ssr_cli.errors import ConfigError
 
 CAM_SOURCES = ("heads", "clip")
@@ -13,7 +14,7 @@ TEXT_TARGETS = ("live", "snapshot")  # image features scored against live TSA te
 
 
 @dataclass
-class CmpaConfig:
+class CmpaConfig(ResultFields):
     """Training settings; ``batch_size`` is per process. Fields after ``seed`` do not change results."""
 
     iters: int = 10000
@@ -42,30 +43,6 @@ class CmpaConfig:
     log_every: int = 10
     check_sync_every: int = 0
     tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
-
-    RESULT_FIELDS = (
-        "iters",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "dim",
-        "hidden",
-        "head_init",
-        "init_images",
-        "protos_per_class",
-        "proto_every",
-        "proto_ema",
-        "temperature",
-        "size",
-        "scale_range",
-        "flip",
-        "jitter",
-        "cam_source",
-        "pool",
-        "text_target",
-        "precision",
-        "seed",
-    )
 
     def __post_init__(self) -> None:
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
@@ -97,7 +74,3 @@ class CmpaConfig:
         data = asdict(self)
         data["scale_range"] = list(self.scale_range)
         return data
-
-    def result_dict(self) -> dict[str, Any]:
-        data = self.to_dict()
-        return {k: data[k] for k in self.RESULT_FIELDS}

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ssr_cli.cmpa.config import CmpaConfig
+from ssr_cli.config_fields import ResultFields
 from ssr_cli.errors import ConfigError
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
@@ -26,7 +27,7 @@ _CMPA = CmpaConfig  # the CMPA part's defaults are train-cmpa's
 
 
 @dataclass
-class SsrConfig:
+class SsrConfig(ResultFields):
     """Every setting of a single-stage run. ``batch_size`` is per process. Fields after ``seed``
     do not change results."""
 
@@ -76,46 +77,6 @@ class SsrConfig:
     val_every: int = 1000
     check_sync_every: int = 0
     tensorboard: bool = False
-
-    RESULT_FIELDS = (
-        "iters",
-        "batch_size",
-        "size",
-        "scale_range",
-        "flip",
-        "jitter",
-        "lr",
-        "weight_decay",
-        "dim",
-        "hidden",
-        "head_init",
-        "init_images",
-        "protos_per_class",
-        "proto_every",
-        "proto_ema",
-        "temperature",
-        "pool",
-        "text_target",
-        "cam_target",
-        "gamma",
-        "seg_loss",
-        "decoder_dim",
-        "decoder_layers",
-        "decoder_convs",
-        "seg_lr",
-        "seg_weight_decay",
-        "poly_power",
-        "affinity",
-        "affinity_weights",
-        "clip_blocks",
-        "dino_blocks",
-        "mask",
-        "sgc",
-        "bg_alpha",
-        "conf_thresh",
-        "precision",
-        "seed",
-    )
 
     def __post_init__(self) -> None:
         if isinstance(self.sgc, dict):
@@ -168,10 +129,6 @@ class SsrConfig:
         for key in ("scale_range", "affinity_weights", "decoder_layers", "dino_blocks"):
             data[key] = list(data[key])
         return data
-
-    def result_dict(self) -> dict[str, Any]:
-        data = self.to_dict()
-        return {k: data[k] for k in self.RESULT_FIELDS}
 
     def cmpa_config(self) -> Any:
         """The ``CmpaConfig`` of the CMPA part (for ``cmpa.train.init_heads``)."""
