@@ -43,7 +43,7 @@ from ssr_cli.train.proto_loop import (
     head_groups,
     prompt_set,
 )
-from ssr_cli.train.state import restore_training, rng_states
+from ssr_cli.train.state import restore_training
 
 # log-window sums: loss, i2t, n_i2t, t2i, n_t2i, same, n_same, other, n_other, steps
 WINDOW_SIZE = 10
@@ -159,37 +159,13 @@ class CmpaLoop(ProtoLoop):
         status = f"loss {record['loss']:.4f}  temperature {record['temperature']:.4f}  {speed:.2f} it/s"
         self.report_window(done, record, status)
 
-    def checkpoint_state(self, done: int) -> dict[str, Any]:
-        assert self.protos is not None
-        return {
-            "iteration": done,
-            "heads": self.heads.state_dict(),
-            "head_config": self.heads.cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "prototypes": self.protos.state_dict(),
-            "rng": rng_states(),
-            "window": self.reduced_window().cpu(),
-            "config": self.cfg.to_dict(),
-            "fingerprint": self.fingerprint,
-            "clip": self.clip_id,
-        }
-
-    def summary(self, digests: list[str]) -> dict[str, Any]:
-        seconds = time.perf_counter() - self.started
+    def timing_summary(self, seconds: float) -> dict[str, Any]:
         steps = self.cfg.iters - self.start
         timing = self.times.total
         busy = sum(timing.values())
         return {
-            "iterations": self.cfg.iters,
-            "resumed_from": self.start,
-            "final": self.last,
-            "temperature": self.heads.temperature,
-            "seconds": round(seconds, 2),
             "iters_per_s": round(steps / max(seconds, 1e-9), 4),
             "time_share": {key: round(v / busy, 4) for key, v in timing.items()} if busy > 0 else {},
-            "rank_digests": digests,
-            **peak_memory_mb(self.env.device),
         }
 
 

@@ -53,7 +53,7 @@ from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
 from ssr_cli.train.loop import StepTimes, open_run, sync_device, wrap_ddp
 from ssr_cli.train.proto_loop import ProtoLoop, ProtoParts, add_finite, prompt_set
-from ssr_cli.train.state import restore_training, rng_states
+from ssr_cli.train.state import restore_training
 
 STAGE = "train"  # (its step seeds)
 PARTS = ("data", "clip", "pseudo", "forward", "update")
@@ -257,45 +257,23 @@ class SsrLoop(ProtoLoop):
         self.validated(done, miou, best_state, bar_status=False)
         self.sync_module.train()
 
-    def checkpoint_state(self, done: int) -> dict[str, Any]:
-        assert self.protos is not None
-        return {
-            "iteration": done,
-            "heads": self.heads.state_dict(),
-            "head_config": self.heads.cfg.to_dict(),
-            "decoder": self.decoder.state_dict(),
-            "decoder_config": self.decoder_cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "prototypes": self.protos.state_dict(),
-            "rng": rng_states(),
-            "window": self.reduced_window().cpu(),
-            "best": self.best,
-            "config": self.cfg.to_dict(),
-            "fingerprint": self.fingerprint,
-            "clip": self.clip_id,
-        }
+    def best_record(self) -> dict[str, Any]:
+        return {"best": self.best}
 
-    def summary(self, digests: list[str]) -> dict[str, Any]:
-        seconds = time.perf_counter() - self.started
+    def state_parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        decoder = {"decoder": self.decoder.state_dict(), "decoder_config": self.decoder_cfg.to_dict()}
+        return decoder, {"scheduler": self.scheduler.state_dict()}
+
+    def timing_summary(self, seconds: float) -> dict[str, Any]:
         steps = self.cfg.iters - self.start
         timing = self.times.total
         busy = sum(timing[key] for key in PARTS)
         return {
-            "iterations": self.cfg.iters,
-            "resumed_from": self.start,
-            "final": self.last,
-            "best": self.best,
-            "temperature": self.heads.temperature,
-            "seconds": round(seconds, 2),
             "seconds_per_iter": round(busy / steps, 4) if steps else None,
             "time_share": self.times.shares(),
             "pseudo_share": round(timing["pseudo"] / busy, 4) if busy > 0 else None,
             "prototype_seconds": round(timing["protos"], 2),
             "superpixel_seconds": round(timing["superpixels"], 2),
-            "rank_digests": digests,
-            **peak_memory_mb(self.env.device),
         }
 
 

@@ -39,7 +39,7 @@ from ssr_cli.seg.loss import segmentation_loss
 from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
 from ssr_cli.train.loop import RunFiles, StepTimes, TrainLoop, open_run, wrap_ddp
-from ssr_cli.train.state import rng_states, set_rng_states, step_seed
+from ssr_cli.train.state import restore_training, rng_states, step_seed
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "build_optimizer", "optimizer_groups", "train"]
 
@@ -326,11 +326,8 @@ def train(
     best: dict[str, Any] = {"miou": None, "iteration": None}
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        set_rng_states(resume["rng"])
-        start, best = int(resume["iteration"]), dict(resume.get("best") or best)
+        start = restore_training(resume, optimizer=optimizer, scaler=scaler, scheduler=scheduler)
+        best = dict(resume.get("best") or best)
     net = wrap_ddp(model, env)
     batches = train_batches(samples, model_cfg, cfg, env, start)
     files = open_run(out, env, start, cfg.tensorboard)

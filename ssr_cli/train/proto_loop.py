@@ -9,6 +9,7 @@ Imports torch: import lazily.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from ssr_cli.cmpa.prototypes import (
 )
 from ssr_cli.runtime import autocast
 from ssr_cli.train import distributed as D
+from ssr_cli.train.log import peak_memory_mb
 from ssr_cli.train.loop import RunFiles, StepTimes, TrainLoop
-from ssr_cli.train.state import step_seed
+from ssr_cli.train.state import rng_states, step_seed
 
 
 def prompt_embeddings(model: Any, vocab: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +136,9 @@ class ProtoParts:
 
 class ProtoLoop(TrainLoop):
     """The loop of train-cmpa and ``ssr train`` (``name``: also the stage of the step seeds). A
-    subclass defines the step, its log record and checkpoint; ``window`` holds the log window's
-    sums (float64), ``times`` the step time by part (with ``protos``: the refreshes)."""
+    subclass defines the step and its log record, and what its checkpoints and summary hold beyond
+    the heads'; ``window`` holds the log window's sums (float64), ``times`` the step time by part
+    (with ``protos``: the refreshes)."""
 
     def __init__(
         self,
@@ -301,3 +304,51 @@ class ProtoLoop(TrainLoop):
         if self.protos is None:
             self.protos = self.refresh(self.start)
         return self.protos, D.all_gather_object(self.env, D.parameter_digest(self.sync_module))
+
+    def best_record(self) -> dict[str, Any]:
+        """``{"best": the best validation}`` in the checkpoints and summary of a loop that
+        validates; else nothing."""
+        return {}
+
+    def state_parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(trained parts after the heads, schedules after the optimizer) in the checkpoints."""
+        return {}, {}
+
+    def checkpoint_state(self, done: int) -> dict[str, Any]:
+        assert self.protos is not None
+        parts, schedules = self.state_parts()
+        return {
+            "iteration": done,
+            "heads": self.heads.state_dict(),
+            "head_config": self.heads.cfg.to_dict(),
+            **parts,
+            "optimizer": self.optimizer.state_dict(),
+            **schedules,
+            "scaler": self.scaler.state_dict(),
+            "prototypes": self.protos.state_dict(),
+            "rng": rng_states(),
+            "window": self.reduced_window().cpu(),
+            **self.best_record(),
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            "clip": self.clip_id,
+        }
+
+    def timing_summary(self, seconds: float) -> dict[str, Any]:
+        """The summary's speed and time figures (``seconds``: the run's)."""
+        raise NotImplementedError
+
+    def summary(self, digests: list[str]) -> dict[str, Any]:
+        """The run's summary for the manifest (``digests``: from :meth:`finish`)."""
+        seconds = time.perf_counter() - self.started
+        return {
+            "iterations": self.cfg.iters,
+            "resumed_from": self.start,
+            "final": self.last,
+            **self.best_record(),
+            "temperature": self.heads.temperature,
+            "seconds": round(seconds, 2),
+            **self.timing_summary(seconds),
+            "rank_digests": digests,
+            **peak_memory_mb(self.env.device),
+        }
