@@ -280,7 +280,6 @@ def refine_command(
     from ssr_cli.console import info
     from ssr_cli.data import open_dataset
     from ssr_cli.data.recorded import recorded_root, recorded_vocabulary
-    from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
 
     # Before torch: the seeds run, the dataset and the weights files; a complete run with the
     # same inputs answers "nothing to do" in well under a second.
@@ -307,49 +306,7 @@ def refine_command(
 
     from ssr_cli.stages import refine as stage
 
-    cfg = RefineConfig(
-        affinity=affinity.strip().lower(),
-        affinity_weights=parse_weights(affinity_weights),
-        mask=mask.strip().lower(),
-        clip_blocks=parse_blocks(clip_blocks, "--clip-blocks"),
-        clip_attention=clip_attention.strip().lower(),
-        clip_arch=clip_arch,
-        clip_weights=clip_weights,
-        dino_model=dino_model,
-        dino_weights=dino_weights,
-        dino_blocks=parse_blocks(dino_blocks, "--dino-blocks"),
-        box_thresh=box_thresh,
-        box_style=box_style.strip().lower(),
-        sgc=SGCParams(
-            slic_algorithm=sgc_slic.upper(),
-            region_size=sgc_region_size,
-            ruler=sgc_ruler,
-            iterations=sgc_iterations,
-            n_clusters=sgc_clusters,
-            region_mode=sgc_region_mode,
-            high_conf=sgc_high_conf,
-            region_thresh=sgc_region_thresh,
-            patch_fraction=sgc_patch_fraction,
-            seed=seed,
-        ),
-        bg_alpha=bg_alpha,
-        crf=crf,
-        crf_params={
-            **CRFParams(
-                crf_iters, crf_gauss_sxy, crf_gauss_compat, crf_bi_sxy, crf_bi_srgb, crf_bi_compat
-            ).to_dict(),
-            **({"image": crf_image} if crf_image != _C_IMAGE else {}),
-        },
-        conf_thresh=conf_thresh,
-        save_cams=save_cams,
-        precision=precision,
-        batch_size=batch_size,
-        device=check_device(device),
-        workers=workers,
-        seed=seed,
-        max_side=max_side if max_side is not None else _recorded(recorded_cfg, "max_side", DEFAULT_MAX_SIDE),
-        oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
-    )
+    cfg = _refine_config(options, workers, recorded_cfg)
     try:  # (the stage checks cfg)
         manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite, seeds_run=seeds_run)
     except stage.ItemFailure as exc:
@@ -362,6 +319,62 @@ def refine_command(
 
 
 _NOT_RESULTS = ("out", "workers", "shard", "overwrite", "quiet")
+
+
+def _refine_config(o: dict[str, Any], workers: int, recorded_cfg: dict[str, Any]) -> RefineConfig:
+    """The stage's settings from the command's options ``o`` (as given; ``_NOT_RESULTS`` left out);
+    ``--max-side`` / ``--oversize`` default to the seeds run's (``recorded_cfg``: its config)."""
+    from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
+
+    max_side, oversize = o["max_side"], o["oversize"]
+    return RefineConfig(
+        affinity=o["affinity"].strip().lower(),
+        affinity_weights=parse_weights(o["affinity_weights"]),
+        mask=o["mask"].strip().lower(),
+        clip_blocks=parse_blocks(o["clip_blocks"], "--clip-blocks"),
+        clip_attention=o["clip_attention"].strip().lower(),
+        clip_arch=o["clip_arch"],
+        clip_weights=o["clip_weights"],
+        dino_model=o["dino_model"],
+        dino_weights=o["dino_weights"],
+        dino_blocks=parse_blocks(o["dino_blocks"], "--dino-blocks"),
+        box_thresh=o["box_thresh"],
+        box_style=o["box_style"].strip().lower(),
+        sgc=SGCParams(
+            slic_algorithm=o["sgc_slic"].upper(),
+            region_size=o["sgc_region_size"],
+            ruler=o["sgc_ruler"],
+            iterations=o["sgc_iterations"],
+            n_clusters=o["sgc_clusters"],
+            region_mode=o["sgc_region_mode"],
+            high_conf=o["sgc_high_conf"],
+            region_thresh=o["sgc_region_thresh"],
+            patch_fraction=o["sgc_patch_fraction"],
+            seed=o["seed"],
+        ),
+        bg_alpha=o["bg_alpha"],
+        crf=o["crf"],
+        crf_params={
+            **CRFParams(
+                o["crf_iters"],
+                o["crf_gauss_sxy"],
+                o["crf_gauss_compat"],
+                o["crf_bi_sxy"],
+                o["crf_bi_srgb"],
+                o["crf_bi_compat"],
+            ).to_dict(),
+            **({"image": o["crf_image"]} if o["crf_image"] != _C_IMAGE else {}),
+        },
+        conf_thresh=o["conf_thresh"],
+        save_cams=o["save_cams"],
+        precision=o["precision"],
+        batch_size=o["batch_size"],
+        device=check_device(o["device"]),
+        workers=workers,
+        seed=o["seed"],
+        max_side=max_side if max_side is not None else _recorded(recorded_cfg, "max_side", DEFAULT_MAX_SIDE),
+        oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
+    )
 
 
 def _quick_key(
