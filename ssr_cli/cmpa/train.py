@@ -34,7 +34,7 @@ from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
 from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
-from ssr_cli.train.loop import StepTimes, open_run, sync_device, wrap_ddp
+from ssr_cli.train.loop import open_run, sync_device, wrap_ddp
 from ssr_cli.train.proto_loop import (
     PromptSet,
     ProtoLoop,
@@ -100,24 +100,26 @@ class CmpaLoop(ProtoLoop):
     """train-cmpa's steps: CLIP forward and GradCAM, the prototype loss through the heads."""
 
     name = STAGE
+    timed = ("data", "clip", "heads")
+    window_size = WINDOW_SIZE
     sync_what = "the CMPA heads"
 
     def cams_through_heads(self) -> bool:
         return bool(self.cfg.cam_source == "heads")
 
     def step(self, it: int) -> torch.Tensor:
-        cfg, env, device, heads, prompts = self.cfg, self.env, self.env.device, self.heads, self.prompts
+        env, device, heads, prompts = self.env, self.env.device, self.heads, self.prompts
         self.begin_step(it)
         t0 = time.perf_counter()
         idx = self.stream.indices(it, env.rank)
         x = self.fetch(it)
         t1 = time.perf_counter()
         present = [list(self.items[i].classes) for i in idx]
+        use_heads = self.cams_through_heads()  # else plain CLIP's CAMs
         with torch.no_grad():
-            use_heads = cfg.cam_source == "heads"
             fg_cam = heads.project_text(prompts.fg) if use_heads else prompts.fg
             bg_cam = heads.project_text(prompts.bg) if use_heads else prompts.bg
-        head = heads.project_image if cfg.cam_source == "heads" else None
+        head = heads.project_image if use_heads else None
         patches, cams, img_idx, cls_idx = clip_pass(
             self.model, x, present, fg_cam, bg_cam, head, self.precision
         )
@@ -205,16 +207,11 @@ def train(
             files=files,
             start=start,
             sync_module=heads,
-            times=StepTimes(("data", "clip", "heads"), extra=("protos",)),
-            window_size=WINDOW_SIZE,
             resume=resume,
             fingerprint=run_fingerprint,
             clip_id=clip_id,
         )
-        loop.run()
-        protos, digests = loop.finish()
-        summary = loop.summary(digests)
-        files.close()
+        protos, summary = loop.complete()
         return heads, protos, summary
     finally:
         loader.close()

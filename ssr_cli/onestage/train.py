@@ -51,7 +51,7 @@ from ssr_cli.onestage.pseudo import RegionCache, dino_grid_attention, pseudo_mas
 from ssr_cli.seg.loss import segmentation_loss
 from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
-from ssr_cli.train.loop import StepTimes, open_run, sync_device, wrap_ddp
+from ssr_cli.train.loop import open_run, sync_device, wrap_ddp
 from ssr_cli.train.proto_loop import ProtoLoop, ProtoParts, add_finite, prompt_set
 from ssr_cli.train.state import restore_training
 
@@ -81,6 +81,9 @@ class SsrLoop(ProtoLoop):
     and segmentation losses; validation of the decoder; its checkpoints."""
 
     name = STAGE
+    timed = PARTS
+    timed_apart = ("protos", "val", "superpixels")
+    window_size = WINDOW_SIZE
 
     def setup(
         self, dino: Any, decoder: SegDecoder, decoder_cfg: DecoderConfig, scheduler: Any, regions: Any
@@ -321,8 +324,6 @@ def train(
             files=files,
             start=start,
             sync_module=joint,
-            times=StepTimes(PARTS, extra=("protos", "val", "superpixels")),
-            window_size=WINDOW_SIZE,
             resume=resume,
             fingerprint=run_fingerprint,
             clip_id=clip_id,
@@ -331,10 +332,7 @@ def train(
         loop.setup(dino, decoder, decoder_cfg, scheduler, regions)
         if resume is not None:
             loop.best = dict(resume.get("best") or loop.best)
-        loop.run()
-        protos, digests = loop.finish()
-        summary = loop.summary(digests)
-        files.close()
+        protos, summary = loop.complete()
         return heads, protos, decoder, summary
     finally:
         loader.close()

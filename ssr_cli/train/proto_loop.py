@@ -140,6 +140,10 @@ class ProtoLoop(TrainLoop):
     the heads'; ``window`` holds the log window's sums (float64), ``times`` the step time by part
     (with ``protos``: the refreshes)."""
 
+    timed: tuple[str, ...] = ()  # the parts of a step, timed
+    timed_apart: tuple[str, ...] = ("protos",)  # time spent outside the steps, by kind
+    window_size = 1  # how many sums the log window holds
+
     def __init__(
         self,
         parts: ProtoParts,
@@ -149,8 +153,6 @@ class ProtoLoop(TrainLoop):
         files: RunFiles,
         start: int,
         sync_module: torch.nn.Module,
-        times: StepTimes,
-        window_size: int,
         resume: dict[str, Any] | None,
         fingerprint: str = "",
         clip_id: dict[str, Any] | None = None,
@@ -165,9 +167,9 @@ class ProtoLoop(TrainLoop):
         self.optimizer, self.scaler = parts.optimizer, parts.scaler
         self.precision = cfg.precision
         self.stream = SampleStream(len(parts.items), cfg.seed, cfg.batch_size, env.world)
-        self.times = times
+        self.times = StepTimes(self.timed, extra=self.timed_apart)
         self.protos: Prototypes | None = None
-        self.window = torch.zeros(window_size, dtype=torch.float64, device=env.device)
+        self.window = torch.zeros(self.window_size, dtype=torch.float64, device=env.device)
         self.last: dict[str, Any] = {}
         if resume is not None:
             self.protos = Prototypes.from_state_dict(resume["prototypes"], env.device)
@@ -297,6 +299,14 @@ class ProtoLoop(TrainLoop):
         self.report(done, record, status, self.times.steps)
         self.window.zero_()
         self.times.reset()
+
+    def complete(self) -> tuple[Prototypes, dict[str, Any]]:
+        """Every step, then (the prototypes, the run's summary); the log is closed."""
+        self.run()
+        protos, digests = self.finish()
+        summary = self.summary(digests)
+        self.files.close()
+        return protos, summary
 
     def finish(self) -> tuple[Prototypes, list[str]]:
         """After the last step: the prototypes (with ``--iters 0``: the step-0 heads') and every
