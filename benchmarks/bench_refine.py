@@ -73,7 +73,8 @@ def make_dataset(root: Path, n: int) -> Path:
     return root
 
 
-def _timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> float:
+    """The median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -114,19 +115,19 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
         with torch_threads(threads):
             x = clip.preprocess(image)[None]
             rows.setdefault("CLIP attention (ViT-B/16, last 8 of 12 blocks)", []).append(
-                _timed(lambda x=x: clip.attention(x, 8), repeats)
+                timed(lambda x=x: clip.attention(x, 8), repeats)
             )
             path = seeds / "cams" / f"{item_id}.npz"
             rows.setdefault("CLIP attention read from the seeds (.npz, float16)", []).append(
-                _timed(lambda p=path: torch.from_numpy(load_seed(p)["attn"]).float(), repeats)
+                timed(lambda p=path: torch.from_numpy(load_seed(p)["attn"]).float(), repeats)
             )
             y = dino.preprocess(image, grid)[None]
             rows.setdefault("DINO forward + attention (ViT-B/16)", []).append(
-                _timed(lambda y=y: dino.attention(y), repeats)
+                timed(lambda y=y: dino.attention(y), repeats)
             )
             attn = {"clip": clip.attention(x, 8)[0], "dino": dino.attention(y)[0]}
             rows.setdefault("affinity fusion (2 sources)", []).append(
-                _timed(lambda attn=attn: fuse_affinity(attn), repeats)
+                timed(lambda attn=attn: fuse_affinity(attn), repeats)
             )
             fused = fuse_affinity(attn)
         with single_threaded():
@@ -137,18 +138,18 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
                 s.iterate(10)
                 s.enforceLabelConnectivity(25)
 
-            t_slic = _timed(slic, repeats)
+            t_slic = timed(slic, repeats)
             rows.setdefault("SLIC (SLICO, region 16, 10 iterations)", []).append(t_slic)
-            t_sp = _timed(lambda image=image: superpixel_clusters(image), repeats)
+            t_sp = timed(lambda image=image: superpixel_clusters(image), repeats)
             rows.setdefault("K-means (8 colour clusters of the superpixels)", []).append(
                 max(t_sp - t_slic, 0.0)
             )
             rows.setdefault("SGC mask, whole (SLIC + K-means + regions)", []).append(
-                _timed(lambda image=image, cams=cams, grid=grid: sgc_masks(image, cams, grid), repeats)
+                timed(lambda image=image, cams=cams, grid=grid: sgc_masks(image, cams, grid), repeats)
             )
             masks = torch.from_numpy(sgc_masks(image, cams, grid).astype(np.float32))
             rows.setdefault("refine CAMs (masked affinity @ CAM)", []).append(
-                _timed(lambda f=fused, c=torch.from_numpy(cams), m=masks: refine_cams(f, c, m), repeats)
+                timed(lambda f=fused, c=torch.from_numpy(cams), m=masks: refine_cams(f, c, m), repeats)
             )
             refined = refine_cams(fused, torch.from_numpy(cams), masks).numpy()
             up = np.stack(
@@ -156,7 +157,7 @@ def time_parts(data: Path, seeds: Path, repeats: int) -> tuple[dict[str, float],
             )
             probs = cams_to_probs(up)
             rows.setdefault("dense CRF (10 iterations)", []).append(
-                _timed(lambda image=image, probs=probs: dense_crf(image, probs), repeats)
+                timed(lambda image=image, probs=probs: dense_crf(image, probs), repeats)
             )
         jobs.append(ItemJob(item_id, image, seed, fused.numpy()))
     return {name: float(np.mean(values)) for name, values in rows.items()}, jobs

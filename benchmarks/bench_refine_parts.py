@@ -20,20 +20,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-import time
 
 import numpy as np
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_refine import timed as _timed  # benchmarks/: the median of timed repeats after a warm-up
 
 
 def timings(repeats: int, threads: int | None) -> None:

@@ -60,23 +60,9 @@ def timed(args: list[str], cwd: Path, env: dict[str, str], expect: int = 0, full
 
 def make_project(root: Path, images: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
-    import numpy as np
-    from PIL import Image
-    from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+    from tinymodels import make_pets_project
 
-    (root / "tiny.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    save_tiny_clip(make_tiny_clip(seed=3), root / "tiny.safetensors", "safetensors")
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "vocab.json").write_text(json.dumps({"name": "pets", "classes": ["cat", "dog"]}))
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(images):
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(
-            data / "images" / f"p{i}.jpg"
-        )
-        lines.append(f"p{i} {['cat', 'dog', 'cat dog'][i % 3]}")
-    (data / "labels.txt").write_text("\n".join(lines) + "\n")
+    make_pets_project(root, images, size=(96, 128))
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tinymodels import TINY_CLIP, TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import TINY_CLIP, make_pets_project
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -42,17 +42,7 @@ def ssr(args: list[object], cwd: Path, **env: str) -> tuple[int, str, str, list[
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("startup")
-    (root / "tiny.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    save_tiny_clip(make_tiny_clip(seed=3), root / "tiny.safetensors", "safetensors")
-    data = root / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "vocab.json").write_text(json.dumps({"name": "pets", "classes": ["cat", "dog"]}))
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(data / "images" / f"p{i}.jpg")
-    (data / "labels.txt").write_text("p0 cat\np1 dog\np2 cat dog\np3 dog\n")
-    return root
+    return make_pets_project(tmp_path_factory.mktemp("startup"), images=4)
 
 
 SEEDS = ["make-seeds", "--data", "data", "--out", "runs/seeds", "--clip-arch", "tiny.json",

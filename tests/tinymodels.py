@@ -141,3 +141,25 @@ def tiny_clip_for_cli(folder: Path, seed: int = 3) -> dict[str, str]:
     config.write_text(json.dumps(TINY_CLIP_CONFIG))
     weights = save_tiny_clip(make_tiny_clip(seed=seed), folder / "tiny.safetensors", "safetensors")
     return {"arch": str(config), "weights": str(weights)}
+
+
+def make_pets_project(root: Path, images: int, size: tuple[int, int] = (40, 56)) -> Path:
+    """A tiny project in ``root``: the tiny CLIP (``tiny.json``, ``tiny.safetensors``) and a
+    custom-layout dataset ``root/data`` of ``images`` random JPEGs ``p0..`` of ``size`` (h, w)
+    labelled cat, dog, cat dog in turn (vocabulary ``pets``). Returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "tiny.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    save_tiny_clip(make_tiny_clip(seed=3), root / "tiny.safetensors", "safetensors")
+    data = root / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "vocab.json").write_text(json.dumps({"name": "pets", "classes": ["cat", "dog"]}))
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(images):
+        pixels = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(data / "images" / f"p{i}.jpg")
+        lines.append(f"p{i} {['cat', 'dog', 'cat dog'][i % 3]}")
+    (data / "labels.txt").write_text("\n".join(lines) + "\n")
+    return root
