@@ -1,6 +1,6 @@
 """The one bounded parallel map of the tool: threads for I/O and decoding (image reads, PNG
 encoding, scoring), a bounded number of items in flight, so memory stays flat however long the
-input. CPU-heavy per-image work that needs processes uses ``ssr_cli.refine.pipeline.WorkerPool``.
+input. CPU-heavy per-image work that needs processes uses ``ssr_cli.refine.pool.WorkerPool``.
 """
 
 from __future__ import annotations
