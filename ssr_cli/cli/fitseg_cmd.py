@@ -8,20 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ssr_cli.cli import app
-from ssr_cli.cli.options import (
-    DataRoot,
-    Device,
-    GtDir,
-    Layout,
-    Overwrite,
-    Quiet,
-    Resume,
-    Seed,
-    Split,
-    Vocab,
-    Workers,
-    parse_range,
-)
+from ssr_cli.cli import options as opt
 from ssr_cli.console import set_quiet
 
 
@@ -35,16 +22,13 @@ def fit_seg(
             "(0 background, 1..K classes, 255 ignored).",
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
-    data: DataRoot,
-    layout: Layout = "auto",
-    split: Split = None,
-    vocab: Vocab = None,
-    gt: GtDir = None,
-    val_split: Annotated[
-        Optional[str],
-        typer.Option("--val-split", help="Split with ground truth for periodic validation mIoU (best.pt)."),
-    ] = None,
+    out: opt.RunOut,
+    data: opt.DataRoot,
+    layout: opt.Layout = "auto",
+    split: opt.Split = None,
+    vocab: opt.Vocab = None,
+    gt: opt.GtDir = None,
+    val_split: opt.ValSplit = None,
     backbone: Annotated[
         str,
         typer.Option("--backbone", help="timm backbone, e.g. resnet101, resnet50."),
@@ -74,10 +58,7 @@ def fit_seg(
         int, typer.Option("--aspp-channels", min=8, help="Width of the ASPP head.")
     ] = 256,
     iters: Annotated[int, typer.Option("--iters", min=1, help="Optimizer steps.")] = 20000,
-    batch_size: Annotated[
-        int,
-        typer.Option("--batch-size", "-b", min=1, help="Images per step per process."),
-    ] = 10,
+    batch_size: opt.BatchSize = 10,
     crop_size: Annotated[
         int, typer.Option("--crop-size", min=16, help="Training crop side in pixels.")
     ] = 321,
@@ -137,37 +118,21 @@ def fit_seg(
         typer.Option("--loss", help="balanced (background/foreground halves) | ce."),
     ] = "balanced",
     scale_range: Annotated[str, typer.Option("--scale-range", help="Random scale MIN,MAX.")] = "0.5,1.5",
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips.")] = True,
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help="auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, bf16 on GPU).",
-        ),
-    ] = "auto",
+    flip: opt.Flip = True,
+    precision: opt.Precision = "auto",
     sync_bn: Annotated[
         bool,
         typer.Option("--sync-bn", help="SyncBatchNorm across torchrun processes."),
     ] = False,
-    save_every: Annotated[
-        int,
-        typer.Option("--save-every", min=1, help="Write checkpoints/last.pt every N steps."),
-    ] = 1000,
-    val_every: Annotated[
-        int,
-        typer.Option("--val-every", min=0, help="Validate every N steps (0: only at the end)."),
-    ] = 1000,
-    log_every: Annotated[
-        int, typer.Option("--log-every", min=1, help="Log to log.jsonl every N steps.")
-    ] = 20,
-    check_sync_every: Annotated[
-        int, typer.Option("--check-sync-every", min=0, hidden=True, help="Compare weights across ranks.")
-    ] = 0,
-    resume: Resume = False,
-    device: Device = "auto",
-    workers: Workers = 2,
-    seed: Seed = 0,
-    overwrite: Overwrite = False,
+    save_every: opt.SaveEvery = 1000,
+    val_every: opt.ValEvery = 1000,
+    log_every: opt.LogEvery = 20,
+    check_sync_every: opt.CheckSyncEvery = 0,
+    resume: opt.Resume = False,
+    device: opt.Device = "auto",
+    workers: opt.Workers = 2,
+    seed: opt.Seed = 0,
+    overwrite: opt.Overwrite = False,
     tensorboard: Annotated[
         bool,
         typer.Option(
@@ -176,7 +141,7 @@ def fit_seg(
             "the tensorboard package (pip install tensorboard).",
         ),
     ] = False,
-    quiet: Quiet = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Train a DeepLab-style segmenter on a timm backbone (--head deeplabv3plus, the default:
     ASPP + decoder; --head aspp: DeepLabV3; --head deeplabv2: four dilated 3x3 classifiers,
@@ -199,18 +164,23 @@ def fit_seg(
     --batch-size is per process). Writes checkpoints/last.pt, best.pt (with --val-split), log.jsonl and
     model.safetensors; `ssr predict --model RUN` uses the last.
     """
-    options = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in locals().items()
-        if k not in ("out", "resume", "overwrite", "quiet")
-    }
+    values = dict(locals())
     set_quiet(quiet)
 
-    from ssr_cli.artefacts.quick import answered_training_rerun, finish_training_command
-    from ssr_cli.cli.options import check_device
+    from ssr_cli.artefacts.quick import answered_training_rerun
+    from ssr_cli.cli.training import option_fields, run_stage
 
     key = _quick_key(
-        options, data, layout, split, vocab, gt, val_split, pseudo, backbone_weights, no_pretrained
+        opt.quick_settings(values),
+        data,
+        layout,
+        split,
+        vocab,
+        gt,
+        val_split,
+        pseudo,
+        backbone_weights,
+        no_pretrained,
     )
     if answered_training_rerun("fit-seg", out, key, overwrite, _result_line, "this trained model"):
         return
@@ -232,7 +202,7 @@ def fit_seg(
         "bias_decay": bias_decay,
         "norm_decay": norm_decay,
         "loss": loss,
-        "scale_range": parse_range(scale_range, "--scale-range"),
+        "scale_range": opt.parse_range(scale_range, "--scale-range"),
         "flip": flip,
         "precision": precision,
         "sync_bn": sync_bn,
@@ -244,33 +214,16 @@ def fit_seg(
         "check_sync_every": check_sync_every,
         "tensorboard": tensorboard,
     }
-    opts = stage.FitSegOptions(
-        data=data,
-        pseudo=pseudo,
-        out=out,
-        layout=layout,
-        split=split,
-        vocab=vocab,
-        gt=gt,
-        val_split=val_split,
-        backbone=backbone,
-        output_stride=output_stride,
-        head=head,
-        aspp_channels=aspp_channels,
-        backbone_weights=backbone_weights,
-        pretrained=not no_pretrained,
-        device=check_device(device),
-        resume=resume,
-        overwrite=overwrite,
-        train=train,
-    )
-    manifest = stage.run(opts)
-    finish_training_command(out, key, manifest, _result_line)
+    given = {"pretrained": not no_pretrained, "device": opt.check_device(device), "train": train}
+    opts = stage.FitSegOptions(**option_fields(values, stage.FitSegOptions, **given))
+    run_stage(stage.run, opts, out, key, _result_line)
 
 
 def _result_line(out: Path, manifest: dict) -> str:
     """The line fit-seg prints on stdout: the model file and the best validation mIoU."""
-    best = (manifest.get("summary") or {}).get("best") or {}
+    from ssr_cli.cli.training import run_summary
+
+    _, best = run_summary(manifest)
     text = f"{out / 'model.safetensors'}"
     if best.get("miou") is not None:
         text += f"  best val mIoU {100 * best['miou']:.2f} % at iteration {best['iteration']}"

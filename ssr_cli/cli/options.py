@@ -10,7 +10,7 @@ without importing torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -104,6 +104,28 @@ GtDir = Annotated[
 ]
 
 
+def quick_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings a command's quick rerun key hashes (``artefacts/quick.py``): its options
+    ``values`` (``locals()`` on entry) but --out, --resume, --overwrite and --quiet; paths as text."""
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in values.items()
+        if k not in ("out", "resume", "overwrite", "quiet")
+    }
+
+
+def clip_files(clip_arch: str, clip_weights: str | None) -> list[Path | None] | None:
+    """[weights file, model-config file or None] of --clip-arch/--clip-weights, found without
+    torch (missing weights fail here, at once); None when a config file names its model and
+    no --clip-weights is given (only loading finds its weights)."""
+    config_file = Path(clip_arch) if Path(clip_arch).suffix == ".json" else None
+    if config_file is not None and clip_weights is None:
+        return None
+    from ssr_cli.models.sources import clip_weights_source
+
+    return [clip_weights_source(clip_arch, clip_weights).path, config_file]
+
+
 def check_device(device: str) -> str:
     """Validate the --device text (no torch import). Returns it normalised."""
     from ssr_cli.errors import ConfigError
@@ -137,6 +159,15 @@ def parse_range(text: str, name: str) -> tuple[float, float]:
 
 
 # -- options shared by the training commands (train-cmpa, train; fit-seg for the run ones) ------
+
+RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")]
+ValSplit = Annotated[
+    Optional[str],
+    typer.Option("--val-split", help="Split with ground truth for periodic validation mIoU (best.pt)."),
+]
+ValEvery = Annotated[
+    int, typer.Option("--val-every", min=0, help="Validate every N steps (0: only at the end).")
+]
 
 ClipArch = Annotated[
     str, typer.Option("--clip-arch", help="open_clip architecture name, or a model-config JSON file.")

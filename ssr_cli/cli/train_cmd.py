@@ -8,44 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ssr_cli.cli import app
-from ssr_cli.cli.options import (
-    BatchSize,
-    CheckSyncEvery,
-    ClipArch,
-    ClipWeights,
-    CmpaDim,
-    CmpaHidden,
-    DataRoot,
-    Device,
-    Flip,
-    HeadInit,
-    HeadsLr,
-    HeadsWeightDecay,
-    InitImages,
-    Iters,
-    Jitter,
-    LabelSource,
-    Layout,
-    LogEvery,
-    Overwrite,
-    Pool,
-    Precision,
-    ProtoEma,
-    ProtoEvery,
-    ProtosPerClass,
-    Quiet,
-    Resume,
-    SaveEvery,
-    ScaleRange,
-    Seed,
-    Split,
-    Temperature,
-    Tensorboard,
-    TextTarget,
-    TrainSize,
-    Vocab,
-    Workers,
-)
+from ssr_cli.cli import options as opt
 from ssr_cli.console import set_quiet
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
@@ -67,21 +30,16 @@ def _numbers(text: str, name: str, count: int | None, kind: type = float) -> tup
 
 @app.command("train")
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")],
-    data: DataRoot,
-    layout: Layout = "auto",
-    split: Split = None,
-    labels: LabelSource = "auto",
-    vocab: Vocab = None,
-    val_split: Annotated[
-        Optional[str],
-        typer.Option("--val-split", help="Split with ground truth for periodic validation mIoU (best.pt)."),
-    ] = None,
-    val_every: Annotated[
-        int, typer.Option("--val-every", min=0, help="Validate every N steps (0: only at the end).")
-    ] = 1000,
-    clip_arch: ClipArch = "ViT-B-16",
-    clip_weights: ClipWeights = None,
+    out: opt.RunOut,
+    data: opt.DataRoot,
+    layout: opt.Layout = "auto",
+    split: opt.Split = None,
+    labels: opt.LabelSource = "auto",
+    vocab: opt.Vocab = None,
+    val_split: opt.ValSplit = None,
+    val_every: opt.ValEvery = 1000,
+    clip_arch: opt.ClipArch = "ViT-B-16",
+    clip_weights: opt.ClipWeights = None,
     dino_model: Annotated[
         str, typer.Option("--dino-model", help="DINO for the affinity: a name, or a JSON model spec.")
     ] = "dino_vitb16",
@@ -92,24 +50,24 @@ def train(
         float,
         typer.Option("--gamma", min=0.0, help="Weight of the segmentation loss: L_proto + gamma L_seg."),
     ] = 0.1,
-    iters: Iters = 20000,
-    batch_size: BatchSize = 4,
-    size: TrainSize = 448,
-    scale_range: ScaleRange = "0.75,1.25",
-    flip: Flip = True,
-    jitter: Jitter = 0.2,
-    lr: HeadsLr = 1e-4,
-    weight_decay: HeadsWeightDecay = 1e-4,
-    dim: CmpaDim = 256,
-    hidden: CmpaHidden = None,
-    head_init: HeadInit = "pca",
-    init_images: InitImages = 256,
-    protos_per_class: ProtosPerClass = 1,
-    proto_every: ProtoEvery = 5000,
-    proto_ema: ProtoEma = 0.0,
-    temperature: Temperature = 0.05,
-    pool: Pool = "tokens",
-    text_target: TextTarget = "live",
+    iters: opt.Iters = 20000,
+    batch_size: opt.BatchSize = 4,
+    size: opt.TrainSize = 448,
+    scale_range: opt.ScaleRange = "0.75,1.25",
+    flip: opt.Flip = True,
+    jitter: opt.Jitter = 0.2,
+    lr: opt.HeadsLr = 1e-4,
+    weight_decay: opt.HeadsWeightDecay = 1e-4,
+    dim: opt.CmpaDim = 256,
+    hidden: opt.CmpaHidden = None,
+    head_init: opt.HeadInit = "pca",
+    init_images: opt.InitImages = 256,
+    protos_per_class: opt.ProtosPerClass = 1,
+    proto_every: opt.ProtoEvery = 5000,
+    proto_ema: opt.ProtoEma = 0.0,
+    temperature: opt.Temperature = 0.05,
+    pool: opt.Pool = "tokens",
+    text_target: opt.TextTarget = "live",
     cam_target: Annotated[
         str,
         typer.Option(
@@ -172,17 +130,17 @@ def train(
             help="Pseudo-mask pixels whose top normalised score is below this are ignored (0: none).",
         ),
     ] = 0.0,
-    precision: Precision = "auto",
-    save_every: SaveEvery = 500,
-    log_every: LogEvery = 10,
-    tensorboard: Tensorboard = False,
-    check_sync_every: CheckSyncEvery = 0,
-    resume: Resume = False,
-    device: Device = "auto",
-    workers: Workers = 2,
-    seed: Seed = 0,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
+    precision: opt.Precision = "auto",
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 10,
+    tensorboard: opt.Tensorboard = False,
+    check_sync_every: opt.CheckSyncEvery = 0,
+    resume: opt.Resume = False,
+    device: opt.Device = "auto",
+    workers: opt.Workers = 2,
+    seed: opt.Seed = 0,
+    overwrite: opt.Overwrite = False,
+    quiet: opt.Quiet = False,
 ) -> None:
     """Single-stage SSR, the paper's regime: CMPA heads and a segmentation decoder trained together
     (L_proto + gamma L_seg) on pseudo-masks made online from the heads' CAMs.
@@ -198,39 +156,32 @@ def train(
     process). Writes model.safetensors (the decoder), heads.safetensors, prototypes.safetensors,
     log.jsonl and checkpoints/last.pt (best.pt with --val-split).
     """
-    options = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in locals().items()
-        if k not in ("out", "resume", "overwrite", "quiet")
-    }
+    values = dict(locals())
     set_quiet(quiet)
 
-    from ssr_cli.artefacts.quick import answered_training_rerun, finish_training_command, quick_key
-    from ssr_cli.cli.options import check_device
+    from ssr_cli.artefacts.quick import answered_training_rerun, quick_key
+    from ssr_cli.cli.training import option_fields, run_stage
     from ssr_cli.data import open_dataset
+    from ssr_cli.onestage.config import SsrConfig
 
     # Before torch is imported: a complete run with the same inputs answers at once.
     dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab)
     key = None
-    config_file = Path(clip_arch) if Path(clip_arch).suffix == ".json" else None
     dino_file = Path(dino_model) if Path(dino_model).suffix == ".json" else None
-    if (config_file is None or clip_weights is not None) and (affinity != "clip+dino" or dino_weights):
-        from ssr_cli.models.sources import clip_weights_source
-
-        weights_file = clip_weights_source(clip_arch, clip_weights).path
+    dino_found = affinity != "clip+dino" or dino_weights  # else only loading finds DINO's weights
+    files = opt.clip_files(clip_arch, clip_weights) if dino_found else None
+    if files is not None:
         val_fp = None
         if val_split:
             val_fp = open_dataset(
                 data, layout=layout, split=val_split, labels="none", vocab=vocab
             ).fingerprint()
-        settings = {**options, "val_fingerprint": val_fp}
         key = quick_key(
             "train",
-            settings,
+            {**opt.quick_settings(values), "val_fingerprint": val_fp},
             dataset_fingerprint=dataset.fingerprint(),
             files=[
-                weights_file,
-                config_file,
+                *files,
                 dino_file,
                 Path(dino_weights) if dino_weights and dino_weights != "random" else None,
             ],
@@ -247,80 +198,29 @@ def train(
         "region_thresh": sgc_region_thresh,
         "seed": seed,
     }
-    cfg = {
-        "iters": iters,
-        "batch_size": batch_size,
-        "size": size,
-        "scale_range": _numbers(scale_range, "--scale-range", 2),
-        "flip": flip,
-        "jitter": jitter,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "dim": dim,
-        "hidden": hidden or dim,
-        "head_init": head_init,
-        "init_images": init_images,
-        "protos_per_class": protos_per_class,
-        "proto_every": proto_every,
-        "proto_ema": proto_ema,
-        "temperature": temperature,
-        "pool": pool,
-        "text_target": text_target,
-        "cam_target": cam_target,
-        "gamma": gamma,
-        "seg_loss": seg_loss,
-        "decoder_dim": decoder_dim,
-        "decoder_layers": _numbers(decoder_layers, "--decoder-layers", None, int) if decoder_layers else (),
-        "decoder_convs": decoder_convs,
-        "seg_lr": seg_lr,
-        "seg_weight_decay": seg_weight_decay,
-        "poly_power": poly_power,
-        "affinity": affinity,
-        "affinity_weights": _numbers(affinity_weights, "--affinity-weights", 2),
-        "clip_blocks": clip_blocks,
-        "dino_blocks": _numbers(dino_blocks, "--dino-blocks", None, int),
-        "mask": mask,
-        "sgc": sgc,
-        "bg_alpha": bg_alpha,
-        "conf_thresh": conf_thresh,
-        "precision": precision,
-        "seed": seed,
-        "workers": workers,
-        "save_every": save_every,
-        "log_every": log_every,
-        "val_every": val_every,
-        "check_sync_every": check_sync_every,
-        "tensorboard": tensorboard,
-    }
-    opts = stage.TrainOptions(
-        data=data,
-        out=out,
-        layout=layout,
-        split=split,
-        labels=labels,
-        vocab=vocab,
-        val_split=val_split,
-        arch=clip_arch,
-        weights=clip_weights,
-        dino_model=dino_model,
-        dino_weights=dino_weights,
-        device=check_device(device),
-        resume=resume,
-        overwrite=overwrite,
-        train=cfg,
+    cfg = option_fields(
+        values,
+        SsrConfig,
+        scale_range=_numbers(scale_range, "--scale-range", 2),
+        hidden=hidden or dim,
+        decoder_layers=_numbers(decoder_layers, "--decoder-layers", None, int) if decoder_layers else (),
+        affinity_weights=_numbers(affinity_weights, "--affinity-weights", 2),
+        dino_blocks=_numbers(dino_blocks, "--dino-blocks", None, int),
+        sgc=sgc,
     )
-    manifest = stage.run(opts)
-    finish_training_command(out, key, manifest, _result_line)
+    given = {"arch": clip_arch, "weights": clip_weights, "device": opt.check_device(device), "train": cfg}
+    opts = stage.TrainOptions(**option_fields(values, stage.TrainOptions, **given))
+    run_stage(stage.run, opts, out, key, _result_line)
 
 
 def _result_line(out: Path, manifest: dict) -> str:
     """The line ``ssr train`` prints on stdout: the model file, the final loss, the best val mIoU."""
-    summary = manifest.get("summary") or {}
-    final = summary.get("final") or {}
+    from ssr_cli.cli.training import run_summary
+
+    final, best = run_summary(manifest)
     text = str(out / manifest.get("model_file", "model.safetensors"))
     if final.get("loss") is not None:
         text += f"  loss {final['loss']:.4f}"
-    best = (summary.get("best") or {}).get("miou")
-    if best is not None:
-        text += f"  best val mIoU {100 * best:.2f} %"
+    if best.get("miou") is not None:
+        text += f"  best val mIoU {100 * best['miou']:.2f} %"
     return text
