@@ -27,3 +27,28 @@ def error_line(err: str, last: bool = False) -> str:
     if last:
         assert err.rstrip().endswith(lines[0])
     return lines[0]
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str], timeout: float, stdout_too: bool = True) -> str:
+    """Run ``argv`` with its stderr (and its stdout, ``stdout_too``) on a pseudo-terminal, as a
+    user's shell would; returns all that the terminal received, after checking exit code 0."""
+    import os
+    import pty
+    import subprocess
+
+    main_fd, child_fd = pty.openpty()
+    stdout = child_fd if stdout_too else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=child_fd, env=env)
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main_fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=timeout) == 0
+    os.close(main_fd)
+    return b"".join(chunks).decode(errors="replace")

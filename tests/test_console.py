@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import pty
 import subprocess
 import sys
 
 import pytest
+from clirun import on_a_terminal
 
 pytestmark = pytest.mark.timeout(60)
 SCRIPT = """
@@ -19,28 +19,13 @@ with ProgressBar("manual", total=3) as bar:
 """
 
 
-def on_a_terminal(code: str) -> str:
-    main_fd, child_fd = pty.openpty()
+def run_on_a_terminal(code: str) -> str:
     env = {**os.environ, "COLUMNS": "120", "SSR_QUIET": ""}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=child_fd,
-                            stderr=child_fd, env=env)  # fmt: skip
-    os.close(child_fd)
-    chunks = []
-    while True:
-        try:
-            data = os.read(main_fd, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait(timeout=30) == 0
-    os.close(main_fd)
-    return b"".join(chunks).decode(errors="replace")
+    return on_a_terminal([sys.executable, "-c", code], env, timeout=30)
 
 
 def test_track_and_progress_bar_draw_on_a_terminal() -> None:
-    text = on_a_terminal(SCRIPT)
+    text = run_on_a_terminal(SCRIPT)
     assert "counting" in text and "5/5" in text
     assert "manual" in text and "3/3" in text and "done now" in text
 

@@ -642,29 +642,14 @@ def test_hostile_seeds_manifest_is_a_one_line_error(tmp_path, capsys, seeds_trai
 def test_status_line_while_workers_start_on_a_terminal(tmp_path, models, seeds_train):
     """On a terminal the bar says what happens before the first image is done (issue 15 item 5)."""
     import os
-    import pty
-    import subprocess
     import sys
+
+    from clirun import on_a_terminal
 
     args = refine_args(seeds_train, tmp_path / "refine", models, "--workers", "1", "--affinity", "clip",
                        "--mask", "none", "--no-crf")  # fmt: skip
-    main_fd, child_fd = pty.openpty()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, "-m", "ssr_cli", *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=child_fd, env=env)  # fmt: skip
-    os.close(child_fd)
-    chunks = []
-    while True:
-        try:
-            data = os.read(main_fd, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait(timeout=200) == 0
-    os.close(main_fd)
-    text = b"".join(chunks).decode(errors="replace")
+    text = on_a_terminal([sys.executable, "-m", "ssr_cli", *args], env, timeout=200, stdout_too=False)
     assert "starting 1 worker process(es), attention of the first 1 image(s)" in text
     assert "refine: starting" not in text  # the status is in the bar, not a log line, on a terminal
     assert "4/4" in text

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from clirun import run_cli
 from PIL import Image
 
 from ssr_cli.data.synth import (
@@ -20,7 +21,6 @@ from ssr_cli.data.synth import (
     generate,
     render_scene,
 )
-from tests.clirun import run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
