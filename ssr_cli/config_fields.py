@@ -1,4 +1,5 @@
-"""What the training configs share: which of their fields change results (pure Python).
+"""What the training configs share: which of their fields change results, and how their
+settings are checked (pure Python: the CLI imports the configs at no cost).
 
 The training settings dataclasses (``CmpaConfig``, ``TrainConfig``, ``SsrConfig``) order their
 fields so that every field up to and including ``seed`` changes what the run computes and every
@@ -8,8 +9,11 @@ into a run's fingerprint: a rerun that changes only the others resumes the same 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any, ClassVar
+
+from ssr_cli.errors import ConfigError
 
 
 class ResultFields:
@@ -31,3 +35,10 @@ class ResultFields:
         """``to_dict()`` restricted to :meth:`result_fields` (the fingerprinted settings)."""
         data = self.to_dict()
         return {k: data[k] for k in self.result_fields()}
+
+
+def require(checks: Iterable[tuple[bool, str]]) -> None:
+    """Raise ``ConfigError(message)`` for the first ``(ok, message)`` whose ``ok`` is false."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

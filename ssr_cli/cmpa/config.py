@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ssr_cli.config_fields import ResultFields
-from ssr_cli.errors import ConfigError
+from ssr_cli.config_fields import ResultFields, require
 
 CAM_SOURCES = ("heads", "clip")
 POOLS = ("tokens", "projected")  # CAM-weighted mean of CLIP's patch tokens then ISA | of ISA(tokens)
@@ -66,9 +65,7 @@ class CmpaConfig(ResultFields):
             (self.text_target in TEXT_TARGETS, f"--text-target must be one of {', '.join(TEXT_TARGETS)}"),
             (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ssr_cli.cmpa.config import CmpaConfig
-from ssr_cli.config_fields import ResultFields
-from ssr_cli.errors import ConfigError
+from ssr_cli.config_fields import ResultFields, require
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
 #: online pseudo-mask affinities and column masks (no CRF online)
@@ -119,9 +118,7 @@ class SsrConfig(ResultFields):
             (self.save_every >= 1 and self.log_every >= 1, "--save-every and --log-every must be at least 1"),
             (self.val_every >= 0, "--val-every must not be negative"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
         self.sgc.check()
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,16 +6,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ssr_cli.config_fields import ResultFields, require
 from ssr_cli.seg.loss import LOSSES
 from ssr_cli.seg.recipes import RECIPES
-from ssr_cli.train.checks import require
 
 OPTIMIZERS = ("sgd", "adamw")
 _DEFAULT = RECIPES["deeplabv3plus"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ResultFields):
     """Training settings. ``batch_size`` is per process; the effective batch is
     ``batch_size * accum * world``. Fields after ``seed`` do not change results."""
 
@@ -46,29 +46,6 @@ class TrainConfig:
     check_sync_every: int = 0
     tensorboard: bool = False  # also TensorBoard event files in RUN/tensorboard/
 
-    RESULT_FIELDS = (
-        "iters",
-        "batch_size",
-        "crop_size",
-        "accum",
-        "optimizer",
-        "lr",
-        "momentum",
-        "weight_decay",
-        "poly_power",
-        "head_lr_mult",
-        "head_bias_lr_mult",
-        "freeze_bn",
-        "bias_decay",
-        "norm_decay",
-        "loss",
-        "scale_range",
-        "flip",
-        "precision",
-        "sync_bn",
-        "seed",
-    )
-
     def __post_init__(self) -> None:
         checks = [
             (self.iters >= 1, "--iters must be at least 1"),
@@ -92,7 +69,3 @@ class TrainConfig:
         data = asdict(self)
         data["scale_range"] = list(self.scale_range)
         return data
-
-    def result_dict(self) -> dict[str, Any]:
-        data = self.to_dict()
-        return {k: data[k] for k in self.RESULT_FIELDS}
