@@ -101,8 +101,7 @@ def train_cmpa(
         values, CmpaConfig, hidden=hidden or dim, scale_range=opt.parse_range(scale_range, "--scale-range")
     )
     given = {"arch": clip_arch, "weights": clip_weights, "device": opt.check_device(device), "train": train}
-    opts = stage.CmpaOptions(**option_fields(values, stage.CmpaOptions, **given))
-    run_stage(stage.run, opts, out, key, _result_line)
+    run_stage(stage, stage.CmpaOptions, values, key, _result_line, **given)
 
 
 def _result_line(out: Path, manifest: dict) -> str:

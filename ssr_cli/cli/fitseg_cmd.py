@@ -168,7 +168,7 @@ def fit_seg(
     set_quiet(quiet)
 
     from ssr_cli.artefacts.quick import answered_training_rerun
-    from ssr_cli.cli.training import option_fields, run_stage
+    from ssr_cli.cli.training import run_stage
 
     key = _quick_key(
         opt.quick_settings(values),
@@ -215,8 +215,7 @@ def fit_seg(
         "tensorboard": tensorboard,
     }
     given = {"pretrained": not no_pretrained, "device": opt.check_device(device), "train": train}
-    opts = stage.FitSegOptions(**option_fields(values, stage.FitSegOptions, **given))
-    run_stage(stage.run, opts, out, key, _result_line)
+    run_stage(stage, stage.FitSegOptions, values, key, _result_line, **given)
 
 
 def _result_line(out: Path, manifest: dict) -> str:

@@ -209,8 +209,7 @@ def train(
         sgc=sgc,
     )
     given = {"arch": clip_arch, "weights": clip_weights, "device": opt.check_device(device), "train": cfg}
-    opts = stage.TrainOptions(**option_fields(values, stage.TrainOptions, **given))
-    run_stage(stage.run, opts, out, key, _result_line)
+    run_stage(stage, stage.TrainOptions, values, key, _result_line, **given)
 
 
 def _result_line(out: Path, manifest: dict) -> str:

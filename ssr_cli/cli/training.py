@@ -20,14 +20,20 @@ def option_fields(values: Mapping[str, Any], cls: Any, **given: Any) -> dict[str
 
 
 def run_stage(
-    run: Callable[[Any], dict[str, Any]], opts: Any, out: Path, key: str | None, result_line: ResultLine
+    stage: Any,
+    options_cls: Any,
+    values: Mapping[str, Any],
+    key: str | None,
+    result_line: ResultLine,
+    **given: Any,
 ) -> None:
-    """Run a training stage on ``opts``, then remember the quick rerun ``key`` of the complete run
-    and print its result line (main process)."""
+    """Run a training ``stage`` (its ``run``) on its ``options_cls`` made from the command's option
+    ``values`` (and ``given``, see :func:`option_fields`), then remember the quick rerun ``key``
+    of the complete run and print its result line (main process)."""
     from ssr_cli.artefacts.quick import finish_training_command
 
-    manifest = run(opts)
-    finish_training_command(out, key, manifest, result_line)
+    manifest = stage.run(options_cls(**option_fields(values, options_cls, **given)))
+    finish_training_command(values["out"], key, manifest, result_line)
 
 
 def run_summary(manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -30,6 +30,7 @@ from ssr_cli.artefacts.training import finish_training_manifest, prepare_trainin
 from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
 from ssr_cli.stages.training_common import (
+    RunKind,
     begin_run,
     distributed,
     input_fingerprints,
@@ -115,11 +116,21 @@ def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool)
     )
 
 
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A ``last.pt`` written by fit-seg, on the CPU."""
+    from ssr_cli.seg.checkpoint import load_checkpoint_file as load_segmenter_checkpoint
+
+    return load_segmenter_checkpoint(path)
+
+
+RUN_KIND = RunKind("fit-seg", "this trained model", prepare_run, load_checkpoint_file, log_every_rank=True)
+
+
 def run(opts: FitSegOptions) -> dict[str, Any]:
     """Train the segmenter as ``opts`` says; returns the final manifest (on every rank)."""
     from ssr_cli.models.backbone_weights import resolve_backbone_state
     from ssr_cli.runtime import resolve_device
-    from ssr_cli.seg.checkpoint import MODEL_FILE, load_checkpoint_file
+    from ssr_cli.seg.checkpoint import MODEL_FILE
     from ssr_cli.seg.recipes import fill_defaults
     from ssr_cli.seg.train import TrainConfig, train
 
@@ -147,17 +158,7 @@ def run(opts: FitSegOptions) -> dict[str, Any]:
         inputs = input_fingerprints(dataset, val_desc)
         basis = run_basis(model_cfg, tcfg, env.world, weights_src.is_random, weights_desc, pseudo, inputs)
         fp = fingerprint(basis)
-        start = begin_run(
-            env,
-            out,
-            basis,
-            command="fit-seg",
-            what="this trained model",
-            prepare=lambda: prepare_run(out, basis, opts.resume, opts.overwrite),
-            load_checkpoint=load_checkpoint_file,
-            iters=tcfg.iters,
-            log_every_rank=True,
-        )
+        start = begin_run(RUN_KIND, env, opts, basis, iters=tcfg.iters)
         if start.done is not None:
             return start.done
         manifest = training_manifest(

@@ -22,7 +22,7 @@ Imports torch: only import inside command bodies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from ssr_cli.artefacts.paths import absolute
 from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info
 from ssr_cli.stages.training_common import (
+    ClipTrainingOptions,
+    RunKind,
     begin_run,
     distributed,
     finish_run,
@@ -46,21 +48,8 @@ CMPA_VERSION = "cmpa-1"  # bump when the training computation changes results
 
 
 @dataclass
-class CmpaOptions:
-    """Everything ``ssr train-cmpa`` takes (plain values, no torch)."""
-
-    data: Path
-    out: Path
-    layout: str = "auto"
-    split: str | None = None
-    labels: str = "auto"
-    vocab: str | None = None
-    arch: str = "ViT-B-16"
-    weights: str | None = None
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    train: dict[str, Any] = field(default_factory=dict)  # CmpaConfig fields
+class CmpaOptions(ClipTrainingOptions):
+    """Everything ``ssr train-cmpa`` takes (plain values, no torch); ``train``: CmpaConfig fields."""
 
 
 def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
@@ -91,6 +80,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     )
 
 
+RUN_KIND = RunKind("train-cmpa", "these trained heads", prepare_run, load_checkpoint_file)
+
+
 def run(opts: CmpaOptions) -> dict[str, Any]:
     """Train CMPA heads as ``opts`` says; returns the final manifest (on every rank)."""
     from ssr_cli.cmpa.train import CmpaConfig, train
@@ -118,16 +110,7 @@ def run(opts: CmpaOptions) -> dict[str, Any]:
             )
         basis = run_basis(cfg, clip_id, env.world, dataset)
         fp = fingerprint(basis)
-        start = begin_run(
-            env,
-            out,
-            basis,
-            command="train-cmpa",
-            what="these trained heads",
-            prepare=lambda: prepare_run(out, basis, opts.resume, opts.overwrite),
-            load_checkpoint=load_checkpoint_file,
-            iters=cfg.iters,
-        )
+        start = begin_run(RUN_KIND, env, opts, basis, iters=cfg.iters)
         if start.done is not None:
             return start.done
         config = manifest_config(opts, dataset, arch=arch, device=device, world=env.world, cfg=cfg)

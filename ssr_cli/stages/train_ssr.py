@@ -22,7 +22,7 @@ Imports torch: only import inside command bodies.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from ssr_cli.artefacts.paths import absolute
 from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info
 from ssr_cli.stages.training_common import (
+    ClipTrainingOptions,
+    RunKind,
     begin_run,
     distributed,
     finish_run,
@@ -48,24 +50,12 @@ TRAIN_VERSION = "ssr-train-1"  # bump when the training computation changes resu
 
 
 @dataclass
-class TrainOptions:
-    """Everything ``ssr train`` takes (plain values, no torch)."""
+class TrainOptions(ClipTrainingOptions):
+    """Everything ``ssr train`` takes (plain values, no torch); ``train``: SsrConfig fields."""
 
-    data: Path
-    out: Path
-    layout: str = "auto"
-    split: str | None = None
-    labels: str = "auto"
-    vocab: str | None = None
     val_split: str | None = None
-    arch: str = "ViT-B-16"
-    weights: str | None = None
     dino_model: str = "dino_vitb16"
     dino_weights: str | None = None
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    train: dict[str, Any] = field(default_factory=dict)  # SsrConfig fields
 
 
 def output_files() -> dict[str, str]:
@@ -103,6 +93,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     )
 
 
+RUN_KIND = RunKind("train", "this trained model", prepare_run, load_checkpoint_file)
+
+
 def run(opts: TrainOptions) -> dict[str, Any]:
     """Train single-stage SSR as ``opts`` says; returns the final manifest (on every rank)."""
     from ssr_cli.models.clip import load_clip, register_arch
@@ -126,16 +119,7 @@ def run(opts: TrainOptions) -> dict[str, Any]:
         dino_id = dino_identity(dino, dino_record, cfg.seed)
         basis = run_basis(cfg, clip_id, dino_id, layers, env.world, input_fingerprints(dataset, val_desc))
         fp = fingerprint(basis)
-        start = begin_run(
-            env,
-            out,
-            basis,
-            command="train",
-            what="this trained model",
-            prepare=lambda: prepare_run(out, basis, opts.resume, opts.overwrite),
-            load_checkpoint=load_checkpoint_file,
-            iters=cfg.iters,
-        )
+        start = begin_run(RUN_KIND, env, opts, basis, iters=cfg.iters)
         if start.done is not None:
             return start.done
         decoder_cfg = decoder_config(opts, arch, model, clip_id, cfg, layers, dataset.vocab.classes)

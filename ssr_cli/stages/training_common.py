@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,40 @@ from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, DataError
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+
+
+@dataclass
+class ClipTrainingOptions:
+    """What the stages that train on CLIP (train-cmpa, train) take (plain values, no torch): the
+    dataset, the CLIP, the device, the run folder's handling and ``train``, the fields of the
+    stage's training config."""
+
+    data: Path
+    out: Path
+    layout: str = "auto"
+    split: str | None = None
+    labels: str = "auto"
+    vocab: str | None = None
+    arch: str = "ViT-B-16"
+    weights: str | None = None
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """A training stage's kind of run folder: ``command`` prefixes its log lines, ``what`` a
+    complete one holds; ``prepare(out, basis, resume, overwrite)`` checks the folder against a
+    new run ("fresh", "resume" or "done"), ``load_checkpoint(path)`` reads its ``last.pt``;
+    ``log_every_rank``: every process logs, not only the main one."""
+
+    command: str
+    what: str
+    prepare: Callable[[Path, dict[str, Any], bool, bool], str]
+    load_checkpoint: Callable[[Path], dict[str, Any]]
+    log_every_rank: bool = False
 
 
 def labelled_items(dataset: Any) -> list[Any]:
@@ -116,40 +150,29 @@ class RunStart:
     resume_state: dict[str, Any] | None = None
 
 
-def begin_run(
-    env: Any,
-    out: Path,
-    basis: dict[str, Any],
-    *,
-    command: str,
-    what: str,
-    prepare: Callable[[], str],
-    load_checkpoint: Callable[[Path], dict[str, Any]],
-    iters: int,
-    log_every_rank: bool = False,
-) -> RunStart:
-    """Decide on the main process (``prepare()``: "fresh", "resume" or "done") how the run in
-    ``out`` begins, and say so (``command``: the log prefix; ``what`` the folder holds when it
-    is done). A checkpoint of another run is refused. Logs on the main process only, unless
-    ``log_every_rank``."""
+def begin_run(kind: RunKind, env: Any, opts: Any, basis: dict[str, Any], *, iters: int) -> RunStart:
+    """Decide on the main process how the run of ``kind`` in ``opts.out`` begins (``opts``: a
+    stage's options, with ``out``, ``resume`` and ``overwrite``), and say so; a checkpoint of
+    another run is refused."""
     from ssr_cli.artefacts import read_manifest
     from ssr_cli.train import distributed as D
 
-    log = info if (log_every_rank or env.is_main) else _silent
-    decision = D.decide_on_main(env, prepare)
+    out = Path(opts.out)
+    log = info if (kind.log_every_rank or env.is_main) else _silent
+    decision = D.decide_on_main(env, lambda: kind.prepare(out, basis, opts.resume, opts.overwrite))
     if decision == "done":
-        log(f"{command}: {out} already holds {what}; nothing to do (--overwrite trains again)")
+        log(f"{kind.command}: {out} already holds {kind.what}; nothing to do (--overwrite trains again)")
         return RunStart(done=read_manifest(out))
     if decision != "resume":
         return RunStart()
-    state = load_checkpoint(out / CHECKPOINT)
+    state = kind.load_checkpoint(out / CHECKPOINT)
     if state.get("fingerprint") != fingerprint(basis):
         raise ArtefactError(
             "checkpoints/last.pt belongs to another run",
             path=out,
             hint="start again with --overwrite",
         )
-    log(f"{command}: resuming {out} at iteration {state['iteration']} of {iters}")
+    log(f"{kind.command}: resuming {out} at iteration {state['iteration']} of {iters}")
     return RunStart(resume_state=state)
 
 
