@@ -26,7 +26,7 @@ from ssr_cli.artefacts import fingerprint
 from ssr_cli.artefacts.fingerprint import file_sha256
 from ssr_cli.artefacts.manifest import is_run, open_run
 from ssr_cli.artefacts.paths import absolute
-from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run
+from ssr_cli.artefacts.training import finish_training_manifest
 from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, ConfigError, DataError
 from ssr_cli.stages.training_common import (
@@ -99,21 +99,9 @@ def _folder_fingerprint(files: list[Path]) -> str:
     return fingerprint([[f.name, file_sha256(str(f))] for f in files])
 
 
-def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
-    """Check ``out`` against the new run; returns "fresh", "resume" or "done". May clear the folder.
-
-    Refuses (ArtefactError/ConfigError) a different run without --overwrite, an
-    interrupted run without --resume, and --resume with a different --iters.
-    """
-    return prepare_training_run(
-        out,
-        stage=STAGE,
-        basis=basis,
-        resume=resume,
-        overwrite=overwrite,
-        outputs=("checkpoints", "log.jsonl", "model.safetensors"),
-        final="model.safetensors",
-    )
+def run_files() -> tuple[tuple[str, ...], str]:
+    """(the files and folders a run writes, the model file of a complete run)."""
+    return ("checkpoints", "log.jsonl", "model.safetensors"), "model.safetensors"
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -123,7 +111,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     return load_segmenter_checkpoint(path)
 
 
-RUN_KIND = RunKind("fit-seg", "this trained model", prepare_run, load_checkpoint_file, log_every_rank=True)
+RUN_KIND = RunKind(
+    STAGE, "fit-seg", "this trained model", run_files, load_checkpoint_file, log_every_rank=True
+)
 
 
 def run(opts: FitSegOptions) -> dict[str, Any]:

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from ssr_cli.artefacts import fingerprint
-from ssr_cli.artefacts.paths import absolute
-from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info
 from ssr_cli.stages.training_common import (
     ClipTrainingOptions,
     RunKind,
     begin_run,
+    dataset_config,
     distributed,
     finish_run,
     labelled_items,
@@ -52,23 +51,11 @@ class CmpaOptions(ClipTrainingOptions):
     """Everything ``ssr train-cmpa`` takes (plain values, no torch); ``train``: CmpaConfig fields."""
 
 
-def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
-    """Check ``out`` against the new run: "fresh", "resume" or "done" (may clear the folder).
-
-    Refuses a different run without --overwrite, an interrupted run without --resume,
-    and --resume with a different --iters (resume is crash recovery, not training longer).
-    """
+def run_files() -> tuple[tuple[str, ...], str]:
+    """(the files and folders a run writes, the heads file of a complete run)."""
     from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE
 
-    return prepare_training_run(
-        out,
-        stage=STAGE,
-        basis=basis,
-        resume=resume,
-        overwrite=overwrite,
-        outputs=("checkpoints", "log.jsonl", HEADS_FILE, PROTOTYPES_FILE),
-        final=HEADS_FILE,
-    )
+    return ("checkpoints", "log.jsonl", HEADS_FILE, PROTOTYPES_FILE), HEADS_FILE
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -80,7 +67,7 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     )
 
 
-RUN_KIND = RunKind("train-cmpa", "these trained heads", prepare_run, load_checkpoint_file)
+RUN_KIND = RunKind(STAGE, "train-cmpa", "these trained heads", run_files, load_checkpoint_file)
 
 
 def run(opts: CmpaOptions) -> dict[str, Any]:
@@ -172,11 +159,7 @@ def manifest_config(
 ) -> dict[str, Any]:
     """The ``config`` of the run's manifest: the options as resolved."""
     return {
-        "data": str(absolute(opts.data)),
-        "layout": dataset.layout,
-        "split": dataset.split,
-        "labels": opts.labels,
-        "vocab": dataset.vocab.name,
+        **dataset_config(opts, dataset),
         "arch": arch,
         "clip_arch_option": opts.arch,
         "weights": opts.weights,

@@ -28,12 +28,12 @@ from typing import Any
 
 from ssr_cli.artefacts import fingerprint
 from ssr_cli.artefacts.paths import absolute
-from ssr_cli.artefacts.training import prepare_training_run
 from ssr_cli.console import info
 from ssr_cli.stages.training_common import (
     ClipTrainingOptions,
     RunKind,
     begin_run,
+    dataset_config,
     distributed,
     finish_run,
     input_fingerprints,
@@ -66,22 +66,12 @@ def output_files() -> dict[str, str]:
     return {"model_file": MODEL_FILE, "heads_file": HEADS_FILE, "prototypes_file": PROTOTYPES_FILE}
 
 
-def outputs() -> tuple[str, ...]:
-    """The files and folders a run writes (what --overwrite removes)."""
+def run_files() -> tuple[tuple[str, ...], str]:
+    """(the files and folders a run writes, the decoder file of a complete run)."""
     from ssr_cli.models.cmpa import HEADS_FILE, PROTOTYPES_FILE
     from ssr_cli.onestage.decoder import MODEL_FILE
 
-    return ("checkpoints", "log.jsonl", "tensorboard", MODEL_FILE, HEADS_FILE, PROTOTYPES_FILE)
-
-
-def prepare_run(out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
-    """Check ``out`` against the new run: "fresh", "resume" or "done" (may clear the folder);
-    refuses as train-cmpa's ``prepare_run`` does."""
-    from ssr_cli.onestage.decoder import MODEL_FILE
-
-    return prepare_training_run(
-        out, stage=STAGE, basis=basis, resume=resume, overwrite=overwrite, outputs=outputs(), final=MODEL_FILE
-    )
+    return ("checkpoints", "log.jsonl", "tensorboard", MODEL_FILE, HEADS_FILE, PROTOTYPES_FILE), MODEL_FILE
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:
@@ -93,7 +83,7 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     )
 
 
-RUN_KIND = RunKind("train", "this trained model", prepare_run, load_checkpoint_file)
+RUN_KIND = RunKind(STAGE, "train", "this trained model", run_files, load_checkpoint_file)
 
 
 def run(opts: TrainOptions) -> dict[str, Any]:
@@ -276,11 +266,7 @@ def manifest_config(
 ) -> dict[str, Any]:
     """The ``config`` of the run's manifest: the options as resolved, the decoder's config."""
     return {
-        "data": str(absolute(opts.data)),
-        "layout": dataset.layout,
-        "split": dataset.split,
-        "labels": opts.labels,
-        "vocab": dataset.vocab.name,
+        **dataset_config(opts, dataset),
         "val_split": opts.val_split,
         "arch": arch,
         "clip_arch_option": opts.arch,

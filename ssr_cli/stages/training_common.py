@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ssr_cli.artefacts import fingerprint
-from ssr_cli.artefacts.paths import locate_inputs
+from ssr_cli.artefacts.paths import absolute, locate_inputs
 from ssr_cli.artefacts.run import new_manifest
-from ssr_cli.artefacts.training import finish_training_manifest, start_training_manifest
+from ssr_cli.artefacts.training import finish_training_manifest, prepare_training_run, start_training_manifest
 from ssr_cli.console import info, warn
 from ssr_cli.errors import ArtefactError, DataError
 
@@ -49,16 +49,33 @@ class ClipTrainingOptions:
 
 @dataclass(frozen=True)
 class RunKind:
-    """A training stage's kind of run folder: ``command`` prefixes its log lines, ``what`` a
-    complete one holds; ``prepare(out, basis, resume, overwrite)`` checks the folder against a
-    new run ("fresh", "resume" or "done"), ``load_checkpoint(path)`` reads its ``last.pt``;
+    """A training stage's kind of run folder: its manifest's ``stage``; ``command`` prefixes its
+    log lines, ``what`` a complete one holds; ``files()`` gives (the files and folders a run
+    writes, which --overwrite removes; the file whose presence means a complete run: the import
+    of its name may need torch); ``load_checkpoint(path)`` reads its ``last.pt``;
     ``log_every_rank``: every process logs, not only the main one."""
 
+    stage: str
     command: str
     what: str
-    prepare: Callable[[Path, dict[str, Any], bool, bool], str]
+    files: Callable[[], tuple[tuple[str, ...], str]]
     load_checkpoint: Callable[[Path], dict[str, Any]]
     log_every_rank: bool = False
+
+    def prepare(self, out: Path, basis: dict[str, Any], resume: bool, overwrite: bool) -> str:
+        """Check ``out`` against the new run: "fresh", "resume" or "done" (may clear the folder).
+        Refuses a different run without --overwrite, an interrupted run without --resume, and
+        --resume with a different --iters (resume is crash recovery, not training longer)."""
+        outputs, final = self.files()
+        return prepare_training_run(
+            out,
+            stage=self.stage,
+            basis=basis,
+            resume=resume,
+            overwrite=overwrite,
+            outputs=outputs,
+            final=final,
+        )
 
 
 def labelled_items(dataset: Any) -> list[Any]:
@@ -204,6 +221,18 @@ def training_manifest(
         item_count=iters,
         **extra,
     )
+
+
+def dataset_config(opts: ClipTrainingOptions, dataset: Any) -> dict[str, Any]:
+    """The dataset part of the ``config`` of a CLIP training run's manifest: the data folder, its
+    layout, split, label source and vocabulary."""
+    return {
+        "data": str(absolute(opts.data)),
+        "layout": dataset.layout,
+        "split": dataset.split,
+        "labels": opts.labels,
+        "vocab": dataset.vocab.name,
+    }
 
 
 def start_run(
