@@ -3,9 +3,10 @@
 Their inputs (the labelled images, the validation split), the resolved training config, the
 process group, the decision to start, resume or answer a complete run, the run's manifest
 from its first write to its completion, and the CMPA heads and prototypes that
-``train-cmpa`` and ``train`` both save.
+``train-cmpa`` and ``train`` both save. Each stage names its kind of run folder once, as a
+:class:`RunKind`.
 
-Imports torch: only import inside command bodies.
+Imports torch only inside its functions.
 """
 
 from __future__ import annotations
