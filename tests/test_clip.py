@@ -335,3 +335,15 @@ def test_text_cache_round_trip_and_key(clip, tmp_path) -> None:
     assert path.stat().st_mtime_ns == mtime and torch.equal(again[0], fg)
     path.write_bytes(b"garbage")
     assert load_text_cache(path, key) is None
+
+
+def test_patch_embeddings_of_a_bf16_pass_are_float32(clip) -> None:
+    """train-cmpa's and train's feature pass projects the patch tokens outside autocast: the bf16
+    tokens of a bf16 pass must meet the fp32 ``proj`` (this mix failed on the first GPU run)."""
+    x = torch.randn(2, 3, 64, 48)
+    full = clip.patch_embeddings(clip.image_tokens(x, grad_last_block=False))
+    tokens = clip.image_tokens(x, grad_last_block=False, precision="bf16")
+    assert tokens.post.dtype == torch.bfloat16
+    half = clip.patch_embeddings(tokens)
+    assert half.dtype == torch.float32 and half.shape == full.shape == (2, 12, clip.embed_dim)
+    assert torch.nn.functional.cosine_similarity(half, full, dim=-1).min() > 0.99

@@ -275,10 +275,12 @@ class ClipModel:
         return post, (pooled @ visual.proj if visual.proj is not None else pooled)
 
     def patch_embeddings(self, tokens: ImageTokens) -> torch.Tensor:
-        """[N, h*w, E]: every patch token of ``tokens.post`` through ``proj`` (row-major grid)."""
+        """[N, h*w, E]: every patch token of ``tokens.post`` through ``proj`` (row-major grid), in
+        ``proj``'s dtype (float32): the tokens of a bf16/fp16 pass are cast up first, as this runs
+        outside autocast (the first GPU run of train-cmpa failed on that mix)."""
         proj = self.model.visual.proj
         patches = tokens.post[:, 1:]
-        return patches @ proj if proj is not None else patches
+        return patches.to(proj.dtype) @ proj if proj is not None else patches
 
     def _block_indices(self, blocks: Blocks) -> list[int]:
         """An int n = the last min(n, L) blocks (CLIP-ES's ``[-8:]``); a sequence = those indices."""
