@@ -52,3 +52,9 @@ def on_a_terminal(argv: list[str], env: dict[str, str], timeout: float, stdout_t
     assert proc.wait(timeout=timeout) == 0
     os.close(main_fd)
     return b"".join(chunks).decode(errors="replace")
+
+
+def ssr(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """``ssr ARGS`` in this process, output captured before it dropped: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    return run_cli(list(args), capsys)

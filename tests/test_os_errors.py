@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 from ssr_cli.seg.synthetic import make_shapes_dataset
 
@@ -50,11 +50,8 @@ def one_error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("tinyclip")
-    config = folder / "ssr-tiny-oserr.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=3), folder / "tiny.safetensors", "safetensors")
-    return ["--clip-arch", str(config), "--clip-weights", str(weights)]
+    tiny = tiny_clip_for_cli(tmp_path_factory.mktemp("tinyclip"), seed=3)
+    return ["--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"]]
 
 
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs /sys (Linux)")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import ssr
 from PIL import Image
-from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 import ssr_cli.cli.refine_cmd  # noqa: F401  (registers `refine`)
-from ssr_cli.cli import main
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "voc" / "JPEGImages"
@@ -30,21 +30,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     big = np.stack([(xx // 40) % 256, (yy // 40) % 256, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
     Image.fromarray(big).save(data / "images" / "big.jpg", quality=60)
     (data / "labels.txt").write_text("cat cat\nbig person, dog\n")
-    config = root / "ssr-tiny-oversize.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=4), root / "clip.safetensors", "safetensors")
-    return {"data": data, "arch": config, "weights": weights, "root": root}
-
-
-def ssr(capsys, *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    clip = tiny_clip_for_cli(root, seed=4)
+    return {"data": data, "arch": Path(clip["arch"]), "weights": Path(clip["weights"]), "root": root}
 
 
 def seeds_args(world: dict[str, Path], out: Path, *extra: object) -> list[object]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import ssr
 from PIL import Image
-from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
+from tinymodels import tiny_clip_for_cli
 
 import ssr_cli.cli.refine_cmd  # noqa: F401  (registers `refine`)
-from ssr_cli.cli import main
 from ssr_cli.data import open_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -41,24 +41,19 @@ def replace_same_size(path: Path) -> None:
     assert path.stat().st_size == size
 
 
-def ssr(capsys, *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> list[object]:
-    folder = tmp_path_factory.mktemp("clip")
-    config = folder / "ssr-tiny-stale.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    weights = save_tiny_clip(make_tiny_clip(seed=7), folder / "clip.safetensors", "safetensors")
-    return ["--clip-arch", config, "--clip-weights", weights, "--workers", "1", "--vocab", "voc"]
+    tiny = tiny_clip_for_cli(tmp_path_factory.mktemp("clip"), seed=7)
+    return [
+        "--clip-arch",
+        tiny["arch"],
+        "--clip-weights",
+        tiny["weights"],
+        "--workers",
+        "1",
+        "--vocab",
+        "voc",
+    ]
 
 
 def test_fingerprint_sees_a_same_size_replacement(tmp_path):
