@@ -3,6 +3,8 @@ one-line errors: shared by the CLI tests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from ssr_cli.cli import main
@@ -58,3 +60,18 @@ def ssr(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, st
     """``ssr ARGS`` in this process, output captured before it dropped: (exit code, stdout, stderr)."""
     capsys.readouterr()
     return run_cli(list(args), capsys)
+
+
+def kill_when(argv: list[str], env: dict[str, str], ready: Callable[[], bool], timeout: float) -> None:
+    """Start ``argv`` (output discarded) and SIGKILL it as soon as ``ready()`` holds (or it ends, or
+    ``timeout`` seconds pass): how the resume tests interrupt a run at a chosen point."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

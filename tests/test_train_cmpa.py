@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from clirun import kill_when
 from tinymodels import tiny_clip_for_cli
 
 pytestmark = pytest.mark.timeout(240)
@@ -126,15 +125,12 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, tiny, examples_
     assert code == 0, stderr
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(tiny, *common, "--out", str(killed)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)  # fmt: skip
-    deadline = time.time() + 120
-    while (
-        time.time() < deadline and not (killed / "checkpoints" / "last.pt").exists() and proc.poll() is None
-    ):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(
+        _cli(tiny, *common, "--out", str(killed)),
+        ENV,
+        (killed / "checkpoints" / "last.pt").exists,
+        timeout=120,
+    )
     assert json.loads((killed / "manifest.json").read_text())["completed"] is False, "the kill came too late"
 
     # rerunning without --resume is refused (nothing is touched)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from clirun import kill_when
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -135,15 +134,12 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, world, capsys):
     assert code == 0, err
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(world, *_train_args(world, killed, *common)[1:]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)  # fmt: skip
-    deadline = time.time() + 150
-    while (
-        time.time() < deadline and not (killed / "checkpoints" / "last.pt").exists() and proc.poll() is None
-    ):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(
+        _cli(world, *_train_args(world, killed, *common)[1:]),
+        ENV,
+        (killed / "checkpoints" / "last.pt").exists,
+        timeout=150,
+    )
     assert json.loads((killed / "manifest.json").read_text())["completed"] is False, "the kill came too late"
 
     code, _, err = _main(capsys, _train_args(world, killed, *common))
