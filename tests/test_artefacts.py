@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 
 from ssr_cli.artefacts import RunFolder, Shard, atomic_write, fingerprint, parse_shard, read_manifest
 from ssr_cli.artefacts.atomic import remove_stale_temps, temp_path_for
@@ -246,15 +247,10 @@ def test_shard_from_the_environment_is_checked(monkeypatch, rank, world):
 def test_bad_shards_through_the_cli(tmp_path, monkeypatch, capsys):
     """A malformed --shard is a usage error (exit 2); bad RANK/WORLD_SIZE one line, exit 1."""
     import ssr_cli.cli.refine_cmd  # noqa: F401
-    from ssr_cli.cli import main
 
     def run(*args: str) -> tuple[int, str]:
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        return code, capsys.readouterr().err
+        code, _, err = run_cli(list(args), capsys)
+        return code, err
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

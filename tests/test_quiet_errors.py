@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run_cli
 from tinymodels import make_tiny_clip, save_tiny_clip
 
-from ssr_cli.cli import app, main
+from ssr_cli.cli import app
 from ssr_cli.errors import DataError
 
 pytestmark = pytest.mark.timeout(180)
@@ -73,12 +74,8 @@ def _warns_then_fails(fail: bool = True) -> None:
 
 
 def run(capsys, *args: str) -> tuple[int, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(list(args), capsys)
+    return code, err
 
 
 def test_library_warnings_are_held_back_before_an_error(capsys, monkeypatch):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clirun import run_cli
 from tinymodels import TINY_CLIP, make_tiny_clip, register_tiny_clip, save_tiny_clip
 
 import ssr_cli.cli.weights_cmd  # noqa: F401  (registers the sub-app before main runs)
-from ssr_cli.cli import main
 from ssr_cli.errors import WeightsError
 
 pytestmark = pytest.mark.timeout(180)
@@ -82,13 +82,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys)
 
 
 def test_the_archive_is_hostile_under_torch_jit_load(hostile: tuple[Path, Path]) -> None:

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from clirun import run_cli
 from tinymodels import TINY_CLIP, make_tiny_clip, register_tiny_clip, save_tiny_clip
 
 import ssr_cli.cli.weights_cmd  # noqa: F401  (registers the sub-app before main runs)
-from ssr_cli.cli import main
 from ssr_cli.errors import WeightsError
 
 pytestmark = pytest.mark.timeout(120)
@@ -39,13 +39,7 @@ def tiny_clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(argv, capsys)
 
 
 def status_rows(capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, dict]:
