@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clirun import process_alive
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -40,14 +41,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _kill_main_and_watch(mode: str, wait_s: float) -> list[int]:
     """Run SCRIPT, kill -9 its main process once both workers are busy; the workers alive after ``wait_s``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -62,12 +55,12 @@ def _kill_main_and_watch(mode: str, wait_s: float) -> list[int]:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        while time.monotonic() < deadline and any(process_alive(p) for p in workers):
             time.sleep(0.1)
-        return [p for p in workers if _alive(p)]
+        return [p for p in workers if process_alive(p)]
     finally:
         for pid in workers:
-            if _alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if proc.stdout is not None:
             proc.stdout.close()

