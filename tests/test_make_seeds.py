@@ -42,20 +42,15 @@ def _load_all(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def voc_train_args(examples_voc: Path, out: Path, tiny: dict[str, str]) -> list[str]:
+    """make-seeds options for examples/voc's train split with the tiny CLIP, into ``out``."""
+    clip = ["--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"]]
+    return ["--data", str(examples_voc), "--split", "train", "--out", str(out), *clip]
+
+
 def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
     out = tmp_path / "seeds"
-    args = [
-        "--data",
-        str(examples_voc),
-        "--split",
-        "train",
-        "--out",
-        str(out),
-        "--clip-arch",
-        tiny["arch"],
-        "--clip-weights",
-        tiny["weights"],
-    ]
+    args = voc_train_args(examples_voc, out, tiny)
     first = _seeds(*args)
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / "manifest.json").read_text())
@@ -249,18 +244,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
 
 def test_two_shards_cover_the_split(tmp_path, tiny, examples_voc):
     out = tmp_path / "seeds"
-    common = [
-        "--data",
-        str(examples_voc),
-        "--split",
-        "train",
-        "--out",
-        str(out),
-        "--clip-arch",
-        tiny["arch"],
-        "--clip-weights",
-        tiny["weights"],
-    ]
+    common = voc_train_args(examples_voc, out, tiny)
     for k in range(2):
         res = _seeds(*common, "--shard", f"{k}/2")
         assert res.returncode == 0, res.stderr
