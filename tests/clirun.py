@@ -86,3 +86,12 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def ssr_one_thread(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
+    """:func:`ssr` on one torch thread, as the subprocesses of the same test run (a training run's
+    numbers then do not depend on the thread count): (exit code, stdout, stderr)."""
+    from ssr_cli.runtime import torch_threads
+
+    with torch_threads(1):
+        return ssr(capsys, *args)

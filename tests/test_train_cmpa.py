@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from clirun import kill_when
+from clirun import kill_when, ssr_one_thread
 from tinymodels import tiny_clip_for_cli
 
 pytestmark = pytest.mark.timeout(240)
@@ -36,21 +36,9 @@ def _cli(tiny: dict[str, str], *args: str, command: str = "train-cmpa") -> list[
 
 
 def _main(capsys, cmd: list[str]) -> tuple[int, str, str]:
-    """The real CLI (``ssr_cli.cli.main``) in this process, single-threaded like the subprocesses:
-    (exit code, stdout, stderr). Saves an interpreter start per call."""
-    import ssr_cli.cli.cmpa_cmd  # noqa: F401 - registers train-cmpa
-    from ssr_cli.cli import main
-    from ssr_cli.runtime import torch_threads
-
-    capsys.readouterr()
-    code = 0
-    with torch_threads(1):
-        try:
-            main(cmd[2:])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    """The real CLI in this process (``cmd`` as for a subprocess), single-threaded like the
+    subprocesses: (exit code, stdout, stderr). Saves an interpreter start per call."""
+    return ssr_one_thread(capsys, cmd[2:])
 
 
 def _log(folder: Path) -> list[dict]:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clirun import kill_when
+from clirun import kill_when, ssr_one_thread
 
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
@@ -45,19 +45,7 @@ def _cli(world: dict[str, Path], *args: str, command: str = "train") -> list[str
 
 def _main(capsys, args: list[str]) -> tuple[int, str, str]:
     """The real CLI in this process, single-threaded: (exit code, stdout, stderr)."""
-    import ssr_cli.cli.commands  # noqa: F401 - registers every command
-    from ssr_cli.cli import main
-    from ssr_cli.runtime import torch_threads
-
-    capsys.readouterr()
-    code = 0
-    with torch_threads(1):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return ssr_one_thread(capsys, args)
 
 
 def _log(folder: Path) -> list[dict]:
