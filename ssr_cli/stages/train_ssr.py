@@ -29,28 +29,14 @@ from typing import Any
 from ssr_cli.artefacts import fingerprint
 from ssr_cli.artefacts.paths import absolute
 from ssr_cli.console import info
-from ssr_cli.stages.training_common import (
-    ClipTrainingOptions,
-    RunKind,
-    begin_run,
-    dataset_config,
-    distributed,
-    finish_run,
-    input_fingerprints,
-    labelled_items,
-    save_cmpa_outputs,
-    start_run,
-    train_config,
-    training_manifest,
-    validation_samples,
-)
+from ssr_cli.stages import training_common as common
 
 STAGE = "train"
 TRAIN_VERSION = "ssr-train-1"  # bump when the training computation changes results
 
 
 @dataclass
-class TrainOptions(ClipTrainingOptions):
+class TrainOptions(common.ClipTrainingOptions):
     """Everything ``ssr train`` takes (plain values, no torch); ``train``: SsrConfig fields."""
 
     val_split: str | None = None
@@ -83,7 +69,7 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     )
 
 
-RUN_KIND = RunKind(STAGE, "train", "this trained model", run_files, load_checkpoint_file)
+RUN_KIND = common.RunKind(STAGE, "train", "this trained model", run_files, load_checkpoint_file)
 
 
 def run(opts: TrainOptions) -> dict[str, Any]:
@@ -98,23 +84,25 @@ def run(opts: TrainOptions) -> dict[str, Any]:
     out = Path(opts.out)
     dataset, items, val_samples, val_desc = open_inputs(opts)
     device = resolve_device(opts.device)
-    cfg = train_config(SsrConfig, opts.train, device)
+    cfg = common.train_config(SsrConfig, opts.train, device)
     arch = register_arch(opts.arch)
-    with distributed(device) as env:
+    with common.distributed(device) as env:
         model = load_clip(arch, opts.weights, device, seed=cfg.seed)
         clip_id = clip_identity(model)
         dino, dino_record = load_dino(opts, cfg, device)
         notices = random_weights_notices(model, dino)
         layers = resolve_layers(cfg.decoder_layers, len(model.blocks))
         dino_id = dino_identity(dino, dino_record, cfg.seed)
-        basis = run_basis(cfg, clip_id, dino_id, layers, env.world, input_fingerprints(dataset, val_desc))
+        basis = run_basis(
+            cfg, clip_id, dino_id, layers, env.world, common.input_fingerprints(dataset, val_desc)
+        )
         fp = fingerprint(basis)
-        start = begin_run(RUN_KIND, env, opts, basis, iters=cfg.iters)
+        start = common.begin_run(RUN_KIND, env, opts, basis, iters=cfg.iters)
         if start.done is not None:
             return start.done
         decoder_cfg = decoder_config(opts, arch, model, clip_id, cfg, layers, dataset.vocab.classes)
         config = manifest_config(opts, dataset, cfg, decoder_cfg, arch=arch, device=device, world=env.world)
-        manifest = training_manifest(
+        manifest = common.training_manifest(
             STAGE,
             out,
             config=config,
@@ -131,7 +119,7 @@ def run(opts: TrainOptions) -> dict[str, Any]:
             images=len(items),
             **output_files(),
         )
-        start_run(env, out, manifest, resumed=start.resume_state is not None, notices=notices)
+        common.start_run(env, out, manifest, resumed=start.resume_state is not None, notices=notices)
         if env.is_main:
             info(
                 f"train: single-stage SSR on {len(items)} images, {len(dataset.vocab.classes)} classes, "
@@ -155,8 +143,8 @@ def run(opts: TrainOptions) -> dict[str, Any]:
         if env.is_main:
             extra = {"iteration": cfg.iters, "fingerprint": fp}
             save_decoder(out, decoder, extra)
-            save_cmpa_outputs(out, heads, protos, clip_id=clip_id, vocab=dataset.vocab, extra=extra)
-        return finish_run(env, out, manifest, iters=cfg.iters, summary=summary)
+            common.save_cmpa_outputs(out, heads, protos, clip_id=clip_id, vocab=dataset.vocab, extra=extra)
+        return common.finish_run(env, out, manifest, iters=cfg.iters, summary=summary)
 
 
 def open_inputs(opts: TrainOptions) -> tuple[Any, list[Any], list[Any], dict[str, Any] | None]:
@@ -167,8 +155,8 @@ def open_inputs(opts: TrainOptions) -> tuple[Any, list[Any], list[Any], dict[str
     dataset = open_dataset(
         opts.data, layout=opts.layout, split=opts.split, labels=opts.labels, vocab=opts.vocab
     )
-    items = labelled_items(dataset)
-    val_samples, val_desc = validation_samples(
+    items = common.labelled_items(dataset)
+    val_samples, val_desc = common.validation_samples(
         opts.data, layout=opts.layout, split=opts.val_split, vocab=opts.vocab, hint="drop --val-split"
     )
     return dataset, items, val_samples, val_desc
@@ -266,7 +254,7 @@ def manifest_config(
 ) -> dict[str, Any]:
     """The ``config`` of the run's manifest: the options as resolved, the decoder's config."""
     return {
-        **dataset_config(opts, dataset),
+        **common.dataset_config(opts, dataset),
         "val_split": opts.val_split,
         "arch": arch,
         "clip_arch_option": opts.arch,
