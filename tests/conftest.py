@@ -41,6 +41,16 @@ SLOW_FIRST = (
 )
 
 
+@pytest.fixture
+def one_thread():
+    """One torch compute thread for in-process runs: steady speed on a shared, busy CPU (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    from ssr_cli.runtime import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: file order kept

@@ -14,10 +14,9 @@ import pytest
 import torch
 from clirun import error_line, run_cli
 
-from ssr_cli.runtime import torch_threads
 from ssr_cli.seg.synthetic import make_shapes_dataset
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread")]
 
 TINY = [
     "--backbone", "resnet10t", "--no-pretrained", "--aspp-channels", "16", "--crop-size", "48",
@@ -43,13 +42,6 @@ def losses(run: Path) -> dict[int, float]:
             assert record["iter"] not in out, f"iteration {record['iter']} logged twice"
             out[record["iter"]] = record["loss"]
     return out
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One compute thread for in-process runs: steady speed on a shared, busy CPU."""
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,7 @@ from ssr_cli.models.segmenter import SegmenterConfig, build_segmenter
 from ssr_cli.seg.checkpoint import save_model_file
 from ssr_cli.train.state import save_checkpoint
 
-pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One compute thread: steady speed on a shared, busy CPU."""
-    from ssr_cli.runtime import torch_threads
-
-    with torch_threads(1):
-        yield
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
