@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -23,10 +23,9 @@ from ssr_cli.cli.options import (
     Split,
     Vocab,
     Workers,
-    check_device,
 )
+from ssr_cli.cli.refine_settings import refine_config, refine_quick_key
 from ssr_cli.console import set_quiet
-from ssr_cli.models.attention import parse_blocks
 from ssr_cli.refine.config import (
     BOX_THRESH,
     BOX_THRESH_DEFAULT,
@@ -55,25 +54,6 @@ def _sgc(flag: str, what: str, **limits: Any) -> Any:
 def _crf(flag: str, what: str, **limits: Any) -> Any:
     """A ``--crf-*`` option: its help names the dense CRF."""
     return typer.Option(flag, help=f"{_CRF}: {what}.", **limits)
-
-
-T = TypeVar("T")
-
-
-def parse_weights(text: str) -> tuple[float, float]:
-    """``"0.4,0.6"`` -> (CLIP weight, DINO weight)."""
-    from ssr_cli.errors import ConfigError
-
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 2:  # (their range: RefineConfig.check)
-        raise ConfigError(
-            f"--affinity-weights {text!r} must be two numbers, the CLIP and DINO weights",
-            hint="e.g. --affinity-weights 0.4,0.6",
-        )
-    return values[0], values[1]
 
 
 @app.command("refine")
@@ -298,7 +278,7 @@ def refine_command(
         vocab=vocab if vocab is not None else recorded_vocabulary(seeds_dataset),
         gt=gt,
     )
-    key = _quick_key(quick_key, options, dataset.fingerprint(), seeds, seeds_manifest, affinity)
+    key = refine_quick_key(quick_key, options, dataset.fingerprint(), seeds, seeds_manifest, affinity)
     done = None if overwrite or key is None else finished_unchanged(out, key)
     if done is not None:
         info(nothing_to_do("refine", out, done, dataset.ids, shard_))
@@ -306,7 +286,7 @@ def refine_command(
 
     from ssr_cli.stages import refine as stage
 
-    cfg = _refine_config(options, workers, recorded_cfg)
+    cfg = refine_config(options, workers, recorded_cfg)
     try:  # (the stage checks cfg)
         manifest = stage.run(dataset, seeds, out, cfg, shard=shard_, overwrite=overwrite, seeds_run=seeds_run)
     except stage.ItemFailure as exc:
@@ -319,103 +299,3 @@ def refine_command(
 
 
 _NOT_RESULTS = ("out", "workers", "shard", "overwrite", "quiet")
-
-
-def _refine_config(o: dict[str, Any], workers: int, recorded_cfg: dict[str, Any]) -> RefineConfig:
-    """The stage's settings from the command's options ``o`` (as given; ``_NOT_RESULTS`` left out);
-    ``--max-side`` / ``--oversize`` default to the seeds run's (``recorded_cfg``: its config)."""
-    from ssr_cli.data.size_limit import DEFAULT_MAX_SIDE
-
-    max_side, oversize = o["max_side"], o["oversize"]
-    return RefineConfig(
-        affinity=o["affinity"].strip().lower(),
-        affinity_weights=parse_weights(o["affinity_weights"]),
-        mask=o["mask"].strip().lower(),
-        clip_blocks=parse_blocks(o["clip_blocks"], "--clip-blocks"),
-        clip_attention=o["clip_attention"].strip().lower(),
-        clip_arch=o["clip_arch"],
-        clip_weights=o["clip_weights"],
-        dino_model=o["dino_model"],
-        dino_weights=o["dino_weights"],
-        dino_blocks=parse_blocks(o["dino_blocks"], "--dino-blocks"),
-        box_thresh=o["box_thresh"],
-        box_style=o["box_style"].strip().lower(),
-        sgc=SGCParams(
-            slic_algorithm=o["sgc_slic"].upper(),
-            region_size=o["sgc_region_size"],
-            ruler=o["sgc_ruler"],
-            iterations=o["sgc_iterations"],
-            n_clusters=o["sgc_clusters"],
-            region_mode=o["sgc_region_mode"],
-            high_conf=o["sgc_high_conf"],
-            region_thresh=o["sgc_region_thresh"],
-            patch_fraction=o["sgc_patch_fraction"],
-            seed=o["seed"],
-        ),
-        bg_alpha=o["bg_alpha"],
-        crf=o["crf"],
-        crf_params={
-            **CRFParams(
-                o["crf_iters"],
-                o["crf_gauss_sxy"],
-                o["crf_gauss_compat"],
-                o["crf_bi_sxy"],
-                o["crf_bi_srgb"],
-                o["crf_bi_compat"],
-            ).to_dict(),
-            **({"image": o["crf_image"]} if o["crf_image"] != _C_IMAGE else {}),
-        },
-        conf_thresh=o["conf_thresh"],
-        save_cams=o["save_cams"],
-        precision=o["precision"],
-        batch_size=o["batch_size"],
-        device=check_device(o["device"]),
-        workers=workers,
-        seed=o["seed"],
-        max_side=max_side if max_side is not None else _recorded(recorded_cfg, "max_side", DEFAULT_MAX_SIDE),
-        oversize=oversize if oversize is not None else _recorded(recorded_cfg, "oversize", "error"),
-    )
-
-
-def _quick_key(
-    make_key: Any,
-    options: dict[str, Any],
-    dataset_fp: str,
-    seeds: Path,
-    seeds_manifest: dict[str, Any],
-    affinity: str,
-) -> str | None:
-    """The quick rerun key of this refine command (``artefacts/quick.py``), or None when it cannot
-    be had without loading models. Missing DINO weights are a one-line error here, at once."""
-    files: list[Any] = [options.get("clip_arch"), options.get("dino_model")]
-    clip = options.get("clip_weights")
-    if clip is None:  # the seeds' CLIP file, as refine checks it
-        clip = (((seeds_manifest.get("inputs") or {}).get("clip") or {}).get("weights") or {}).get("path")
-    files.append(clip)
-    if "dino" in affinity.lower():
-        dino_model, dino_weights = str(options.get("dino_model")), options.get("dino_weights")
-        if dino_weights is not None:
-            files.append(dino_weights)
-        elif Path(dino_model).suffix == ".json":
-            return None  # a config file's model: resolved only when loaded
-        else:
-            from ssr_cli.models.sources import dino_weights_source
-
-            files.append(dino_weights_source(dino_model, None).path)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-    return str(
-        make_key(
-            "refine",
-            settings,
-            dataset_fingerprint=dataset_fp,
-            files=files,
-            runs=[seeds],
-            env=["SSR_CLIP_WEIGHTS", "SSR_DINO_WEIGHTS"],
-        )
-    )
-
-
-def _recorded(config: dict[str, Any], key: str, default: T) -> T:
-    """The seeds run's ``config[key]`` when it has the type of ``default``, else ``default``."""
-    value = config.get(key, default)
-    return value if type(value) is type(default) else default
