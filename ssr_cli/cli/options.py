@@ -158,6 +158,22 @@ def parse_range(text: str, name: str) -> tuple[float, float]:
     return low, high
 
 
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``"0.75,1.0,1.25"`` (``--scales`` of make-seeds and predict) -> the scales, each in (0, 4]."""
+    from ssr_cli.errors import ConfigError
+
+    try:
+        scales = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--scales {text!r} is not a comma-separated list of numbers",
+            hint="e.g. --scales 1.0 or --scales 0.75,1.0,1.25",
+        ) from None
+    if not scales or any(s <= 0 or s > 4 for s in scales):
+        raise ConfigError(f"--scales {text!r}: each scale must be in (0, 4]")
+    return scales
+
+
 # -- options shared by the training commands (train-cmpa, train; fit-seg for the run ones) ------
 
 RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run folder to write.")]

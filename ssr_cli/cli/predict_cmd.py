@@ -19,22 +19,9 @@ from ssr_cli.cli.options import (
     Split,
     Vocab,
     Workers,
+    parse_scales,
 )
 from ssr_cli.console import set_quiet
-
-
-def _parse_scales(text: str) -> tuple[float, ...]:
-    from ssr_cli.errors import ConfigError
-
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(
-            f"--scales {text!r} is not a comma-separated list of numbers", hint="e.g. --scales 0.75,1.0,1.25"
-        ) from None
-    if not scales or any(s <= 0 or s > 4 for s in scales):
-        raise ConfigError(f"--scales {text!r}: each scale must be in (0, 4]")
-    return scales
 
 
 def _input_ids(
@@ -127,7 +114,7 @@ def predict(
         split=split,
         vocab=vocab,
         images=images,
-        scales=_parse_scales(scales),
+        scales=parse_scales(scales),
         flip=flip,
         crf=crf,
         precision=precision,

@@ -28,25 +28,11 @@ from ssr_cli.cli.options import (
     Vocab,
     Workers,
     check_device,
+    parse_scales,
 )
 from ssr_cli.console import set_quiet
 
 _S = SeedsConfig  # every default of this command lives there
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    from ssr_cli.errors import ConfigError
-
-    try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ConfigError(
-            f"--scales {text!r} is not a comma-separated list of numbers",
-            hint="e.g. --scales 1.0 or --scales 0.75,1.0,1.25",
-        ) from None
-    if not scales or any(s <= 0 or s > 4 for s in scales):
-        raise ConfigError(f"--scales {text!r}: each scale must be in (0, 4]")
-    return scales
 
 
 @app.command("make-seeds")
