@@ -26,8 +26,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     data = root / "data"
     (data / "images").mkdir(parents=True)
     shutil.copy(EXAMPLES / "chelsea.jpg", data / "images" / "cat.jpg")
-    yy, xx = np.mgrid[0:9000, 0:12000]
-    big = np.stack([(xx // 40) % 256, (yy // 40) % 256, np.full_like(xx, 90)], axis=-1).astype(np.uint8)
+    big = np.empty((9000, 12000, 3), np.uint8)  # 108 MP: stripes every 40 px, written channel by channel
+    big[..., 0] = ((np.arange(12000) // 40) % 256).astype(np.uint8)[None, :]
+    big[..., 1] = ((np.arange(9000) // 40) % 256).astype(np.uint8)[:, None]
+    big[..., 2] = 90
     Image.fromarray(big).save(data / "images" / "big.jpg", quality=60)
     (data / "labels.txt").write_text("cat cat\nbig person, dog\n")
     clip = tiny_clip_for_cli(root, seed=4)
