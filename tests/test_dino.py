@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 from ssr_cli.errors import ConfigError, WeightsError
 from ssr_cli.models.dino import (
     IMAGENET_MEAN,
-    block_attention,
     build_dino,
     dino_attention,
     load_dino,
     preprocess,
+    timm_block_attention,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -95,7 +95,7 @@ def test_dinov2_original_layout_and_registers(tmp_path):
     reg.blocks[-1].attn.register_forward_pre_hook(lambda m, args: caught.setdefault("x", args[0]))
     with torch.no_grad():
         reg(x)
-    full = block_attention(reg.blocks[-1].attn, caught["x"])
+    full = timm_block_attention(reg.blocks[-1].attn, caught["x"])
     assert full.shape == (1, 5 + 12, 5 + 12)
     assert torch.allclose(dino_attention(reg, x), full[:, 5:, 5:], atol=1e-6)
 
@@ -112,14 +112,16 @@ def test_recomputed_attention_reproduces_the_blocks_output():
     for i, blk in enumerate(model.blocks):
         attn, tokens = blk.attn, inputs[i]
         n, length, width = tokens.shape
-        probs = block_attention(attn, tokens, average_heads=False)  # [N, heads, L, L]
+        probs = timm_block_attention(attn, tokens, average_heads=False)  # [N, heads, L, L]
         assert probs.shape == (1, 2, length, length)
         assert torch.allclose(probs.sum(-1), torch.ones(1, 2, length), atol=1e-5)
         v = attn.qkv(tokens).reshape(n, length, 3, attn.num_heads, attn.head_dim)[:, :, 2].transpose(1, 2)
         mixed = (probs @ v).transpose(1, 2).reshape(n, length, width)
         assert torch.allclose(attn.proj(attn.norm(mixed)), outputs[i], atol=1e-5)
     both = dino_attention(model, x, blocks=(0, -1))
-    want = torch.stack([block_attention(model.blocks[i].attn, inputs[i])[:, 1:, 1:] for i in (0, 1)]).mean(0)
+    want = torch.stack(
+        [timm_block_attention(model.blocks[i].attn, inputs[i])[:, 1:, 1:] for i in (0, 1)]
+    ).mean(0)
     assert both.shape == (1, 20, 20) and torch.allclose(both, want, atol=1e-6)
     assert not torch.allclose(dino_attention(model, x, blocks=(0,)), dino_attention(model, x, blocks=(1,)))
     bf16 = dino_attention(model, x, precision="bf16")

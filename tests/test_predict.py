@@ -143,7 +143,7 @@ def test_flip_averaging_is_mirror_equivariant(model_file: Path) -> None:
 
 
 def test_dense_crf_snaps_noisy_probabilities_to_image_edges() -> None:
-    from ssr_cli.seg.crf import dense_crf
+    from ssr_cli.refine.crf import dense_crf
 
     rng = np.random.default_rng(0)
     image = np.zeros((40, 60, 3), np.uint8)

@@ -34,7 +34,7 @@ from ssr_cli.errors import DataError
 from ssr_cli.models.cmpa import CmpaHeads, HeadConfig, principal_projection, random_projection
 from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
-from ssr_cli.train.loop import open_run, sync_device, wrap_ddp
+from ssr_cli.train.loop import open_run_files, sync_device, wrap_ddp
 from ssr_cli.train.proto_loop import (
     PromptSet,
     ProtoLoop,
@@ -199,7 +199,7 @@ def train(
         scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
         start = 0 if resume is None else restore_training(resume, optimizer=optimizer, scaler=scaler)
         net = wrap_ddp(heads, env)
-        files = open_run(out, env, start, cfg.tensorboard, redone_at_last=lambda r: "prototypes" in r)
+        files = open_run_files(out, env, start, cfg.tensorboard, redone_at_last=lambda r: "prototypes" in r)
         loop = CmpaLoop(
             ProtoParts(model, heads, net, items, prompts, loader, optimizer, scaler),
             cfg=cfg,

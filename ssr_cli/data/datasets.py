@@ -125,7 +125,7 @@ class Dataset:
 
         key = hash((tuple(self.items), self.vocab))
         if self._fingerprint is None or self._fingerprint[0] != key:
-            stamps = parallel_map(file_stamp, [item.image for item in self.items])
+            stamps = parallel_map(image_stamp, [item.image for item in self.items])
             value = fingerprint(
                 {
                     "ids": self.ids,
@@ -156,7 +156,7 @@ class Dataset:
         }
 
 
-def file_stamp(path: Path) -> list[int]:
+def image_stamp(path: Path) -> list[int]:
     """[size, modification time in ns] of an image file."""
     try:
         stat = path.stat()

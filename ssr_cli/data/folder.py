@@ -40,10 +40,10 @@ def list_images(folder: Path) -> list[tuple[str, Path]]:
 def describe_folder(folder: Path) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
     """The images of ``folder`` and the manifest's description of them (the fingerprint covers
     the ids and each file's size and modification time, as a dataset's does)."""
-    from ssr_cli.data.datasets import file_stamp
+    from ssr_cli.data.datasets import image_stamp
     from ssr_cli.parallel import parallel_map
 
     pairs = list_images(Path(folder))
-    stamps = parallel_map(file_stamp, [p for _, p in pairs])
+    stamps = parallel_map(image_stamp, [p for _, p in pairs])
     fp = fingerprint({"ids": [i for i, _ in pairs], "files": stamps})
     return pairs, {"kind": "folder", "root": str(absolute(folder)), "count": len(pairs), "fingerprint": fp}

@@ -25,7 +25,7 @@ from ssr_cli.models.weights import (
 )
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
+def read_backbone_state_dict(path: str | Path) -> dict[str, Any]:
     """Read a timm-format state dict from ``path`` (safetensors or torch pickle, CPU tensors)."""
     from timm.models import load_state_dict
 
@@ -143,6 +143,6 @@ def resolve_backbone_state(
     )
     if source.path is None:
         return None, source
-    state = read_state_dict(source.path)
+    state = read_backbone_state_dict(source.path)
     check_state_dict(name, state, str(source.path))
     return state, source.with_sha256()

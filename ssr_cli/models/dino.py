@@ -113,7 +113,7 @@ def _fit(model: Any, state: dict[str, torch.Tensor], path: Path, short: str) -> 
     model.load_state_dict(state, strict=True)
 
 
-def block_attention(attn: Any, tokens: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
+def timm_block_attention(attn: Any, tokens: torch.Tensor, average_heads: bool = True) -> torch.Tensor:
     """softmax(q k^T * scale) of a timm ``Attention`` module, recomputed in fp32.
 
     ``tokens``: ``[N, L, D]`` (NLD), the input of ``attn`` (the block's ``norm1``
@@ -164,7 +164,7 @@ def dino_attention(
     for i in wanted:
 
         def hook(module: torch.nn.Module, args: tuple, i: int = i) -> None:
-            caught[i] = block_attention(module, args[0])
+            caught[i] = timm_block_attention(module, args[0])
 
         handles.append(model.blocks[i].attn.register_forward_pre_hook(hook))
     device = next(model.parameters()).device

@@ -51,7 +51,7 @@ from ssr_cli.onestage.pseudo import RegionCache, dino_grid_attention, pseudo_mas
 from ssr_cli.seg.loss import segmentation_loss
 from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
-from ssr_cli.train.loop import open_run, sync_device, wrap_ddp
+from ssr_cli.train.loop import open_run_files, sync_device, wrap_ddp
 from ssr_cli.train.proto_loop import ProtoLoop, ProtoParts, add_finite, prompt_set
 from ssr_cli.train.state import restore_training
 
@@ -316,7 +316,7 @@ def train(
         if resume is not None:
             start = restore_training(resume, optimizer=optimizer, scaler=scaler, scheduler=scheduler)
         net = wrap_ddp(joint, env)
-        files = open_run(out, env, start, cfg.tensorboard, redone_at_last=lambda r: "prototypes" in r)
+        files = open_run_files(out, env, start, cfg.tensorboard, redone_at_last=lambda r: "prototypes" in r)
         loop = SsrLoop(
             ProtoParts(model, heads, net, items, prompts, loader, optimizer, scaler),
             cfg=cfg,

@@ -38,7 +38,7 @@ from ssr_cli.seg.infer import validation_miou
 from ssr_cli.seg.loss import segmentation_loss
 from ssr_cli.train import distributed as D
 from ssr_cli.train.log import peak_memory_mb
-from ssr_cli.train.loop import RunFiles, StepTimes, TrainLoop, open_run, wrap_ddp
+from ssr_cli.train.loop import RunFiles, StepTimes, TrainLoop, open_run_files, wrap_ddp
 from ssr_cli.train.state import restore_training, rng_states, step_seed
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "build_optimizer", "optimizer_groups", "train"]
@@ -330,7 +330,7 @@ def train(
         best = dict(resume.get("best") or best)
     net = wrap_ddp(model, env)
     batches = train_batches(samples, model_cfg, cfg, env, start)
-    files = open_run(out, env, start, cfg.tensorboard)
+    files = open_run_files(out, env, start, cfg.tensorboard)
     loop = SegLoop(
         model=model,
         net=net,

@@ -110,7 +110,7 @@ class Predictor:
         """HxW uint8 class ids of one HxWx3 uint8 image."""
         import numpy as np
 
-        from ssr_cli.seg.crf import dense_crf
+        from ssr_cli.refine.crf import dense_crf
         from ssr_cli.seg.infer import predict_probs
 
         cfg = self.cfg
@@ -118,7 +118,7 @@ class Predictor:
             self.model, image, cfg.mean, cfg.std, self.scales, self.flip, self.device, self.precision
         )
         if self.crf is not None:
-            labels = dense_crf(image, probs.numpy(), self.crf).argmax(0)
+            labels = dense_crf(image, probs.numpy(), **self.crf.to_dict()).argmax(0)
         else:
             labels = probs.argmax(0).numpy()
         return labels.astype(np.uint8)

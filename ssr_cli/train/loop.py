@@ -72,7 +72,7 @@ class RunFiles:
             self.board.close()
 
 
-def open_run(
+def open_run_files(
     out: Path,
     env: D.DistEnv,
     start: int,
