@@ -23,12 +23,16 @@ def bounded_map(
     ordered: bool = True,
     ahead: int | None = None,
     name: str = "ssr",
+    inline: bool = True,
 ) -> Iterator[R]:
     """``fn`` over ``items`` on ``workers`` threads, at most ``ahead`` (default 2 x workers) in
     flight; results in the order of ``items`` (``ordered``) or as they finish. With ``workers``
-    <= 1 it runs in the caller's thread. The first exception is raised as soon as its result is
-    reached, and the queued work is cancelled."""
-    if workers <= 1:
+    <= 1 it runs in the caller's thread, or with ``inline=False`` on one background thread (a
+    prefetch: reading overlaps the caller's compute). The first exception is raised as soon as its
+    result is reached, and the queued work is cancelled."""
+    if not inline:
+        workers = max(1, workers)
+    elif workers <= 1:
         for item in items:
             yield fn(item)
         return

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from ssr_cli.data import Dataset
 from ssr_cli.data.size_limit import SizePlan
 from ssr_cli.errors import DataError
 from ssr_cli.models.clip import register_arch
+from ssr_cli.parallel import bounded_map
 from ssr_cli.stages.working_size import plan_dataset, read_working, working_hw
 
 STAGE = "seeds"
@@ -52,23 +52,14 @@ def _batches(ids: Sequence[str], sizes: dict[str, tuple[int, int]], batch_size: 
 def _prefetch(
     dataset: Dataset, batches: list[list[str]], workers: int, plan: SizePlan | None = None
 ) -> Iterator[tuple[list[str], list[np.ndarray]]]:
-    """Decode the images of upcoming batches in a thread pool (bounded look-ahead)."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures: list = []
-        ahead = max(2, workers * 2)
-        it = iter(batches)
+    """Decode the images of upcoming batches on ``workers`` threads (at least one, in the background:
+    the one bounded parallel map, ``ssr_cli.parallel``), a few batches ahead, in order."""
 
-        def submit() -> None:
-            batch = next(it, None)
-            if batch is not None:
-                futures.append((batch, [pool.submit(read_working, dataset, i, plan) for i in batch]))
+    def read(batch: list[str]) -> tuple[list[str], list[np.ndarray]]:
+        return batch, [read_working(dataset, i, plan) for i in batch]
 
-        for _ in range(ahead):
-            submit()
-        while futures:
-            batch, fs = futures.pop(0)
-            submit()
-            yield batch, [f.result() for f in fs]
+    ahead = max(2, workers * 2)
+    yield from bounded_map(read, batches, workers, ahead=ahead, name="ssr-seeds-read", inline=False)
 
 
 @dataclass
