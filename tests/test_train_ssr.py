@@ -242,3 +242,26 @@ def test_config_refuses_bad_settings():
     for bad in ({"gamma": -1}, {"affinity": "dino"}, {"mask": "boxes"}, {"conf_thresh": 2.0}):
         with pytest.raises(ConfigError):
             SsrConfig(**bad)
+
+
+def test_dino_blocks_read_as_refine_reads_them():
+    """`ssr train --dino-blocks` follows refine's rule: one positive N = the last N blocks, else
+    block indices; the online pseudo-masks then average the same blocks refine would."""
+    import torch
+
+    from ssr_cli.models.attention import parse_blocks
+    from ssr_cli.onestage.config import SsrConfig
+    from ssr_cli.onestage.pseudo import dino_grid_attention
+    from ssr_cli.refine.sources import load_dino_model
+
+    assert parse_blocks("2", "--dino-blocks") == 2 and parse_blocks("-1", "--dino-blocks") == (-1,)
+    assert SsrConfig(dino_blocks=2).to_dict()["dino_blocks"] == 2
+    assert SsrConfig().to_dict()["dino_blocks"] == [-1]  # the default run's settings are unchanged
+    dino, _ = load_dino_model(
+        str(MODELS / "ssr-tiny-dino.json"), str(MODELS / "tiny_dino.pth"), torch.device("cpu")
+    )
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        last_two = dino_grid_attention(dino, x, (4, 5), 2, "fp32")
+        assert torch.allclose(last_two, dino_grid_attention(dino, x, (4, 5), (-2, -1), "fp32"))
+        assert not torch.allclose(last_two, dino_grid_attention(dino, x, (4, 5), (2,), "fp32"))

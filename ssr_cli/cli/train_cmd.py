@@ -10,6 +10,7 @@ import typer
 from ssr_cli.cli import app
 from ssr_cli.cli import options as opt
 from ssr_cli.console import set_quiet
+from ssr_cli.models.attention import parse_blocks
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
 _SGC = SGCParams()
@@ -105,7 +106,13 @@ def train(
     clip_blocks: Annotated[
         int, typer.Option("--clip-blocks", min=1, help="CLIP attention: the last N blocks.")
     ] = 8,
-    dino_blocks: Annotated[str, typer.Option("--dino-blocks", help="DINO attention blocks, e.g. -1.")] = "-1",
+    dino_blocks: Annotated[
+        str,
+        typer.Option(
+            "--dino-blocks",
+            help="DINO attention blocks, averaged: N = the last N, or block indices (default -1: the last).",
+        ),
+    ] = "-1",
     mask: Annotated[
         str, typer.Option("--mask", help="Column mask of the affinity: sgc | box (CLIP-ES) | none.")
     ] = "sgc",
@@ -205,7 +212,7 @@ def train(
         hidden=hidden or dim,
         decoder_layers=_numbers(decoder_layers, "--decoder-layers", None, int) if decoder_layers else (),
         affinity_weights=_numbers(affinity_weights, "--affinity-weights", 2),
-        dino_blocks=_numbers(dino_blocks, "--dino-blocks", None, int),
+        dino_blocks=parse_blocks(dino_blocks, "--dino-blocks"),
         sgc=sgc,
     )
     given = {"arch": clip_arch, "weights": clip_weights, "device": opt.check_device(device), "train": cfg}

@@ -63,7 +63,7 @@ class SsrConfig(ResultFields):
     affinity: str = "clip+dino"
     affinity_weights: tuple[float, float] = AFFINITY_WEIGHTS
     clip_blocks: int = 8
-    dino_blocks: tuple[int, ...] = (-1,)
+    dino_blocks: int | tuple[int, ...] = (-1,)  # N = the last N blocks, or block indices (refine's rule)
     mask: str = "sgc"
     sgc: SGCParams = field(default_factory=SGCParams)
     bg_alpha: float = 1.0
@@ -83,7 +83,8 @@ class SsrConfig(ResultFields):
         self.scale_range = (float(self.scale_range[0]), float(self.scale_range[1]))
         self.affinity_weights = (float(self.affinity_weights[0]), float(self.affinity_weights[1]))
         self.decoder_layers = tuple(int(v) for v in self.decoder_layers)
-        self.dino_blocks = tuple(int(v) for v in self.dino_blocks)
+        if not isinstance(self.dino_blocks, int):
+            self.dino_blocks = tuple(int(v) for v in self.dino_blocks)
         self.hidden = self.hidden or self.dim
         checks = [
             (self.iters >= 0, "--iters must be at least 0"),
@@ -124,7 +125,8 @@ class SsrConfig(ResultFields):
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("scale_range", "affinity_weights", "decoder_layers", "dino_blocks"):
-            data[key] = list(data[key])
+            if not isinstance(data[key], int):
+                data[key] = list(data[key])
         return data
 
     def cmpa_config(self) -> Any:

@@ -90,18 +90,20 @@ def dino_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def dino_grid_attention(
-    dino: Any, x: torch.Tensor, grid: tuple[int, int], blocks: Sequence[int], precision: str
+    dino: Any, x: torch.Tensor, grid: tuple[int, int], blocks: int | Sequence[int], precision: str
 ) -> torch.Tensor:
-    """DINO's patch attention [N, h*w, h*w] on CLIP's grid ``grid`` for CLIP-normalised images ``x``."""
+    """DINO's patch attention [N, h*w, h*w] on CLIP's grid ``grid`` for CLIP-normalised images ``x``;
+    ``blocks``: N = the last N blocks, or block indices (``ssr_cli.models.attention``)."""
     from ssr_cli.refine.affinity import resample_attention
 
+    blocks = blocks if isinstance(blocks, int) else tuple(blocks)
     p = dino.patch_size
     xd = dino_input(x)
     if p == x.shape[-1] // grid[1]:
-        return dino.attention(xd, tuple(blocks), precision)
+        return dino.attention(xd, blocks, precision)
     own = (max(1, round(x.shape[-2] / p)), max(1, round(x.shape[-1] / p)))
     xd = F.interpolate(xd, size=(own[0] * p, own[1] * p), mode="bilinear", align_corners=False)
-    attn = dino.attention(xd, tuple(blocks), precision)
+    attn = dino.attention(xd, blocks, precision)
     return torch.stack([resample_attention(a, own, grid) for a in attn])
 
 
