@@ -9,6 +9,7 @@ import typer
 
 from ssr_cli.cli import app
 from ssr_cli.cli import options as opt
+from ssr_cli.cli.refine_settings import parse_weights
 from ssr_cli.console import set_quiet
 from ssr_cli.models.attention import parse_blocks
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
@@ -16,16 +17,16 @@ from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 _SGC = SGCParams()
 
 
-def _numbers(text: str, name: str, count: int | None, kind: type = float) -> tuple:
-    """``"0.75,1.25"`` -> (0.75, 1.25): ``count`` comma-separated numbers (None: any number)."""
+def _layers(text: str) -> tuple[int, ...]:
+    """``--decoder-layers "3,7,11"`` -> (3, 7, 11): the CLIP blocks the decoder reads."""
     from ssr_cli.errors import ConfigError
 
     try:
-        values = tuple(kind(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = ()
-    if not values or (count is not None and len(values) != count):
-        raise ConfigError(f"{name} {text!r} is not {count or 'a list of'} comma-separated numbers")
+    if not values:
+        raise ConfigError(f"--decoder-layers {text!r} is not a list of comma-separated numbers")
     return values
 
 
@@ -208,10 +209,10 @@ def train(
     cfg = option_fields(
         values,
         SsrConfig,
-        scale_range=_numbers(scale_range, "--scale-range", 2),
+        scale_range=opt.parse_range(scale_range, "--scale-range"),
         hidden=hidden or dim,
-        decoder_layers=_numbers(decoder_layers, "--decoder-layers", None, int) if decoder_layers else (),
-        affinity_weights=_numbers(affinity_weights, "--affinity-weights", 2),
+        decoder_layers=_layers(decoder_layers) if decoder_layers else (),
+        affinity_weights=parse_weights(affinity_weights),
         dino_blocks=parse_blocks(dino_blocks, "--dino-blocks"),
         sgc=sgc,
     )
