@@ -12,9 +12,13 @@ from ssr_cli.cli import options as opt
 from ssr_cli.cli.refine_settings import parse_weights
 from ssr_cli.console import set_quiet
 from ssr_cli.models.attention import parse_blocks
+from ssr_cli.onestage.config import SsrConfig
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
 
 _SGC = SGCParams()
+
+
+_S = SsrConfig  # every default of this command lives there
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -39,7 +43,7 @@ def train(
     labels: opt.LabelSource = "auto",
     vocab: opt.Vocab = None,
     val_split: opt.ValSplit = None,
-    val_every: opt.ValEvery = 1000,
+    val_every: opt.ValEvery = _S.val_every,
     clip_arch: opt.ClipArch = "ViT-B-16",
     clip_weights: opt.ClipWeights = None,
     dino_model: Annotated[
@@ -51,35 +55,37 @@ def train(
     gamma: Annotated[
         float,
         typer.Option("--gamma", min=0.0, help="Weight of the segmentation loss: L_proto + gamma L_seg."),
-    ] = 0.1,
-    iters: opt.Iters = 20000,
-    batch_size: opt.BatchSize = 4,
-    size: opt.TrainSize = 448,
+    ] = _S.gamma,
+    iters: opt.Iters = _S.iters,
+    batch_size: opt.BatchSize = _S.batch_size,
+    size: opt.TrainSize = _S.size,
     scale_range: opt.ScaleRange = "0.75,1.25",
-    flip: opt.Flip = True,
-    jitter: opt.Jitter = 0.2,
-    lr: opt.HeadsLr = 1e-4,
-    weight_decay: opt.HeadsWeightDecay = 1e-4,
-    dim: opt.CmpaDim = 256,
+    flip: opt.Flip = _S.flip,
+    jitter: opt.Jitter = _S.jitter,
+    lr: opt.HeadsLr = _S.lr,
+    weight_decay: opt.HeadsWeightDecay = _S.weight_decay,
+    dim: opt.CmpaDim = _S.dim,
     hidden: opt.CmpaHidden = None,
-    head_init: opt.HeadInit = "pca",
-    init_images: opt.InitImages = 256,
-    protos_per_class: opt.ProtosPerClass = 1,
-    proto_every: opt.ProtoEvery = 5000,
-    proto_ema: opt.ProtoEma = 0.0,
-    temperature: opt.Temperature = 0.05,
-    pool: opt.Pool = "tokens",
-    text_target: opt.TextTarget = "live",
+    head_init: opt.HeadInit = _S.head_init,
+    init_images: opt.InitImages = _S.init_images,
+    protos_per_class: opt.ProtosPerClass = _S.protos_per_class,
+    proto_every: opt.ProtoEvery = _S.proto_every,
+    proto_ema: opt.ProtoEma = _S.proto_ema,
+    temperature: opt.Temperature = _S.temperature,
+    pool: opt.Pool = _S.pool,
+    text_target: opt.TextTarget = _S.text_target,
     cam_target: Annotated[
         str,
         typer.Option(
             "--cam-target", help="GradCAM target: auto (log-odds in CMPA's space) | prob | logodds."
         ),
-    ] = "auto",
+    ] = _S.cam_target,
     seg_loss: Annotated[
         str, typer.Option("--seg-loss", help="balanced (mean of background and foreground CE) | ce.")
-    ] = "balanced",
-    decoder_dim: Annotated[int, typer.Option("--decoder-dim", min=8, help="Decoder channels.")] = 256,
+    ] = _S.seg_loss,
+    decoder_dim: Annotated[
+        int, typer.Option("--decoder-dim", min=8, help="Decoder channels.")
+    ] = _S.decoder_dim,
     decoder_layers: Annotated[
         Optional[str],
         typer.Option(
@@ -88,25 +94,25 @@ def train(
     ] = None,
     decoder_convs: Annotated[
         int, typer.Option("--decoder-convs", min=0, help="3x3 convolutions after the fusion.")
-    ] = 2,
+    ] = _S.decoder_convs,
     seg_lr: Annotated[
         float, typer.Option("--seg-lr", min=0.0, help="AdamW learning rate of the decoder.")
-    ] = 2e-4,
+    ] = _S.seg_lr,
     seg_weight_decay: Annotated[
         float, typer.Option("--seg-weight-decay", min=0.0, help="AdamW weight decay of the decoder.")
-    ] = 1e-2,
+    ] = _S.seg_weight_decay,
     poly_power: Annotated[
         float, typer.Option("--poly-power", min=0.0, help="Poly decay of the decoder's learning rate.")
-    ] = 0.9,
+    ] = _S.poly_power,
     affinity: Annotated[
         str, typer.Option("--affinity", help="Online affinity: clip+dino | clip | none.")
-    ] = "clip+dino",
+    ] = _S.affinity,
     affinity_weights: Annotated[
         str, typer.Option("--affinity-weights", help="CLIP,DINO fusion weights (paper: 0.4,0.6).")
     ] = ",".join(f"{w:g}" for w in AFFINITY_WEIGHTS),
     clip_blocks: Annotated[
         int, typer.Option("--clip-blocks", min=1, help="CLIP attention: the last N blocks.")
-    ] = 8,
+    ] = _S.clip_blocks,
     dino_blocks: Annotated[
         str,
         typer.Option(
@@ -116,7 +122,7 @@ def train(
     ] = "-1",
     mask: Annotated[
         str, typer.Option("--mask", help="Column mask of the affinity: sgc | box (CLIP-ES) | none.")
-    ] = "sgc",
+    ] = _S.mask,
     sgc_clusters: Annotated[
         int, typer.Option("--sgc-clusters", min=1, help="SGC: colour clusters of the superpixels.")
     ] = _SGC.n_clusters,
@@ -128,7 +134,7 @@ def train(
     ] = _SGC.region_thresh,
     bg_alpha: Annotated[
         float, typer.Option("--bg-alpha", min=0.0, help="Background score (1 - max CAM) ** ALPHA.")
-    ] = 1.0,
+    ] = _S.bg_alpha,
     conf_thresh: Annotated[
         float,
         typer.Option(
@@ -137,16 +143,16 @@ def train(
             max=1.0,
             help="Pseudo-mask pixels whose top normalised score is below this are ignored (0: none).",
         ),
-    ] = 0.0,
+    ] = _S.conf_thresh,
     precision: opt.Precision = "auto",
-    save_every: opt.SaveEvery = 500,
-    log_every: opt.LogEvery = 10,
-    tensorboard: opt.Tensorboard = False,
-    check_sync_every: opt.CheckSyncEvery = 0,
+    save_every: opt.SaveEvery = _S.save_every,
+    log_every: opt.LogEvery = _S.log_every,
+    tensorboard: opt.Tensorboard = _S.tensorboard,
+    check_sync_every: opt.CheckSyncEvery = _S.check_sync_every,
     resume: opt.Resume = False,
     device: opt.Device = "auto",
-    workers: opt.Workers = 2,
-    seed: opt.Seed = 0,
+    workers: opt.Workers = _S.workers,
+    seed: opt.Seed = _S.seed,
     overwrite: opt.Overwrite = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -170,7 +176,6 @@ def train(
     from ssr_cli.artefacts.quick import answered_training_rerun, quick_key
     from ssr_cli.cli.training import option_fields, run_stage
     from ssr_cli.data import open_dataset
-    from ssr_cli.onestage.config import SsrConfig
 
     # Before torch is imported: a complete run with the same inputs answers at once.
     dataset = open_dataset(data, layout=layout, split=split, labels=labels, vocab=vocab)
