@@ -10,6 +10,9 @@ import typer
 from ssr_cli.cli import app
 from ssr_cli.cli import options as opt
 from ssr_cli.console import set_quiet
+from ssr_cli.seg.config import TrainConfig
+
+_T = TrainConfig  # every fixed default of this command lives there (the recipe ones: seg/recipes.py)
 
 
 @app.command("fit-seg")
@@ -57,13 +60,13 @@ def fit_seg(
     aspp_channels: Annotated[
         int, typer.Option("--aspp-channels", min=8, help="Width of the ASPP head.")
     ] = 256,
-    iters: Annotated[int, typer.Option("--iters", min=1, help="Optimizer steps.")] = 20000,
-    batch_size: opt.BatchSize = 10,
+    iters: Annotated[int, typer.Option("--iters", min=1, help="Optimizer steps.")] = _T.iters,
+    batch_size: opt.BatchSize = _T.batch_size,
     crop_size: Annotated[
         int, typer.Option("--crop-size", min=16, help="Training crop side in pixels.")
-    ] = 321,
-    accum: Annotated[int, typer.Option("--accum", min=1, help="Gradient accumulation steps.")] = 1,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | adamw.")] = "sgd",
+    ] = _T.crop_size,
+    accum: Annotated[int, typer.Option("--accum", min=1, help="Gradient accumulation steps.")] = _T.accum,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="sgd | adamw.")] = _T.optimizer,
     lr: Annotated[
         Optional[float],
         typer.Option(
@@ -116,22 +119,22 @@ def fit_seg(
     loss: Annotated[
         str,
         typer.Option("--loss", help="balanced (background/foreground halves) | ce."),
-    ] = "balanced",
+    ] = _T.loss,
     scale_range: Annotated[str, typer.Option("--scale-range", help="Random scale MIN,MAX.")] = "0.5,1.5",
-    flip: opt.Flip = True,
+    flip: opt.Flip = _T.flip,
     precision: opt.Precision = "auto",
     sync_bn: Annotated[
         bool,
         typer.Option("--sync-bn", help="SyncBatchNorm across torchrun processes."),
-    ] = False,
-    save_every: opt.SaveEvery = 1000,
-    val_every: opt.ValEvery = 1000,
-    log_every: opt.LogEvery = 20,
-    check_sync_every: opt.CheckSyncEvery = 0,
+    ] = _T.sync_bn,
+    save_every: opt.SaveEvery = _T.save_every,
+    val_every: opt.ValEvery = _T.val_every,
+    log_every: opt.LogEvery = _T.log_every,
+    check_sync_every: opt.CheckSyncEvery = _T.check_sync_every,
     resume: opt.Resume = False,
     device: opt.Device = "auto",
-    workers: opt.Workers = 2,
-    seed: opt.Seed = 0,
+    workers: opt.Workers = _T.workers,
+    seed: opt.Seed = _T.seed,
     overwrite: opt.Overwrite = False,
     tensorboard: Annotated[
         bool,
@@ -140,7 +143,7 @@ def fit_seg(
             help="Also write TensorBoard event files (the log.jsonl numbers) to OUT/tensorboard; needs "
             "the tensorboard package (pip install tensorboard).",
         ),
-    ] = False,
+    ] = _T.tensorboard,
     quiet: opt.Quiet = False,
 ) -> None:
     """Train a DeepLab-style segmenter on a timm backbone (--head deeplabv3plus, the default:

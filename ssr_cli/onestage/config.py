@@ -15,11 +15,11 @@ from typing import Any
 from ssr_cli.cmpa.config import CmpaConfig
 from ssr_cli.config_fields import ResultFields, require
 from ssr_cli.refine.config import AFFINITY_WEIGHTS, SGCParams
+from ssr_cli.seg.config import LOSSES as SEG_LOSSES  # the segmenter's losses
 
 #: online pseudo-mask affinities and column masks (no CRF online)
 ONLINE_AFFINITIES = ("none", "clip", "clip+dino")
 ONLINE_MASKS = ("none", "box", "sgc")
-SEG_LOSSES = ("balanced", "ce")
 #: cells per patch side of the precomputed superpixel region maps (4: a 16-pixel patch holds 4x4 cells)
 REGION_CELLS = 4
 _CMPA = CmpaConfig  # the CMPA part's defaults are train-cmpa's

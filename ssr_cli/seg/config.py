@@ -1,5 +1,5 @@
-"""``fit-seg``'s training settings (:class:`TrainConfig`). The recipe defaults come from
-``ssr_cli.seg.recipes`` (see ``seg/train.py``)."""
+"""``fit-seg``'s training settings (:class:`TrainConfig`), pure Python like the other configs (the
+CLI reads its defaults at no cost). The recipe defaults come from ``ssr_cli.seg.recipes``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ssr_cli.config_fields import ResultFields, require
-from ssr_cli.seg.loss import LOSSES
 from ssr_cli.seg.recipes import RECIPES
 
 OPTIMIZERS = ("sgd", "adamw")
+#: the segmentation losses (``ssr_cli.seg.loss``), named here so that this module stays torch-free
+LOSSES = ("balanced", "ce")
 _DEFAULT = RECIPES["deeplabv3plus"]
 
 

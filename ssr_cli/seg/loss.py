@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("balanced", "ce")
+from ssr_cli.seg.config import LOSSES as LOSSES  # re-exported; named with the settings
+
 IGNORE = 255
 
 
