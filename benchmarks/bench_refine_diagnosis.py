@@ -33,12 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from bench_quality import Runner  # benchmarks/: the same command runner and scoring
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -88,47 +88,37 @@ def summarise(shares: dict[str, list[float]]) -> dict[str, float]:
     return {key: round(100 * float(np.mean(values)), 1) for key, values in shares.items() if values}
 
 
-class Work:
-    """The bench_quality run folders and the commands to score them."""
+class Work(Runner):
+    """The bench_quality run folders, and bench_quality's way to run and score commands on them."""
 
     def __init__(self, root: Path, threads: int) -> None:
+        super().__init__(root, threads, verbose=False)
         self.root = root
-        self.data = root / "data"
+        self.data_dir = root / "data"
         self.seeds = root / "seeds-cmpa"
-        for need in (self.data / "splits" / "train.txt", self.seeds / "manifest.json"):
+        for need in (self.data_dir / "splits" / "train.txt", self.seeds / "manifest.json"):
             if not need.is_file():
                 raise SystemExit(
                     f"bench_refine_diagnosis: {need} is missing; "
                     f"run: python benchmarks/bench_quality.py --quick --work {root}"
                 )
-        self.ids = [line.strip() for line in (self.data / "splits" / "train.txt").read_text().split("\n")]
+        self.ids = [line.strip() for line in (self.data_dir / "splits" / "train.txt").read_text().split("\n")]
         self.ids = [i for i in self.ids if i]
-        self.world_seed = int(json.loads((self.data / "synth.json").read_text())["seed"])
-        self.env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+        self.world_seed = int(json.loads((self.data_dir / "synth.json").read_text())["seed"])
 
-    def ssr(self, *args: str) -> str:
-        cmd = [sys.executable, "-m", "ssr_cli", "--quiet", *args]
-        return subprocess.run(cmd, check=True, env=self.env, cwd=REPO, capture_output=True, text=True).stdout
-
-    def score(self, run: Path) -> dict[str, float]:
-        report = json.loads(
-            self.ssr("eval", str(run), "--data", str(self.data), "--split", "train", "--json")
-        )
-        summary = report["summary"]
-        return {
-            k: round(100 * float(summary[v]), 1)
-            for k, v in (("precision", "mprecision"), ("recall", "mrecall"), ("miou", "miou"))
-        }
+    def score_train(self, run: Path) -> dict[str, float]:
+        """Precision, recall, mIoU (%) of a run's labels on the train split, as the +CRF row is scored."""
+        return self.score(run, "train", False)
 
     def mask(self, item: str) -> np.ndarray:
         from PIL import Image
 
-        return np.asarray(Image.open(self.data / "masks" / f"{item}.png"))
+        return np.asarray(Image.open(self.data_dir / "masks" / f"{item}.png"))
 
     def image(self, item: str) -> np.ndarray:
         from ssr_cli.data.images import read_image
 
-        return read_image(next((self.data / "images").glob(f"{item}.*")))
+        return read_image(next((self.data_dir / "images").glob(f"{item}.*")))
 
 
 def measure_attention(work: Work, count: int) -> dict[str, dict[str, float]]:
@@ -225,7 +215,7 @@ def diagnose(work: Work, count: int) -> dict:
                 "eval",
                 str(out),
                 "--data",
-                str(work.data),
+                str(work.data_dir),
                 "--split",
                 "train",
                 "--json",
@@ -251,10 +241,10 @@ def diagnose(work: Work, count: int) -> dict:
         "--overwrite",
     )
     full = work.root / "refine-crf-argmax"
-    result["cam_crf"] = {"no affinity, no mask": work.score(plain)}
+    result["cam_crf"] = {"no affinity, no mask": work.score_train(plain)}
     result["floods"] = {"no affinity, no mask": floods(work, plain)}
     if (full / "manifest.json").is_file():
-        result["cam_crf"]["full SSR (+CRF row)"] = work.score(full)
+        result["cam_crf"]["full SSR (+CRF row)"] = work.score_train(full)
         result["floods"]["full SSR (+CRF row)"] = floods(work, full)
     result["median_patch_cells_per_object"] = object_cells(work)
     return result
