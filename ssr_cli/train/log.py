@@ -21,7 +21,7 @@ LOG_FILE = "log.jsonl"
 
 
 def truncate_log(
-    path: Path, last_iteration: int, redone_at_last: Callable[[dict[str, Any]], bool] = lambda r: False
+    path: Path, last_iteration: int, redone_at_last: Callable[[dict[str, Any]], bool] | None = None
 ) -> None:
     """Keep the records of ``path`` up to ``last_iteration`` (the checkpoint a run resumes from),
     except those at ``last_iteration`` that the resumed run writes again (``redone_at_last``)."""
@@ -36,7 +36,7 @@ def truncate_log(
         except json.JSONDecodeError:  # a line cut by the crash
             continue
         it = record.get("iter", 0)
-        if it < last_iteration or (it == last_iteration and not redone_at_last(record)):
+        if it < last_iteration or (it == last_iteration and not (redone_at_last and redone_at_last(record))):
             kept.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in kept))
 

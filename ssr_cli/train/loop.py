@@ -84,10 +84,7 @@ def open_run_files(
     log_path, ckpt_dir = out / LOG_FILE, out / CHECKPOINT_DIR
     if env.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if redone_at_last is None:
-            truncate_log(log_path, start)
-        else:
-            truncate_log(log_path, start, redone_at_last=redone_at_last)
+        truncate_log(log_path, start, redone_at_last)
     write_log, board = log_writer(out, log_path, env.is_main, tensorboard)
     return RunFiles(log_path, ckpt_dir, write_log, board)
 
