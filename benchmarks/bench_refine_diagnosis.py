@@ -14,8 +14,10 @@ the train split:
    its own object, averaged over the patches inside objects, raw and after the affinity
    transform (``fuse_affinity``: Sinkhorn, symmetrise, square); "uniform" is the share an
    attention spread evenly would give (the object's share of the patches). Also the share
-   of the background patches' attention that lands on objects. An affinity can only pass
-   CAM mass along an object when its own-object share is well above uniform.
+   of the background patches' attention that lands on objects, and the share of a badge
+   patch's affinity that lands on the body of its object (next to the body's share of the
+   patches). An affinity can only pass CAM mass along an object when its own-object share is
+   well above uniform, and from the badge to the body when that share is.
 2. **What the CRF can do.** CAMs shaped like the ground truth at the 16-pixel patch grid
    (each class's area share of each patch cell), labelled without and with the dense CRF
    (plain argmax, the +CRF row's rule): the gap is what boundary refinement alone is worth
@@ -26,6 +28,15 @@ the train split:
    mostly (> 30%) labelled as an object class, for both runs of 3: whole images lost to a
    wrong CAM (co-occurrence, camouflage), which no boundary or affinity step can repair.
 5. **Object size**: the median number of patch cells whose centre lies in an object.
+6. **Partial activation.** Each object's class is shown by its badge (``ssr data synth``);
+   its body looks like any class's. For each object, the mean of its class's CAM (the +CMPA
+   seeds, upsampled to the image) on its badge, its body and the background; and the share
+   of badge and body pixels that the two runs of 3 label with the right class. Affinity
+   propagation exists to carry a CAM from the discriminative part (the badge) to the rest.
+7. **Oracle affinity.** The +CMPA seeds refined (no mask, then the CRF, plain argmax) with an
+   affinity that links the patches of each ground-truth object evenly and leaves background
+   patches to themselves: what an affinity that groups whole objects would give here, next
+   to the CAM and to CAM + CRF (3).
 """
 
 from __future__ import annotations
@@ -56,8 +67,12 @@ def patch_labels(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return labels
 
 
-def attention_shares(attn: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
-    """Own-object shares (raw and fused) per object, uniform share, background-to-object share."""
+def attention_shares(
+    attn: np.ndarray, labels: np.ndarray, badge: np.ndarray | None = None
+) -> dict[str, list[float]]:
+    """Own-object shares (raw and fused) per object, uniform share, background-to-object share;
+    with ``badge`` (bool per patch), also the share of a badge patch's fused affinity that lands
+    on its object's body, and the body's share of the patches (uniform)."""
     import torch
 
     from ssr_cli.refine.affinity import fuse_affinity
@@ -71,6 +86,12 @@ def attention_shares(attn: np.ndarray, labels: np.ndarray) -> dict[str, list[flo
         out["raw"].append(float((attn[own][:, own].sum(1) / attn[own].sum(1)).mean()))
         out["fused"].append(float((fused[own][:, own].sum(1) / fused[own].sum(1)).mean()))
         out["uniform"].append(float(own.mean()))
+        if badge is not None and (own & badge).any() and (own & ~badge).any():
+            part, body = own & badge, own & ~badge
+            out.setdefault("badge_to_body", []).append(
+                float((fused[part][:, body].sum(1) / fused[part].sum(1)).mean())
+            )
+            out.setdefault("body_uniform", []).append(float(body.mean()))
     background, objects = labels == 0, labels > 0
     if background.any() and objects.any():
         out["bg_to_objects"].append(
@@ -125,6 +146,7 @@ def measure_attention(work: Work, count: int) -> dict[str, dict[str, float]]:
     import torch
 
     from ssr_cli.artefacts.seeds import load_seed
+    from ssr_cli.data.synth import render_scene
     from ssr_cli.refine.sources import load_dino_model
 
     dino, _ = load_dino_model(
@@ -140,10 +162,12 @@ def measure_attention(work: Work, count: int) -> dict[str, dict[str, float]]:
             )
         grid = tuple(int(v) for v in seed["cams"].shape[1:])
         labels = patch_labels(work.mask(item), grid)
-        merge(clip, attention_shares(np.asarray(seed["attn"], np.float32), labels))
+        badges = render_scene(work.world_seed, int(item.lstrip("s"))).badges
+        badge = patch_labels(np.asarray(badges, np.uint8), grid) > 0
+        merge(clip, attention_shares(np.asarray(seed["attn"], np.float32), labels, badge))
         with torch.no_grad():
             attn = dino.grid_attention(work.image(item), grid).float().numpy()
-        merge(dino_shares, attention_shares(attn, labels))
+        merge(dino_shares, attention_shares(attn, labels, badge))
     return {"clip": summarise(clip), "dino": summarise(dino_shares)}
 
 
@@ -171,6 +195,24 @@ def gt_shaped_labels(work: Work, out: Path, crf: bool) -> None:
                 stack / np.maximum(stack.reshape(len(stack), -1).max(1), 1e-6)[:, None, None]
             ).astype(np.float32)
         result = process_item(ItemJob(item, work.image(item), seed, None), params)
+        (out / f"{item}.png").write_bytes(result.png)
+
+
+def oracle_labels(work: Work, out: Path) -> None:
+    """Label maps of the +CMPA seeds refined with the oracle affinity (see the docstring)."""
+    from ssr_cli.artefacts.seeds import load_seed
+    from ssr_cli.refine.config import CRFParams
+    from ssr_cli.refine.pipeline import ItemJob, RefineParams, process_item
+
+    out.mkdir(parents=True, exist_ok=True)
+    params = RefineParams(mask="none", crf=vars(CRFParams()), conf_thresh=None)
+    for item in work.ids:
+        seed = dict(load_seed(work.seeds / "cams" / f"{item}.npz"))
+        labels = patch_labels(work.mask(item), tuple(int(v) for v in seed["cams"].shape[1:]))
+        same = (labels[:, None] == labels[None, :]) & (labels[:, None] > 0)
+        affinity = np.where(same, 1.0, np.eye(len(labels))).astype(np.float32)
+        affinity /= affinity.sum(1, keepdims=True)
+        result = process_item(ItemJob(item, work.image(item), seed, affinity), params)
         (out / f"{item}.png").write_bytes(result.png)
 
 
@@ -204,6 +246,43 @@ def object_cells(work: Work) -> float:
     return float(np.median(cells)) if cells else 0.0
 
 
+def partial_activation(work: Work, runs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Mean class CAM on badge / body / background, and per-run recall of badge and body pixels."""
+    import cv2
+    from PIL import Image
+
+    from ssr_cli.artefacts.seeds import load_seed
+    from ssr_cli.data.synth import render_scene
+
+    cam: dict[str, list[float]] = {"badge": [], "body": [], "background": []}
+    hits: dict[str, dict[str, list[float]]] = {name: {"badge": [], "body": []} for name in runs}
+    for item in work.ids:
+        badges = render_scene(work.world_seed, int(item.lstrip("s"))).badges
+        truth = work.mask(item)
+        seed = load_seed(work.seeds / "cams" / f"{item}.npz")
+        preds = {name: np.asarray(Image.open(run / "labels" / f"{item}.png")) for name, run in runs.items()}
+        for k, class_id in enumerate(seed["class_ids"]):
+            value = int(class_id)
+            if not (truth == value).any():
+                continue
+            obj = truth == value
+            where = {"badge": obj & badges, "body": obj & ~badges, "background": truth == 0}
+            full = cv2.resize(
+                np.asarray(seed["cams"][k], np.float32), truth.shape[::-1], interpolation=cv2.INTER_LINEAR
+            )
+            for region, pixels in where.items():
+                if pixels.sum() >= 16:
+                    cam[region].append(float(full[pixels].mean()))
+            for name, pred in preds.items():
+                for region in ("badge", "body"):
+                    if where[region].sum() >= 16:
+                        hits[name][region].append(float((pred[where[region]] == value).mean()))
+    result = {"mean class CAM": {k: round(float(np.mean(v)), 3) for k, v in cam.items() if v}}
+    for name, regions in hits.items():
+        result[f"recall: {name}"] = {k: round(100 * float(np.mean(v)), 1) for k, v in regions.items() if v}
+    return result
+
+
 def diagnose(work: Work, count: int) -> dict:
     result: dict = {"attention_own_object_share": measure_attention(work, count)}
     gt_runs = {}
@@ -225,6 +304,9 @@ def diagnose(work: Work, count: int) -> dict:
         )
         gt_runs["CRF" if crf else "no CRF"] = round(100 * float(report["summary"]["miou"]), 1)
     result["gt_shaped_cams_miou"] = gt_runs
+    oracle = work.root / "diag-oracle-affinity"
+    oracle_labels(work, oracle)
+    result["oracle_affinity"] = work.score_train(oracle)
     plain = work.root / "diag-crf-only"
     work.ssr(
         "refine",
@@ -247,20 +329,28 @@ def diagnose(work: Work, count: int) -> dict:
         result["cam_crf"]["full SSR (+CRF row)"] = work.score_train(full)
         result["floods"]["full SSR (+CRF row)"] = floods(work, full)
     result["median_patch_cells_per_object"] = object_cells(work)
+    runs = {"no affinity, no mask": plain}
+    if (full / "manifest.json").is_file():
+        runs["full SSR (+CRF row)"] = full
+    result["partial_activation"] = partial_activation(work, runs)
     return result
 
 
 def markdown(result: dict) -> str:
     lines = [
-        "| attention | own object, raw | own object, affinity | uniform | background -> objects |",
-        "|---|---|---|---|---|",
+        "| attention | own object, raw | own object, affinity | uniform | background -> objects "
+        "| badge -> body, affinity | body uniform |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in result["attention_own_object_share"].items():
         lines.append(
-            f"| {name} | {s.get('raw')} | {s.get('fused')} | {s.get('uniform')} | {s.get('bg_to_objects')} |"
+            f"| {name} | {s.get('raw')} | {s.get('fused')} | {s.get('uniform')} | {s.get('bg_to_objects')} "
+            f"| {s.get('badge_to_body')} | {s.get('body_uniform')} |"
         )
     gt = result["gt_shaped_cams_miou"]
     lines += ["", f"GT-shaped patch-grid CAMs: mIoU {gt['no CRF']} without the CRF, {gt['CRF']} with it", ""]
+    o = result["oracle_affinity"]
+    lines += [f"oracle affinity + CRF: P {o['precision']}, R {o['recall']}, mIoU {o['miou']}", ""]
     lines += [
         "| CAM + CRF | precision | recall | mIoU | flooded images per background |",
         "|---|---|---|---|---|",
@@ -268,7 +358,10 @@ def markdown(result: dict) -> str:
     for name, s in result["cam_crf"].items():
         flood = ", ".join(f"{k} {v}" for k, v in result["floods"][name].items())
         lines.append(f"| {name} | {s['precision']} | {s['recall']} | {s['miou']} | {flood} |")
-    lines += ["", f"median patch cells per object: {result['median_patch_cells_per_object']}"]
+    lines += ["", f"median patch cells per object: {result['median_patch_cells_per_object']}", ""]
+    lines += ["| partial activation | badge | body | background |", "|---|---|---|---|"]
+    for name, s in result["partial_activation"].items():
+        lines.append(f"| {name} | {s.get('badge')} | {s.get('body')} | {s.get('background', '')} |")
     return "\n".join(lines)
 
 

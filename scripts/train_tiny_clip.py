@@ -12,6 +12,9 @@ the vocabulary's prompts ("a photo of a boat.", ..., and the background words): 
 multi-label sigmoid loss, and for each class in the image a softmax cross-entropy against
 the absent classes (without it the class prompts collapsed onto one "object" direction and
 the CAMs of different classes in one image were identical).
+``--pairs N`` adds the tiny DINO's correspondence loss (``scripts/train_tiny_dino.py``) on the
+average attention of every image block; it is off by default, because in a trial it made the
+attention local but the CAMs lost their localisation.
 The image embedding is the one the CAMs use: the mean of the patch tokens after ``ln_post``
 and ``proj`` (CLIP-ES), with the positional embedding interpolated to each batch's grid.
 
@@ -42,6 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ssr_cli.data.synth import BACKGROUNDS, CLASSES, TEMPLATES, render_scene  # noqa: E402
+from ssr_cli.models.vit_blocks import block_forward  # noqa: E402
+
+sys.path.insert(0, str(REPO / "scripts"))
+from train_tiny_dino import correspondence_loss, shifted_pair  # noqa: E402
 
 CONFIG = {
     "embed_dim": 64,
@@ -53,13 +60,18 @@ ARCH = "ssr-tiny-clip"
 SIDES = (128, 144, 160, 176, 192, 208)
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+PAIR_MEAN = MEAN.view(3).numpy() * 255
+PAIR_STD = STD.view(3).numpy() * 255
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Endless batches of rendered scenes; batch b is a pure function of (world seed, b)."""
+    """Endless batches of rendered scenes; batch b is a pure function of (world seed, b).
 
-    def __init__(self, world_seed: int, batch_size: int, start: int) -> None:
-        self.world_seed, self.batch_size, self.start = world_seed, batch_size, start
+    Each batch also holds ``pairs`` shifted crop pairs (128 px, the second moved by a multiple
+    of 16 pixels) of other scenes of the world, for the correspondence loss."""
+
+    def __init__(self, world_seed: int, batch_size: int, start: int, pairs: int = 0) -> None:
+        self.world_seed, self.batch_size, self.start, self.pairs = world_seed, batch_size, start, pairs
 
     def __iter__(self):
         b = self.start
@@ -77,12 +89,46 @@ class Batches(torch.utils.data.IterableDataset):
                 target[len(CLASSES) + BACKGROUNDS.index(scene.background)] = 1
                 targets.append(target)
             x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
-            yield (x - MEAN) / STD, captions, torch.from_numpy(np.stack(targets))
+            shift = (0, 0)
+            while shift == (0, 0):
+                shift = (16 * int(rng.integers(-3, 4)), 16 * int(rng.integers(-3, 4)))
+            views: list[list[np.ndarray]] = [[], []]
+            for i in range(self.pairs):
+                index = 10_000_000 + b * self.pairs + i  # scenes no caption batch uses
+                image = render_scene(self.world_seed, index, size_range=(176, 256)).image
+                for v, crop in enumerate(shifted_pair(rng, image, shift, 128, PAIR_MEAN, PAIR_STD)):
+                    views[v].append(crop)
+            pair = [torch.from_numpy(np.stack(v)) for v in views] if self.pairs else []
+            yield (x - MEAN) / STD, captions, torch.from_numpy(np.stack(targets)), pair, torch.tensor(shift)
             b += 1
 
 
 def encode_image(model, x: torch.Tensor) -> torch.Tensor:
     """Mean of the patch tokens after ln_post and proj, positional embedding interpolated."""
+    visual = model.visual
+    x = visual.transformer(embed_tokens(model, x))
+    x = visual.ln_post(x)
+    return x[:, 1:].mean(1) @ visual.proj
+
+
+def blocks_qk(model, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image-tower block: (q times the attention scale, k) [N, heads, 1+h*w, head_dim]
+    (the attention SGC's CLIP affinity averages: every block of this 4-block tower)."""
+    h = embed_tokens(model, x)
+    out = []
+    for block in model.visual.transformer.resblocks:
+        attn = block.attn
+        n, length, width = h.shape
+        head_dim = width // attn.num_heads
+        qkv = F.linear(block.ln_1(h), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, _ = qkv.view(n, length, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out.append((q * head_dim**-0.5, k))
+        h, _ = block_forward(block, h)
+    return out
+
+
+def embed_tokens(model, x: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] -> the tokens entering the first block, positional embedding interpolated."""
     visual = model.visual
     x = visual.conv1(x)
     n, width, gh, gw = x.shape
@@ -93,10 +139,7 @@ def encode_image(model, x: torch.Tensor) -> torch.Tensor:
     grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)[0]
     pos = torch.cat([pos[:1], grid.permute(1, 2, 0).reshape(gh * gw, width)], 0)
     cls = visual.class_embedding.view(1, 1, width).expand(n, -1, -1)
-    x = visual.ln_pre(torch.cat([cls, x], 1) + pos)
-    x = visual.transformer(x)
-    x = visual.ln_post(x)
-    return x[:, 1:].mean(1) @ visual.proj
+    return visual.ln_pre(torch.cat([cls, x], 1) + pos)
 
 
 def class_softmax_loss(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -219,6 +262,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world-seed", type=int, default=1000)
     parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the multi-label prompt loss")
+    parser.add_argument("--corr-weight", type=float, default=1.0, help="weight of the correspondence loss")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="shifted crop pairs per step for the correspondence loss on every block's attention "
+        "(0, the default: none; in a trial it made the attention local but took GradCAM's localisation)",
+    )
     parser.add_argument("--max-logit-scale", type=float, default=30.0)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -252,7 +303,7 @@ def main() -> None:
     optim.add_param_group({"params": [bias], "weight_decay": 0.0})
     prompt_tokens = tokenizer(prompts()).to(device)
     loader = torch.utils.data.DataLoader(
-        Batches(args.world_seed, args.batch_size, 0),
+        Batches(args.world_seed, args.batch_size, 0, args.pairs),
         batch_size=None,
         num_workers=1,
         prefetch_factor=4,
@@ -260,7 +311,7 @@ def main() -> None:
     )
     start = time.perf_counter()
     running: list[float] = []
-    for step, (x, captions, targets) in enumerate(loader):
+    for step, (x, captions, targets, pair, shift) in enumerate(loader):
         if step >= args.steps:
             break
         for group in optim.param_groups:
@@ -276,6 +327,12 @@ def main() -> None:
         multilabel = F.binary_cross_entropy_with_logits(scale * image @ words.T + bias, targets)
         classes = class_softmax_loss(scale * image @ words[: len(CLASSES)].T, targets[:, : len(CLASSES)])
         loss = contrastive + args.aux_weight * (multilabel + classes)
+        corr = torch.zeros((), device=device)
+        if pair:
+            corr = correspondence_loss(
+                blocks_qk(model, pair[0].to(device)), blocks_qk(model, pair[1].to(device)), shift
+            )
+            loss = loss + args.corr_weight * corr
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -283,7 +340,12 @@ def main() -> None:
         running.append(float(loss.detach()))
         if (step + 1) % args.log_every == 0:
             elapsed = time.perf_counter() - start
-            terms = {"contrastive": contrastive, "classes": classes, "multilabel": multilabel}
+            terms = {
+                "contrastive": contrastive,
+                "classes": classes,
+                "multilabel": multilabel,
+                "correspondence": corr,
+            }
             parts = "  ".join(f"{k} {float(v.detach()):.3f}" for k, v in terms.items())
             print(
                 f"step {step + 1:5d}  loss {np.mean(running):.4f}  {parts}  "

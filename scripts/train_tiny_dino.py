@@ -58,8 +58,10 @@ MEAN = np.array(IMAGENET_MEAN, np.float32) * 255
 STD = np.array(IMAGENET_STD, np.float32) * 255
 
 
-def photometric(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
-    """Colour jitter + grayscale + blur, then ImageNet normalisation -> CHW float32."""
+def photometric(
+    rng: np.random.Generator, crop: np.ndarray, mean: np.ndarray = MEAN, std: np.ndarray = STD
+) -> np.ndarray:
+    """Colour jitter + grayscale + blur, then normalisation (ImageNet's) -> CHW float32."""
     import cv2
 
     crop = crop.astype(np.float32)
@@ -74,7 +76,7 @@ def photometric(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
         crop = np.repeat(crop.mean(axis=2, keepdims=True), 3, axis=2)
     if rng.random() < 0.3:
         crop = cv2.GaussianBlur(crop, (0, 0), rng.uniform(0.1, 1.5))
-    crop = (np.clip(crop, 0, 255) - MEAN) / STD
+    crop = (np.clip(crop, 0, 255) - mean) / std
     return np.ascontiguousarray(crop.transpose(2, 0, 1), dtype=np.float32)
 
 
@@ -97,7 +99,12 @@ def random_crop(
 
 
 def shifted_pair(
-    rng: np.random.Generator, image: np.ndarray, shift: tuple[int, int], size: int = 128
+    rng: np.random.Generator,
+    image: np.ndarray,
+    shift: tuple[int, int],
+    size: int = 128,
+    mean: np.ndarray = MEAN,
+    std: np.ndarray = STD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Two crops of ``image`` at native scale, the second moved by ``shift`` pixels (multiples
     of 16, so patch (i, j) of the first is patch (i - dy/16, j - dx/16) of the second)."""
@@ -107,7 +114,7 @@ def shifted_pair(
     x = int(rng.integers(max(0, -dx), w - size - max(0, dx) + 1))
     first = image[y : y + size, x : x + size]
     second = image[y + dy : y + dy + size, x + dx : x + dx + size]
-    return photometric(rng, first), photometric(rng, second)
+    return photometric(rng, first, mean, std), photometric(rng, second, mean, std)
 
 
 class Crops(torch.utils.data.IterableDataset):
@@ -137,7 +144,8 @@ class Crops(torch.utils.data.IterableDataset):
 
 
 def last_block_qk(backbone, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k of the last block's attention, [N, heads, 1+h*w, head_dim] (what SGC reads)."""
+    """q (times the attention scale), k of the last block's attention, [N, heads, 1+h*w,
+    head_dim] (what SGC reads)."""
     t = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(x)))
     for block in backbone.blocks[:-1]:
         t = block(t)
@@ -145,30 +153,32 @@ def last_block_qk(backbone, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     t = backbone.blocks[-1].norm1(t)
     n, length, _ = t.shape
     qkv = attn.qkv(t).reshape(n, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return attn.q_norm(qkv[0]) * attn.scale, attn.k_norm(qkv[1])
 
 
 def correspondence_loss(
-    backbone, first: torch.Tensor, second: torch.Tensor, shift: torch.Tensor
+    first: list[tuple[torch.Tensor, torch.Tensor]],
+    second: list[tuple[torch.Tensor, torch.Tensor]],
+    shift: torch.Tensor,
 ) -> torch.Tensor:
-    """Each patch of one view must attend (last block, head-averaged softmax over the other
-    view's patches) to the patch showing the same scene point in the other view."""
-    grid = first.shape[-1] // 16
-    q1, k1 = last_block_qk(backbone, first)
-    q2, k2 = last_block_qk(backbone, second)
+    """Each patch of one view must attend to the patch showing the same scene point in the
+    other view. ``first``/``second``: per attention block, (q times the scale, k) of each view,
+    [N, heads, 1+g*g, head_dim] (CLS first); the attention is the softmax over the other
+    view's patches, averaged over heads and blocks."""
+    grid = math.isqrt(first[0][0].shape[2] - 1)
     sy, sx = int(shift[0]) // 16, int(shift[1]) // 16
     ii, jj = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ti, tj = ii - sy, jj - sx  # the first view's patch (i, j) in the second view
-    valid = ((ti >= 0) & (ti < grid) & (tj >= 0) & (tj < grid)).reshape(-1)
-    target = (ti * grid + tj).reshape(-1)
-    total = torch.zeros((), device=first.device)
-    for q, k, src, dst in ((q1, k2, valid, target), (q2, k1, None, None)):
-        if src is None:  # the reverse direction: second view's patches that exist in the first
-            back_i, back_j = ii + sy, jj + sx
-            src = ((back_i >= 0) & (back_i < grid) & (back_j >= 0) & (back_j < grid)).reshape(-1)
-            dst = (back_i * grid + back_j).reshape(-1)
-        scale = backbone.blocks[-1].attn.scale
-        probs = torch.softmax((q[:, :, 1:] * scale) @ k[:, :, 1:].transpose(-2, -1), dim=-1).mean(1)
+    total = torch.zeros((), device=first[0][0].device)
+    for queries, keys, (dy, dx) in ((first, second, (sy, sx)), (second, first, (-sy, -sx))):
+        ti, tj = ii - dy, jj - dx  # a patch (i, j) of the query view in the key view
+        src = ((ti >= 0) & (ti < grid) & (tj >= 0) & (tj < grid)).reshape(-1)
+        dst = (ti * grid + tj).reshape(-1)
+        probs = torch.stack(
+            [
+                torch.softmax(q[:, :, 1:] @ k[:, :, 1:].transpose(-2, -1), dim=-1).mean(1)
+                for (q, _), (_, k) in zip(queries, keys, strict=True)
+            ]
+        ).mean(0)
         picked = probs[:, src][:, torch.arange(int(src.sum())), dst[src]]
         total = total - torch.log(picked + 1e-8).mean()
     return total / 2
@@ -245,7 +255,7 @@ def attention_locality(backbone, scenes: list) -> tuple[float, float]:
     """
     import cv2
 
-    from ssr_cli.models.dino import block_attention
+    from ssr_cli.models.dino import timm_block_attention
     from ssr_cli.refine.affinity import fuse_affinity
 
     own, chance = [], []
@@ -261,7 +271,7 @@ def attention_locality(backbone, scenes: list) -> tuple[float, float]:
         handle = backbone.blocks[-1].attn.register_forward_hook(keep_input)
         with torch.no_grad():
             backbone(x)
-            attn = block_attention(backbone.blocks[-1].attn, captured["x"])[0, 1:, 1:]
+            attn = timm_block_attention(backbone.blocks[-1].attn, captured["x"])[0, 1:, 1:]
         handle.remove()
         affinity = fuse_affinity({"dino": attn.float()}, {"dino": 1.0})
         mask = scene.mask[: image.shape[0], : image.shape[1]]
@@ -363,7 +373,11 @@ def main() -> None:
         patch_ce = torch.sum(-t_patch_prob * F.log_softmax(s_patch / 0.1, dim=-1), dim=-1)
         patch_loss = (patch_ce * flat).sum() / flat.sum().clamp(min=1)
         loss = loss + args.patch_weight * patch_loss
-        corr = correspondence_loss(student.backbone, pair[0].to(device), pair[1].to(device), shift)
+        corr = correspondence_loss(
+            [last_block_qk(student.backbone, pair[0].to(device))],
+            [last_block_qk(student.backbone, pair[1].to(device))],
+            shift,
+        )
         loss = loss + args.corr_weight * corr
         optim.zero_grad(set_to_none=True)
         loss.backward()

@@ -90,3 +90,33 @@ def test_the_failure_modes_exist_by_construction() -> None:
         opened = cv2.morphologyEx(obj.astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
         thin += int((obj & (opened == 0)).sum() > 20)
     assert thin > 10
+
+
+def test_class_evidence_is_a_badge_on_a_large_body() -> None:
+    """The partial-activation failure mode: an object's class shows strongly in its badge, a
+    minority of its pixels, and only faintly in its body; objects span many patch cells, so a
+    CAM that finds only the badge misses most of the object."""
+    scenes = [render_scene(13, i) for i in range(60)]
+    cells, shares = [], []
+    for scene in scenes:
+        assert scene.badges is not None and scene.badges.shape == scene.mask.shape
+        assert not (scene.badges & (scene.mask == 0)).any()  # badges lie on objects
+        for value in np.unique(scene.mask):
+            if value in (0, BOUNDARY):
+                continue
+            obj = scene.mask == value
+            cells.append(obj.sum() / 256)
+            shares.append((scene.badges & obj).sum() / obj.sum())
+    assert np.median(cells) > 12  # the median object covers more than 12 patch cells
+    assert 0.1 < np.median(shares) < 0.45  # the badge is a minority of the object
+    # the body is a faint tint of the class hue; the badge's colours are saturated
+    from ssr_cli.data.synth_art import body_colour, class_colour
+
+    rng = np.random.default_rng(0)
+
+    def saturation(rgb: np.ndarray) -> int:
+        return int(cv2.cvtColor(rgb[None, None].astype(np.uint8), cv2.COLOR_RGB2HSV)[0, 0, 1])
+
+    for name in CLASSES:
+        assert max(saturation(body_colour(rng, name)) for _ in range(50)) <= 0.4 * 255 + 1
+        assert min(saturation(class_colour(rng, name)) for _ in range(50)) >= 0.55 * 255 - 1

@@ -13,7 +13,12 @@ The failure modes SSR targets exist by construction:
   distributions and have overlapping hue ranges (each class has its own hue range; a pair's
   ranges overlap by half), so colour alone cannot tell them apart;
 - **fine structure**: masts, kite tails, flower stems, ring holes and star spikes are
-  1-4 pixels wide, far below the 16-pixel patch grid.
+  1-4 pixels wide, far below the 16-pixel patch grid;
+- **partial activation**: objects are large (0.45-0.85 of the image's short side) and their
+  class shows in a **badge**, a disc in the class's colours and textures that covers about a
+  third of the object; the body is only a faint tint of the class's hue (weak evidence).
+  A CAM that finds the discriminative part finds the badge and misses the body, which is what
+  affinity propagation (CLIP attention, DINO attention, SGC) is meant to repair.
 
 Masks are VOC palette PNGs (0 background, 1..8 the classes, 255 a band on object boundaries).
 Imports numpy, OpenCV and PIL only.
@@ -28,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssr_cli.data.synth_art import class_colour, draw_background, draw_object, hsv_to_rgb, texture
+from ssr_cli.data.synth_art import body_texture, draw_background, draw_object, hsv_to_rgb, texture
 
 CLASSES: tuple[str, ...] = ("boat", "train", "kite", "ball", "ring", "star", "flower", "fish")
 BACKGROUNDS: tuple[str, ...] = ("water", "railway", "grass", "wall", "sky", "room")
@@ -51,10 +56,12 @@ class Scene:
     background: str
     caption: str = ""
     objects: list[str] = field(default_factory=list)
+    #: HxW bool: the visible pixels of the objects' class badges
+    badges: np.ndarray | None = None
 
 
 def _draw_distractor(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """A background blob (an irregular polygon or a bar) textured like a random class."""
+    """A background blob (an irregular polygon or a bar) coloured like a body of any hue."""
     import cv2
 
     h, w = image.shape[:2]
@@ -69,8 +76,7 @@ def _draw_distractor(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
     blob = np.zeros((h, w), np.uint8)
     cv2.fillPoly(blob, [np.round(pts * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
-    tex = texture(rng, str(rng.choice(CLASSES)), h, w)
-    return np.where(blob[..., None] > 0, tex, image)
+    return np.where(blob[..., None] > 0, body_texture(rng, h, w), image)
 
 
 def _pick_classes(rng: np.random.Generator) -> list[str]:
@@ -130,13 +136,14 @@ def render_scene(
     names = _pick_classes(rng)
     background = _pick_background(rng, names)
     image = draw_background(rng, background, h, w)
-    for _ in range(int(rng.integers(1, 4))):  # clutter: class-like colours, no class shape
+    for _ in range(int(rng.integers(0, 3))):  # clutter: body-like blobs, no class badge
         image = _draw_distractor(rng, image)
     labels = np.zeros((h, w), np.uint8)
+    badges = np.zeros((h, w), bool)
     drawn: list[str] = []
     for name in names:
         for _attempt in range(6):
-            obj, parts, tex = draw_object(rng, name, h, w)
+            obj, parts, badge, _size = draw_object(rng, name, h, w)
             area = int(obj.sum())
             if area < 60:
                 continue
@@ -145,10 +152,12 @@ def render_scene(
                 break
         else:
             continue
-        second = class_colour(rng, name) * 0.6 + 255 * 0.4 * rng.random()
-        colour = np.where(parts[..., None], second[None, None], tex)
+        body = body_texture(rng, h, w, name)
+        colour = np.where(parts[..., None], body * rng.uniform(0.6, 0.8), body)
+        colour = np.where(badge[..., None], texture(rng, name, h, w), colour)
         image = np.where(obj[..., None], colour, image)
         labels[obj] = CLASSES.index(name) + 1
+        badges = (badges & ~obj) | badge
         drawn.append(name)
     if rng.random() < 0.25:  # an occluder of background stuff (a pole) across the scene
         pole = np.zeros((h, w), np.uint8)
@@ -156,11 +165,12 @@ def render_scene(
         cv2.line(pole, (x0, 0), (int(x0 + rng.integers(-w // 3, w // 3 + 1)), h), 1, int(rng.integers(3, 8)))
         image = np.where(pole[..., None] > 0, hsv_to_rgb(rng.uniform(20, 40), 0.4, 0.35)[None, None], image)
         labels[pole > 0] = 0
+        badges[pole > 0] = False
     present = sorted({CLASSES[v - 1] for v in np.unique(labels) if v}, key=CLASSES.index)
     image = image + rng.normal(0, 4.0, image.shape).astype(np.float32)
     image = cv2.GaussianBlur(np.clip(image, 0, 255).astype(np.uint8), (3, 3), 0.5)
     caption = caption_for(present, background, rng)
-    return Scene(image, boundary_band(labels), present, background, caption, drawn)
+    return Scene(image, boundary_band(labels), present, background, caption, drawn, badges)
 
 
 def caption_for(classes: list[str], background: str, rng: np.random.Generator) -> str:

@@ -1,5 +1,6 @@
-"""How the synthetic world looks (``ssr data synth``): class colours and textures, backgrounds
-cut from real photographs or drawn, the eight shape families, and drawing one object.
+"""How the synthetic world looks (``ssr data synth``): class colours and textures (on each
+object's badge), class-independent bodies, backgrounds cut from real photographs or drawn, the
+eight shape families, and drawing one object.
 
 Every function draws from the ``numpy.random.Generator`` it is given, in a fixed order, so a
 scene stays a pure function of its seed (``ssr_cli.data.synth.render_scene``). Imports numpy at
@@ -43,7 +44,18 @@ def hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 def class_colour(rng: np.random.Generator, name: str) -> np.ndarray:
     centre, spread, _ = APPEARANCE[name]
     hue = centre + rng.uniform(-spread, spread)
-    return hsv_to_rgb(hue, rng.uniform(0.35, 0.95), rng.uniform(0.35, 0.95))
+    return hsv_to_rgb(hue, rng.uniform(0.55, 0.95), rng.uniform(0.55, 0.95))
+
+
+def body_colour(rng: np.random.Generator, name: str | None = None) -> np.ndarray:
+    """An object body's colour: a faint tint (saturation 0.15-0.4) of the class's hue range, so the
+    body is weak evidence of its class next to the badge; ``None``: any hue (clutter)."""
+    if name is None:
+        hue = rng.uniform(0, 360)
+    else:
+        centre, spread, _ = APPEARANCE[name]
+        hue = centre + rng.uniform(-spread, spread)
+    return hsv_to_rgb(hue, rng.uniform(0.15, 0.4), rng.uniform(0.5, 0.85))
 
 
 @lru_cache(maxsize=16)
@@ -97,7 +109,7 @@ def draw_background(rng: np.random.Generator, kind: str, h: int, w: int) -> np.n
     yy = np.arange(h, dtype=np.float32)[:, None]
     xx = np.arange(w, dtype=np.float32)[None, :]
     if kind == "water":
-        colour = hsv_to_rgb(rng.uniform(180, 230), rng.uniform(0.4, 0.8), rng.uniform(0.45, 0.8))
+        colour = hsv_to_rgb(rng.uniform(180, 230), rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.8))
         freq, phase = rng.uniform(0.15, 0.45), rng.uniform(0, 6.3)
         waves = np.sin(yy * freq + 2.0 * np.sin(xx * 0.05 + phase)) + 0.6 * _smooth_noise(rng, h, w, 12)
         return np.clip(colour * (1.0 + 0.18 * waves[..., None]), 0, 255)
@@ -114,12 +126,12 @@ def draw_background(rng: np.random.Generator, kind: str, h: int, w: int) -> np.n
             base[rail] = np.array([150, 150, 160], np.float32)
         return base
     if kind == "grass":
-        return _tint(_crop(rng, _asset("grass"), h, w), hsv_to_rgb(rng.uniform(70, 130), 0.6, 0.5), 0.45)
+        return _tint(_crop(rng, _asset("grass"), h, w), hsv_to_rgb(rng.uniform(70, 130), 0.35, 0.5), 0.45)
     if kind == "wall":
-        colour = hsv_to_rgb(rng.uniform(0, 40), rng.uniform(0.2, 0.7), rng.uniform(0.4, 0.75))
+        colour = hsv_to_rgb(rng.uniform(0, 40), rng.uniform(0.15, 0.45), rng.uniform(0.4, 0.75))
         return _tint(_crop(rng, _asset("brick"), h, w), colour, 0.35)
     if kind == "sky":
-        top = hsv_to_rgb(rng.uniform(195, 225), rng.uniform(0.5, 0.8), rng.uniform(0.6, 0.9))
+        top = hsv_to_rgb(rng.uniform(195, 225), rng.uniform(0.3, 0.55), rng.uniform(0.6, 0.9))
         bottom = hsv_to_rgb(rng.uniform(190, 220), rng.uniform(0.1, 0.3), 0.95)
         t = (yy / max(1, h - 1))[..., None] * np.ones((1, w, 1), np.float32)
         sky = top * (1 - t) + bottom * t
@@ -273,17 +285,38 @@ def _place(poly: np.ndarray, size: float, angle: float, cx: float, cy: float) ->
     return np.round((pts + np.array([cx, cy])) * 16).astype(np.int32)  # 4 fractional bits
 
 
+def body_texture(rng: np.random.Generator, h: int, w: int, name: str | None = None) -> np.ndarray:
+    """A body of class ``name`` (None: clutter): its :func:`body_colour`, lightly shaded."""
+    colour = body_colour(rng, name)
+    shade = 1.0 + 0.08 * _smooth_noise(rng, h, w, 6) + 0.12 * _smooth_noise(rng, h, w, 40)
+    return np.clip(colour[None, None] * shade[..., None], 0, 255)
+
+
+def badge_mask(rng: np.random.Generator, mask: np.ndarray, size: float) -> np.ndarray:
+    """The object's class badge: a disc around one of its pixels, clipped to the object."""
+    import cv2
+
+    ys, xs = np.nonzero(mask)
+    badge = np.zeros(mask.shape, np.uint8)
+    if len(ys) == 0:
+        return badge.astype(bool)
+    k = int(rng.integers(0, len(ys)))
+    radius = max(2, int(round(rng.uniform(0.2, 0.3) * size)))
+    cv2.circle(badge, (int(xs[k]), int(ys[k])), radius, 1, -1)
+    return badge.astype(bool) & mask
+
+
 def draw_object(
     rng: np.random.Generator, name: str, h: int, w: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(object mask, second-colour mask, texture) of one object of class ``name``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(object mask, second-colour mask, badge mask, size) of one object of class ``name``."""
     import cv2
 
     shape = _SHAPES[name](rng)
-    size = rng.uniform(0.3, 0.6) * min(h, w)
+    size = rng.uniform(0.45, 0.85) * min(h, w)
     limit = _ROTATION.get(name, math.pi)
     angle = rng.uniform(-limit, limit)
-    cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
+    cx, cy = rng.uniform(0.25, 0.75) * w, rng.uniform(0.25, 0.75) * h
     if name in ("boat", "train") and rng.random() < 0.5:
         shape = Shape(
             [p * [-1, 1] for p in shape.body],
@@ -303,4 +336,5 @@ def draw_object(
     if shape.holes:
         cv2.fillPoly(mask, [_place(p, size, angle, cx, cy) for p in shape.holes], 0, cv2.LINE_8, 4)
         parts &= mask
-    return mask.astype(bool), parts.astype(bool), texture(rng, name, h, w)
+    obj = mask.astype(bool)
+    return obj, parts.astype(bool), badge_mask(rng, obj, size), np.float32(size)
