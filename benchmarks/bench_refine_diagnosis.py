@@ -2,7 +2,7 @@
 """Why refinement helps or not on the proving ground: measurements behind the +CRF row of bench_quality.
 
     python benchmarks/bench_quality.py --quick --work /tmp/bq      # first: the run folders
-    python benchmarks/bench_refine_diagnosis.py --work /tmp/bq       # then this (about 2 min here)
+    python benchmarks/bench_refine_diagnosis.py --work /tmp/bq       # then this (about 1 min here)
     python benchmarks/bench_refine_diagnosis.py --work /tmp/bq --json
 
 It reads the run folders that ``bench_quality.py --work`` kept (the synthetic data, the +CMPA
