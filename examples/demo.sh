@@ -22,6 +22,19 @@ CLIP=(--clip-arch "$MODELS/ssr-tiny-clip.json" --clip-weights "$MODELS/tiny_clip
 DINO=(--dino-model "$MODELS/ssr-tiny-dino.json" --dino-weights "$MODELS/tiny_dino.pth")
 START=$SECONDS
 
+# The runs below resume when interrupted. When the tiny models or the world's generator have
+# changed since the last demo in $RUNS (an update of this repository), its runs are stale:
+# the demo's own folders are removed and it starts over (nothing else in $RUNS is touched).
+STAMP=$(cat "$MODELS"/ssr-tiny-clip.json "$MODELS"/tiny_clip.pt "$MODELS"/ssr-tiny-dino.json \
+  "$MODELS"/tiny_dino.pth "$HERE"/../ssr_cli/data/synth.py "$HERE"/../ssr_cli/data/synth_art.py | sha256sum | cut -c1-16)
+if [ -d "$RUNS" ] && [ "$(cat "$RUNS/.demo-inputs" 2>/dev/null || true)" != "$STAMP" ] \
+  && [ -e "$RUNS/data" -o -e "$RUNS/cmpa" ]; then
+  echo "(the tiny models or the synthetic world changed since the last demo in $RUNS: starting over)"
+  rm -rf "$RUNS"/{data,cmpa,seeds,refine,seg,pred,report}
+fi
+mkdir -p "$RUNS"
+echo "$STAMP" > "$RUNS/.demo-inputs"
+
 echo "== 1. a synthetic world with known answers: $IMAGES images, 8 classes (ssr data synth)"
 [ -f "$DATA/labels.txt" ] || $SSR data synth --out "$DATA" --images "$IMAGES" --seed 0 --val-fraction 0.25 --overwrite
 $SSR --quiet data check --data "$DATA" --split train >/dev/null
