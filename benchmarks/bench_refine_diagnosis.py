@@ -46,6 +46,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +127,20 @@ class Work(Runner):
         self.ids = [line.strip() for line in (self.data_dir / "splits" / "train.txt").read_text().split("\n")]
         self.ids = [i for i in self.ids if i]
         self.world_seed = int(json.loads((self.data_dir / "synth.json").read_text())["seed"])
+        self._scenes: dict[str, tuple[str, np.ndarray]] = {}
 
     def score_train(self, run: Path) -> dict[str, float]:
         """Precision, recall, mIoU (%) of a run's labels on the train split, as the +CRF row is scored."""
         return self.score(run, "train", False)
+
+    def scene(self, item: str) -> tuple[str, np.ndarray]:
+        """(background kind, badge pixels) of an image, regenerated once from the world's seed."""
+        if item not in self._scenes:
+            from ssr_cli.data.synth import render_scene
+
+            scene = render_scene(self.world_seed, int(item.lstrip("s")))
+            self._scenes[item] = (scene.background, scene.badges)
+        return self._scenes[item]
 
     def mask(self, item: str) -> np.ndarray:
         from PIL import Image
@@ -146,7 +157,6 @@ def measure_attention(work: Work, count: int) -> dict[str, dict[str, float]]:
     import torch
 
     from ssr_cli.artefacts.seeds import load_seed
-    from ssr_cli.data.synth import render_scene
     from ssr_cli.refine.sources import load_dino_model
 
     dino, _ = load_dino_model(
@@ -162,8 +172,7 @@ def measure_attention(work: Work, count: int) -> dict[str, dict[str, float]]:
             )
         grid = tuple(int(v) for v in seed["cams"].shape[1:])
         labels = patch_labels(work.mask(item), grid)
-        badges = render_scene(work.world_seed, int(item.lstrip("s"))).badges
-        badge = patch_labels(np.asarray(badges, np.uint8), grid) > 0
+        badge = patch_labels(np.asarray(work.scene(item)[1], np.uint8), grid) > 0
         merge(clip, attention_shares(np.asarray(seed["attn"], np.float32), labels, badge))
         with torch.no_grad():
             attn = dino.grid_attention(work.image(item), grid).float().numpy()
@@ -171,10 +180,15 @@ def measure_attention(work: Work, count: int) -> dict[str, dict[str, float]]:
     return {"clip": summarise(clip), "dino": summarise(dino_shares)}
 
 
-def gt_shaped_labels(work: Work, out: Path, crf: bool) -> None:
-    """Label maps from CAMs shaped like the ground truth at the patch grid (see the docstring)."""
-    import cv2
-
+def relabel(
+    work: Work,
+    out: Path,
+    crf: bool,
+    prepare: Callable[[str, dict[str, np.ndarray]], np.ndarray | None],
+) -> None:
+    """Refine every train image's +CMPA seed (no mask, plain argmax, CRF or not) into
+    ``out/<id>.png``; ``prepare(item, seed)`` may change the seed in place and returns the
+    affinity (None: the identity)."""
     from ssr_cli.artefacts.seeds import load_seed
     from ssr_cli.refine.config import CRFParams
     from ssr_cli.refine.pipeline import ItemJob, RefineParams, process_item
@@ -183,6 +197,16 @@ def gt_shaped_labels(work: Work, out: Path, crf: bool) -> None:
     params = RefineParams(mask="none", crf=vars(CRFParams()) if crf else None, conf_thresh=None)
     for item in work.ids:
         seed = dict(load_seed(work.seeds / "cams" / f"{item}.npz"))
+        affinity = prepare(item, seed)
+        result = process_item(ItemJob(item, work.image(item), seed, affinity), params)
+        (out / f"{item}.png").write_bytes(result.png)
+
+
+def gt_shaped_labels(work: Work, out: Path, crf: bool) -> None:
+    """Label maps from CAMs shaped like the ground truth at the patch grid (see the docstring)."""
+    import cv2
+
+    def gt_shaped(item: str, seed: dict[str, np.ndarray]) -> None:
         mask = work.mask(item)
         _, gh, gw = seed["cams"].shape
         cams = [
@@ -194,38 +218,30 @@ def gt_shaped_labels(work: Work, out: Path, crf: bool) -> None:
             seed["cams"] = (
                 stack / np.maximum(stack.reshape(len(stack), -1).max(1), 1e-6)[:, None, None]
             ).astype(np.float32)
-        result = process_item(ItemJob(item, work.image(item), seed, None), params)
-        (out / f"{item}.png").write_bytes(result.png)
+
+    relabel(work, out, crf, gt_shaped)
 
 
 def oracle_labels(work: Work, out: Path) -> None:
     """Label maps of the +CMPA seeds refined with the oracle affinity (see the docstring)."""
-    from ssr_cli.artefacts.seeds import load_seed
-    from ssr_cli.refine.config import CRFParams
-    from ssr_cli.refine.pipeline import ItemJob, RefineParams, process_item
 
-    out.mkdir(parents=True, exist_ok=True)
-    params = RefineParams(mask="none", crf=vars(CRFParams()), conf_thresh=None)
-    for item in work.ids:
-        seed = dict(load_seed(work.seeds / "cams" / f"{item}.npz"))
+    def oracle(item: str, seed: dict[str, np.ndarray]) -> np.ndarray:
         labels = patch_labels(work.mask(item), tuple(int(v) for v in seed["cams"].shape[1:]))
         same = (labels[:, None] == labels[None, :]) & (labels[:, None] > 0)
         affinity = np.where(same, 1.0, np.eye(len(labels))).astype(np.float32)
-        affinity /= affinity.sum(1, keepdims=True)
-        result = process_item(ItemJob(item, work.image(item), seed, affinity), params)
-        (out / f"{item}.png").write_bytes(result.png)
+        return affinity / affinity.sum(1, keepdims=True)
+
+    relabel(work, out, True, oracle)
 
 
 def floods(work: Work, run: Path) -> dict[str, str]:
     """Per background kind: flooded images / images (see the docstring)."""
     from PIL import Image
 
-    from ssr_cli.data.synth import render_scene
-
     flooded: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     for item in work.ids:
-        background = render_scene(work.world_seed, int(item.lstrip("s"))).background
+        background = work.scene(item)[0]
         truth = work.mask(item)
         pred = np.asarray(Image.open(run / "labels" / f"{item}.png"))
         bg = truth == 0
@@ -252,12 +268,11 @@ def partial_activation(work: Work, runs: dict[str, Path]) -> dict[str, dict[str,
     from PIL import Image
 
     from ssr_cli.artefacts.seeds import load_seed
-    from ssr_cli.data.synth import render_scene
 
     cam: dict[str, list[float]] = {"badge": [], "body": [], "background": []}
     hits: dict[str, dict[str, list[float]]] = {name: {"badge": [], "body": []} for name in runs}
     for item in work.ids:
-        badges = render_scene(work.world_seed, int(item.lstrip("s"))).badges
+        badges = work.scene(item)[1]
         truth = work.mask(item)
         seed = load_seed(work.seeds / "cams" / f"{item}.npz")
         preds = {name: np.asarray(Image.open(run / "labels" / f"{item}.png")) for name, run in runs.items()}

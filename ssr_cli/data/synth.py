@@ -143,7 +143,7 @@ def render_scene(
     drawn: list[str] = []
     for name in names:
         for _attempt in range(6):
-            obj, parts, badge, _size = draw_object(rng, name, h, w)
+            obj, parts, badge = draw_object(rng, name, h, w)
             area = int(obj.sum())
             if area < 60:
                 continue

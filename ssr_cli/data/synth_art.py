@@ -308,8 +308,8 @@ def badge_mask(rng: np.random.Generator, mask: np.ndarray, size: float) -> np.nd
 
 def draw_object(
     rng: np.random.Generator, name: str, h: int, w: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(object mask, second-colour mask, badge mask, size in pixels) of one object of class ``name``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(object mask, second-colour mask, badge mask) of one object of class ``name``."""
     import cv2
 
     shape = _SHAPES[name](rng)
@@ -337,4 +337,4 @@ def draw_object(
         cv2.fillPoly(mask, [_place(p, size, angle, cx, cy) for p in shape.holes], 0, cv2.LINE_8, 4)
         parts &= mask
     obj = mask.astype(bool)
-    return obj, parts.astype(bool), badge_mask(rng, obj, size), float(size)
+    return obj, parts.astype(bool), badge_mask(rng, obj, size)
